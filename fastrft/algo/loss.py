@@ -1,0 +1,155 @@
+"""The policy-gradient loss family in plain PyTorch: the specification the fused kernels must equal.
+
+On per-token tensors of shape (N,) (the response tokens of a packed batch), with A the advantage:
+
+- ratio      r = exp(logp - old_logp); with old_logp None, r = exp(logp - logp.detach()) (value 1,
+             gradient of logp: the on-policy REINFORCE case);
+- policy     l = max(-A*r, -A*clip(r, 1-clip_low, 1+clip_high)); with dual_clip c and A < 0,
+             l = min(l, -A*c);
+- KL         k1 = logp - ref; k2 = (logp - ref)^2 / 2; k3 = exp(ref - logp) - (ref - logp) - 1;
+- per token  t = l + kl_coef*KL - entropy_coef*entropy;
+- aggregate  token-mean: sum(t)/N; seq-mean-token-mean: mean over sequences of the per-sequence mean;
+             seq-mean-token-sum: mean over sequences of the per-sequence sum;
+             seq-mean-token-sum-norm: sum(t) / (num_sequences * max_len)  (Dr. GRPO).
+
+Every variant is a row of a table (KL_ESTIMATORS, AGGREGATIONS), never a string branch elsewhere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from fastrft.errors import ConfigError
+
+
+def _k1(logp, ref):
+    return logp - ref
+
+
+def _k2(logp, ref):
+    return 0.5 * (logp - ref) ** 2
+
+
+def _k3(logp, ref):
+    d = ref - logp
+    return torch.exp(d) - d - 1
+
+
+KL_ESTIMATORS = {"k1": _k1, "k2": _k2, "k3": _k3}
+AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+
+
+@dataclass(frozen=True)
+class PGLossSpec:
+    """Which member of the loss family. Validated at construction."""
+
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    dual_clip: float | None = None
+    kl_coef: float = 0.0
+    kl_estimator: str = "k3"
+    entropy_coef: float = 0.0
+    aggregation: str = "token-mean"
+    max_len: int | None = None
+
+    def __post_init__(self):
+        if not 0 <= self.clip_low < 1:
+            raise ConfigError(f"clip_low must be in [0, 1), got {self.clip_low}")
+        if self.clip_high < 0:
+            raise ConfigError(f"clip_high must be >= 0, got {self.clip_high}")
+        if self.dual_clip is not None and self.dual_clip <= 1:
+            raise ConfigError(f"dual_clip must be > 1 (typically 3), got {self.dual_clip}; use None to disable")
+        if self.kl_coef < 0:
+            raise ConfigError(f"kl_coef must be >= 0, got {self.kl_coef}")
+        if self.kl_estimator not in KL_ESTIMATORS:
+            raise ConfigError(f"kl_estimator {self.kl_estimator!r} is unknown; choose one of: "
+                              f"{', '.join(KL_ESTIMATORS)}")
+        if self.aggregation not in AGGREGATIONS:
+            raise ConfigError(f"aggregation {self.aggregation!r} is unknown; choose one of: {', '.join(AGGREGATIONS)}")
+        if self.aggregation == "seq-mean-token-sum-norm" and (self.max_len is None or self.max_len < 1):
+            raise ConfigError("aggregation 'seq-mean-token-sum-norm' needs max_len >= 1 "
+                              "(the response-length budget, e.g. max_new_tokens)")
+
+    @property
+    def needs_ref(self) -> bool:
+        return self.kl_coef > 0
+
+    @property
+    def needs_entropy(self) -> bool:
+        return self.entropy_coef != 0
+
+
+def aggregate(per_token: torch.Tensor, seq_ids: torch.Tensor, spec: PGLossSpec) -> torch.Tensor:
+    """Reduce per-token values (N,) to a scalar by ``spec.aggregation``; seq_ids (N,) int, any labels."""
+    if per_token.numel() == 0:
+        return per_token.sum()  # zero, and still connected to the graph
+    if spec.aggregation == "token-mean":
+        return per_token.sum() / per_token.numel()
+    labels, dense = torch.unique(seq_ids, return_inverse=True)
+    num_seqs = labels.numel()
+    if spec.aggregation == "seq-mean-token-sum-norm":
+        return per_token.sum() / (num_seqs * spec.max_len)
+    sums = per_token.new_zeros(num_seqs).index_add(0, dense, per_token)
+    if spec.aggregation == "seq-mean-token-sum":
+        return sums.mean()
+    counts = torch.bincount(dense, minlength=num_seqs).to(per_token.dtype)
+    return (sums / counts).mean()  # seq-mean-token-mean
+
+
+def pg_loss(logp: torch.Tensor, advantages: torch.Tensor, seq_ids: torch.Tensor, *,
+            old_logp: torch.Tensor | None = None, ref_logp: torch.Tensor | None = None,
+            entropy: torch.Tensor | None = None, spec: PGLossSpec) -> tuple[torch.Tensor, dict[str, float]]:
+    """The policy-gradient loss and its detached statistics.
+
+    logp (N,) float, differentiable: log-probs of the taken tokens under the current policy;
+    advantages (N,) float per token; seq_ids (N,) int sequence index of each token;
+    old_logp (N,) sampling-policy log-probs or None (on-policy); ref_logp (N,) reference-policy log-probs,
+    required when spec.kl_coef > 0; entropy (N,) required when spec.entropy_coef != 0.
+    Returns (scalar loss, stats) with stats: logp_mean, entropy_mean, kl_mean, clip_frac_low,
+    clip_frac_high, ratio_min, ratio_max (floats; NaN-free; 0 for an empty batch).
+    """
+    n = logp.shape[0]
+    for name, t in (("advantages", advantages), ("seq_ids", seq_ids), ("old_logp", old_logp),
+                    ("ref_logp", ref_logp), ("entropy", entropy)):
+        if t is not None and t.shape != (n,):
+            raise ValueError(f"pg_loss: {name} has shape {tuple(t.shape)}, expected ({n},) like logp")
+    if spec.needs_ref and ref_logp is None:
+        raise ValueError("pg_loss: spec.kl_coef > 0 needs ref_logp")
+    if spec.needs_entropy and entropy is None:
+        raise ValueError("pg_loss: spec.entropy_coef != 0 needs entropy")
+
+    adv = advantages.to(logp.dtype)
+    log_ratio = logp - (logp.detach() if old_logp is None else old_logp.to(logp.dtype))
+    ratio = torch.exp(log_ratio)
+    clipped = ratio.clamp(1 - spec.clip_low, 1 + spec.clip_high)
+    per_token = torch.maximum(-adv * ratio, -adv * clipped)
+    if spec.dual_clip is not None:
+        per_token = torch.where(adv < 0, torch.minimum(per_token, -adv * spec.dual_clip), per_token)
+    kl = None
+    if ref_logp is not None:
+        kl = KL_ESTIMATORS[spec.kl_estimator](logp, ref_logp.to(logp.dtype))
+        if spec.kl_coef:
+            per_token = per_token + spec.kl_coef * kl
+    if spec.entropy_coef:
+        per_token = per_token - spec.entropy_coef * entropy.to(logp.dtype)
+    loss = aggregate(per_token, seq_ids, spec)
+
+    with torch.no_grad():
+        r = ratio.detach()
+
+        def mean(x):
+            return float(x.float().mean()) if x is not None and x.numel() else 0.0
+
+        stats = {
+            "logp_mean": mean(logp.detach()),
+            "entropy_mean": mean(entropy.detach() if entropy is not None else None),
+            "kl_mean": mean(kl.detach() if kl is not None else None),
+            # A token is clipped when the clamp is the active branch of the max (it changes the value).
+            "clip_frac_low": mean(((r < 1 - spec.clip_low) & (adv < 0)).float()) if n else 0.0,
+            "clip_frac_high": mean(((r > 1 + spec.clip_high) & (adv > 0)).float()) if n else 0.0,
+            "ratio_min": float(r.min()) if n else 0.0,
+            "ratio_max": float(r.max()) if n else 0.0,
+        }
+    return loss, stats

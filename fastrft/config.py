@@ -1,0 +1,236 @@
+"""Run configuration: one small frozen dataclass per concern, composed into :class:`TrainConfig`.
+
+Every field documents itself (``metadata["help"]``) and maps to exactly one CLI flag, ``--field-name``,
+so the CLI is generated from these classes and error messages can name the flag to change. Values are
+validated once, at construction; facts learned at run time (EOS ids, dataset sizes) live in the trainer,
+never written back here. Defaults follow the paper's setup (DESIGN.md §1).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastrft.algo import ADVANTAGES, AGGREGATIONS, KL_ESTIMATORS, PGLossSpec, check_advantage
+from fastrft.errors import ConfigError
+from fastrft.models.embedded import DEFAULT_MODEL
+
+
+def opt(default: Any, help: str, **extra: Any):
+    return field(default=default, metadata={"help": help, **extra})
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _require(cond: bool, name: str, message: str) -> None:
+    if not cond:
+        raise ConfigError(f"{name} ({flag(name)}) {message}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    model: str = opt(DEFAULT_MODEL, "model directory (HF format: config.json, *.safetensors, tokenizer) "
+                                    f"or the embedded alias '{DEFAULT_MODEL}'")
+    dtype: str = opt("float32", "parameter dtype: float32 | bfloat16 | float16")
+    device: str = opt("auto", "auto (cuda when available, else cpu) | cpu | cuda | cuda:N")
+
+    def __post_init__(self):
+        _require(self.dtype in ("float32", "bfloat16", "float16"), "dtype",
+                 f"must be float32, bfloat16 or float16, got {self.dtype!r}")
+        _require(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"), "device",
+                 f"must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = opt("arithmetic", "gsm8k | math | arithmetic (synthetic, for small models)")
+    train_file: str | None = opt(None, "training split file (.jsonl/.json/.parquet); default: the builtin copy")
+    test_file: str | None = opt(None, "test split file; default: the builtin copy")
+    level: str = opt("add1", "arithmetic difficulty: add1 | add2 | mul | addsub")
+    example_index: tuple[int, ...] = opt((0,), "training example index(es) into the train split, e.g. 65 or 3,17")
+    max_prompt_tokens: int = opt(512, "longest accepted prompt, in tokens")
+    data_seed: int = opt(0, "seed of synthetic problems and test subsets; kept apart from --seed so that "
+                            "seeds of a multi-seed study see the same data")
+
+    def __post_init__(self):
+        from fastrft.data import DATASETS, LEVELS
+
+        _require(self.dataset in DATASETS, "dataset", f"must be one of {', '.join(DATASETS)}, got {self.dataset!r}")
+        levels = [lv.name for lv in LEVELS]
+        _require(self.level in levels, "level", f"must be one of {', '.join(levels)}, got {self.level!r}")
+        _require(len(self.example_index) >= 1, "example_index", "needs at least one index")
+        _require(all(i >= 0 for i in self.example_index), "example_index", "entries must be >= 0")
+        _require(len(set(self.example_index)) == len(self.example_index), "example_index", "has duplicates")
+        _require(self.max_prompt_tokens >= 1, "max_prompt_tokens", "must be >= 1")
+        if self.dataset == "arithmetic":
+            _require(self.train_file is None and self.test_file is None, "train_file",
+                     "cannot be set for the synthetic arithmetic dataset (it is generated); drop the file flags")
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    group_size: int = opt(1, "rollouts per training example per round (G)")
+    temperature: float = opt(1.0, "sampling temperature for training rollouts (> 0)")
+    top_p: float = opt(1.0, "nucleus sampling threshold (1.0 = off)")
+    top_k: int = opt(0, "top-k sampling (0 = off)")
+    max_new_tokens: int = opt(1024, "response length budget, in tokens")
+    max_batch_size: int = opt(64, "most sequences decoded together")
+
+    def __post_init__(self):
+        _require(1 <= self.group_size <= 256, "group_size", f"must be in 1..256, got {self.group_size}")
+        _require(self.temperature > 0, "temperature", f"must be > 0 for training rollouts, got {self.temperature}")
+        _require(0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p}")
+        _require(self.top_k >= 0, "top_k", f"must be >= 0, got {self.top_k}")
+        _require(self.max_new_tokens >= 1, "max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
+        _require(self.max_batch_size >= 1, "max_batch_size", f"must be >= 1, got {self.max_batch_size}")
+
+
+@dataclass(frozen=True)
+class AlgoConfig:
+    advantage: str = opt("none", "advantage estimator: " + " | ".join(ADVANTAGES))
+    reward_fail: float = opt(0.0, "reward of an incorrect response")
+    reward_success: float = opt(1.0, "reward of a correct response")
+    clip_low: float = opt(0.2, "PPO clip epsilon below 1")
+    clip_high: float = opt(0.2, "PPO clip epsilon above 1")
+    dual_clip: float | None = opt(None, "dual-clip constant c > 1 for negative advantages (none = off)")
+    kl_coef: float = opt(0.001, "KL coefficient against the frozen initial policy (0 = no reference model)")
+    kl_estimator: str = opt("k3", "KL estimator: " + " | ".join(KL_ESTIMATORS))
+    entropy_coef: float = opt(0.0, "entropy bonus coefficient")
+    aggregation: str = opt("token-mean", "loss aggregation: " + " | ".join(AGGREGATIONS))
+    adv_eps: float = opt(1e-6, "epsilon added to the group std by grpo")
+    skip_zero_signal: bool = opt(True, "skip the backward pass of rounds that carry no gradient signal")
+
+    def __post_init__(self):
+        try:
+            check_advantage(self.advantage)
+            self.loss_spec(max_len=1)
+        except ConfigError as e:
+            raise ConfigError(f"{e} (see fastrft train --help)") from None
+        _require(self.reward_fail != self.reward_success, "reward_success", "must differ from --reward-fail")
+
+    def loss_spec(self, max_len: int) -> PGLossSpec:
+        return PGLossSpec(clip_low=self.clip_low, clip_high=self.clip_high, dual_clip=self.dual_clip,
+                          kl_coef=self.kl_coef, kl_estimator=self.kl_estimator, entropy_coef=self.entropy_coef,
+                          aggregation=self.aggregation, max_len=max_len)
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = opt(1e-6, "AdamW learning rate (constant after warm-up)")
+    weight_decay: float = opt(0.01, "AdamW weight decay")
+    beta1: float = opt(0.9, "AdamW beta1")
+    beta2: float = opt(0.999, "AdamW beta2")
+    grad_clip: float = opt(1.0, "max global gradient norm (0 = off)")
+    warmup_rounds: int = opt(0, "linear learning-rate warm-up, in update rounds")
+
+    def __post_init__(self):
+        _require(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+        _require(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        _require(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "beta1", "and --beta2 must be in [0, 1)")
+        _require(self.grad_clip >= 0, "grad_clip", "must be >= 0 (0 = off)")
+        _require(self.warmup_rounds >= 0, "warmup_rounds", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    eval_every: int = opt(100, "evaluate every N rounds (and at round 0 and at the end); 0 = only start/end")
+    train_samples: int = opt(8, "samples per training example for train Pass@1")
+    test_size: int | None = opt(None, "test problems per evaluation (a seeded subset; none = all)")
+    eval_temperature: float = opt(1.0, "sampling temperature of Pass@1 evaluation")
+    greedy: bool = opt(True, "also report greedy accuracy on the test set")
+    eval_max_new_tokens: int | None = opt(None, "response budget in evaluation (none = --max-new-tokens)")
+    extra_rewards: tuple[str, ...] = opt((), "more reward functions to report beside the training one, e.g. gsm8k")
+
+    def __post_init__(self):
+        _require(self.eval_every >= 0, "eval_every", "must be >= 0")
+        _require(self.train_samples >= 1, "train_samples", "must be >= 1")
+        _require(self.test_size is None or self.test_size >= 1, "test_size", "must be >= 1 or none")
+        _require(self.eval_temperature > 0, "eval_temperature", "must be > 0 (greedy is reported separately)")
+        _require(self.eval_max_new_tokens is None or self.eval_max_new_tokens >= 1, "eval_max_new_tokens",
+                 "must be >= 1 or none")
+        from fastrft import rewards
+
+        for name in self.extra_rewards:
+            _require(name in rewards.names(), "extra_rewards", f"has unknown reward {name!r}; choose from "
+                     f"{', '.join(rewards.names())}")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    rounds: int = opt(200, "training rounds (one optimizer step each, unless skipped)")
+    seed: int = opt(0, "seed of sampling, data subsets and initialisation")
+    out: str | None = opt(None, "run directory (default: runs/<name>-<timestamp>)")
+    name: str = opt("train", "run name, used in the default run directory")
+    progress: bool = opt(True, "show a progress bar")
+
+    def __post_init__(self):
+        _require(self.rounds >= 0, "rounds", f"must be >= 0, got {self.rounds}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything one run needs. Cross-field rules are checked here."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def __post_init__(self):
+        est = ADVANTAGES[self.algo.advantage]
+        if est.needs_group and self.rollout.group_size < 2:
+            raise ConfigError(
+                f"advantage={self.algo.advantage} (--advantage) needs a group of rollouts to compute a baseline, "
+                f"but group_size (--group-size) is {self.rollout.group_size}: with one rollout every advantage is 0 "
+                "and nothing is learned. Use --group-size 2 or more, or --advantage none."
+            )
+
+    @property
+    def loss_spec(self) -> PGLossSpec:
+        return self.algo.loss_spec(max_len=self.rollout.max_new_tokens)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        groups = {}
+        for f in dataclasses.fields(cls):
+            sub = data.get(f.name, {})
+            if not isinstance(sub, dict):
+                raise ConfigError(f"config section {f.name!r} must be a mapping")
+            groups[f.name] = build_group(GROUPS[f.name], sub, f.name)
+        return cls(**groups)
+
+    def replace(self, **groups: Any) -> "TrainConfig":
+        return dataclasses.replace(self, **groups)
+
+
+GROUPS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "rollout": RolloutConfig, "algo": AlgoConfig,
+                           "optim": OptimConfig, "eval": EvalConfig, "run": RunConfig}
+
+
+def build_group(cls: type, values: dict[str, Any], section: str = "") -> Any:
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"unknown field(s) {', '.join(unknown)} in config section {section!r}; "
+                          f"valid: {', '.join(sorted(known))}")
+    hints = typing.get_type_hints(cls)
+    coerced = {k: tuple(v) if _is_tuple(hints[k]) and isinstance(v, list) else v for k, v in values.items()}
+    return cls(**coerced)
+
+
+def _is_tuple(tp: Any) -> bool:
+    return typing.get_origin(tp) is tuple
