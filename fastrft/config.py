@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
+import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-from fastrft.algo import ADVANTAGES, AGGREGATIONS, KL_ESTIMATORS, PGLossSpec, check_advantage
+from fastrft.algo import ADVANTAGES, AGGREGATIONS, KL_ESTIMATORS, PGLossSpec
 from fastrft.errors import ConfigError
 from fastrft.models.embedded import DEFAULT_MODEL
 
@@ -42,7 +44,7 @@ class ModelConfig:
     def __post_init__(self):
         _require(self.dtype in ("float32", "bfloat16", "float16"), "dtype",
                  f"must be float32, bfloat16 or float16, got {self.dtype!r}")
-        _require(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"), "device",
+        _require(re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None, "device",
                  f"must be auto, cpu, cuda or cuda:N, got {self.device!r}")
 
 
@@ -68,8 +70,9 @@ class DataConfig:
         _require(len(set(self.example_index)) == len(self.example_index), "example_index", "has duplicates")
         _require(self.max_prompt_tokens >= 1, "max_prompt_tokens", "must be >= 1")
         if self.dataset == "arithmetic":
-            _require(self.train_file is None and self.test_file is None, "train_file",
-                     "cannot be set for the synthetic arithmetic dataset (it is generated); drop the file flags")
+            for name in ("train_file", "test_file"):
+                _require(getattr(self, name) is None, name,
+                         "cannot be set for the synthetic arithmetic dataset (it is generated); drop the flag")
 
 
 @dataclass(frozen=True)
@@ -106,11 +109,19 @@ class AlgoConfig:
     skip_zero_signal: bool = opt(True, "skip the backward pass of rounds that carry no gradient signal")
 
     def __post_init__(self):
-        try:
-            check_advantage(self.advantage)
-            self.loss_spec(max_len=1)
-        except ConfigError as e:
-            raise ConfigError(f"{e} (see fastrft train --help)") from None
+        _require(self.advantage in ADVANTAGES, "advantage",
+                 f"must be one of {', '.join(ADVANTAGES)}, got {self.advantage!r}")
+        _require(0 <= self.clip_low < 1, "clip_low", f"must be in [0, 1), got {self.clip_low}")
+        _require(self.clip_high >= 0, "clip_high", f"must be >= 0, got {self.clip_high}")
+        _require(self.dual_clip is None or self.dual_clip > 1, "dual_clip",
+                 f"must be > 1 (typically 3) or none, got {self.dual_clip}")
+        _require(self.kl_coef >= 0, "kl_coef", f"must be >= 0, got {self.kl_coef}")
+        _require(self.kl_estimator in KL_ESTIMATORS, "kl_estimator",
+                 f"must be one of {', '.join(KL_ESTIMATORS)}, got {self.kl_estimator!r}")
+        _require(self.entropy_coef >= 0, "entropy_coef", f"must be >= 0, got {self.entropy_coef}")
+        _require(self.aggregation in AGGREGATIONS, "aggregation",
+                 f"must be one of {', '.join(AGGREGATIONS)}, got {self.aggregation!r}")
+        _require(self.adv_eps > 0, "adv_eps", f"must be > 0, got {self.adv_eps}")
         _require(self.reward_fail != self.reward_success, "reward_success", "must differ from --reward-fail")
 
     def loss_spec(self, max_len: int) -> PGLossSpec:
@@ -131,7 +142,8 @@ class OptimConfig:
     def __post_init__(self):
         _require(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
         _require(self.weight_decay >= 0, "weight_decay", "must be >= 0")
-        _require(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "beta1", "and --beta2 must be in [0, 1)")
+        _require(0 <= self.beta1 < 1, "beta1", f"must be in [0, 1), got {self.beta1}")
+        _require(0 <= self.beta2 < 1, "beta2", f"must be in [0, 1), got {self.beta2}")
         _require(self.grad_clip >= 0, "grad_clip", "must be >= 0 (0 = off)")
         _require(self.warmup_rounds >= 0, "warmup_rounds", "must be >= 0")
 
@@ -205,6 +217,10 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        unknown = sorted(set(data) - set(GROUPS))
+        if unknown:
+            raise ConfigError(f"unknown config section(s) {', '.join(map(repr, unknown))}; "
+                              f"valid sections: {', '.join(GROUPS)}")
         groups = {}
         for f in dataclasses.fields(cls):
             sub = data.get(f.name, {})
@@ -228,9 +244,25 @@ def build_group(cls: type, values: dict[str, Any], section: str = "") -> Any:
         raise ConfigError(f"unknown field(s) {', '.join(unknown)} in config section {section!r}; "
                           f"valid: {', '.join(sorted(known))}")
     hints = typing.get_type_hints(cls)
-    coerced = {k: tuple(v) if _is_tuple(hints[k]) and isinstance(v, list) else v for k, v in values.items()}
-    return cls(**coerced)
+    return cls(**{k: _coerce(v, hints[k], f"{section}.{k}" if section else k) for k, v in values.items()})
 
 
-def _is_tuple(tp: Any) -> bool:
-    return typing.get_origin(tp) is tuple
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check a value read from a file against its field annotation (JSON has lists, not tuples, and
+    ints where floats are meant); a mismatch is a ConfigError naming the field."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        return _coerce(value, next(a for a in args if a is not type(None)), where)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where} must be a list, got {value!r}")
+        return tuple(_coerce(v, args[0], where) for v in value)
+    ok = {bool: lambda v: isinstance(v, bool),
+          int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+          float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+          str: lambda v: isinstance(v, str)}[tp](value)
+    if not ok:
+        raise ConfigError(f"{where} must be of type {tp.__name__}, got {value!r}")
+    return float(value) if tp is float else value

@@ -68,8 +68,8 @@ def group_advantages(name: str, rewards: torch.Tensor, eps: float = 1e-6) -> tor
     >>> [round(a, 4) for a in group_advantages("grpo", torch.tensor([1.0, 0.0, 0.0, 1.0])).tolist()]
     [0.866, -0.866, -0.866, 0.866]
     """
-    return check_advantage(name).fn(rewards.float(), eps).to(rewards.dtype if rewards.is_floating_point()
-                                                                else torch.float32)
+    r = rewards if rewards.is_floating_point() else rewards.float()
+    return check_advantage(name).fn(r, eps)
 
 
 def map_reward(correct: float, fail_success: tuple[float, float]) -> float:

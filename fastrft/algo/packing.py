@@ -42,6 +42,12 @@ def pack(prompts: list[list[int]], responses: list[list[int]], advantages: list[
     for i, (p, r, a, lp) in enumerate(zip(prompts, responses, advantages, rollout_logprobs, strict=True)):
         if not r:
             raise ValueError(f"pack: response {i} is empty")
+        if not p:
+            # The first response token is predicted from the last prompt position; without one there is
+            # nothing to predict it from.
+            raise ValueError(f"pack: prompt {i} is empty")
+        if len(lp) != len(r):
+            raise ValueError(f"pack: sequence {i} has {len(r)} response tokens but {len(lp)} rollout log-probs")
         start = cu[-1]
         ids.extend(p)
         ids.extend(r[:-1])

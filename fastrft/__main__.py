@@ -1,0 +1,5 @@
+import sys
+
+from fastrft.cli import main
+
+sys.exit(main())

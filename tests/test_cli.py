@@ -1,0 +1,76 @@
+"""The command line end to end on a tiny random model: flags, outputs on disk, clear errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from fastrft.cli import main
+from fastrft.config import TrainConfig
+from fastrft.report import read_metrics
+
+
+def _train_args(model, out, *extra):
+    return ["train", "--model", str(model), "--rounds", "3", "--eval-every", "2", "--group-size", "2",
+            "--advantage", "grpo", "--max-new-tokens", "4", "--test-size", "4", "--train-samples", "2",
+            "--lr", "1e-3", "--out", str(out), "--no-progress", *extra]
+
+
+def test_train_end_to_end(tiny_llama, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(_train_args(tiny_llama, out, "--kl-coef", "0.01", "--extra-rewards", "gsm8k")) == 0
+    printed = capsys.readouterr().out
+    assert "| round |" in printed and str(out) in printed
+    cfg = TrainConfig.from_dict(json.loads((out / "config.json").read_text()))
+    assert (cfg.rollout.group_size, cfg.algo.advantage, cfg.algo.kl_coef, cfg.run.rounds) == (2, "grpo", 0.01, 3)
+    records = read_metrics(out / "metrics.jsonl")
+    assert [r["round"] for r in records if r["kind"] == "eval"] == [0, 2, 3]
+    assert [r["round"] for r in records if r["kind"] == "round"] == [1, 2, 3]
+    assert all("test_pass1_gsm8k" in r for r in records if r["kind"] == "eval")
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rounds"] == 3 and summary["updates"] + summary["skipped_rounds"] == 3
+
+    assert main(["plot", str(out)]) == 0
+    assert "| round |" in capsys.readouterr().out
+
+
+def test_rerun_into_same_directory_is_refused(tiny_llama, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(_train_args(tiny_llama, out)) == 0
+    before = (out / "metrics.jsonl").read_bytes()
+    capsys.readouterr()
+    assert main(_train_args(tiny_llama, out)) == 2
+    err = capsys.readouterr().err
+    assert "already holds a run" in err and "Traceback" not in err
+    assert (out / "metrics.jsonl").read_bytes() == before
+
+
+def test_errors_are_one_line(tmp_path, capsys):
+    assert main(["train", "--model", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("fastrft: error: model") and "missing" in err and len(err.splitlines()) == 1
+    assert main(["plot", str(tmp_path)]) == 2
+    assert "metrics.jsonl: not found" in capsys.readouterr().err
+
+
+def test_demo_command_runs_with_overrides(tiny_llama, tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--model", str(tiny_llama), "--rounds", "2", "--eval-every", "1", "--test-size", "3",
+                 "--train-samples", "2", "--max-new-tokens", "3", "--out", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "training example arithmetic/add1/65: 'What is 8 + 3?'" in printed
+    assert "train Pass@1" in printed and (out / "curves.png").exists()
+
+
+def test_console_entry_point_subprocess(tiny_llama, tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "fastrft", *_train_args(tiny_llama, out)], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert (out / "metrics.jsonl").exists()
+    bad = subprocess.run([sys.executable, "-m", "fastrft", "train", "--top-p", "2"], capture_output=True, text=True,
+                         timeout=300)
+    assert bad.returncode == 2 and "top_p (--top-p) must be in (0, 1]" in bad.stderr
+    assert "Traceback" not in bad.stderr

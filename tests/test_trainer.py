@@ -1,0 +1,118 @@
+"""The round loop on a tiny random model: it must learn a trivially learnable task, log every round,
+skip exactly the rounds without gradient signal, and never lose what it has written."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fastrft.config import (AlgoConfig, DataConfig, EvalConfig, ModelConfig, OptimConfig, RolloutConfig, RunConfig,
+                            TrainConfig)
+from fastrft.errors import ConfigError
+from fastrft.report import read_metrics
+from fastrft.trainer import Trainer
+
+
+def tiny_config(model_dir, out, *, advantage="grpo", group_size=8, rounds=20, kl_coef=0.0, lr=3e-3, eval_every=10,
+                seed=0, **algo) -> TrainConfig:
+    """'What is 1 + 1?' with two response tokens: reward 1 iff the last number printed is 2. A random
+    char-level model succeeds a few percent of the time, so a working policy gradient finds it fast."""
+    return TrainConfig(
+        model=ModelConfig(model=str(model_dir)),
+        data=DataConfig(dataset="arithmetic", level="add1", example_index=(0,)),
+        rollout=RolloutConfig(group_size=group_size, max_new_tokens=2),
+        algo=AlgoConfig(advantage=advantage, kl_coef=kl_coef, **algo),
+        optim=OptimConfig(lr=lr),
+        eval=EvalConfig(eval_every=eval_every, train_samples=64, test_size=8, greedy=True),
+        run=RunConfig(rounds=rounds, seed=seed, out=str(out), progress=False),
+    )
+
+
+def rounds_of(out):
+    return [r for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "round"]
+
+
+def evals_of(out):
+    return [r for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "eval"]
+
+
+@pytest.mark.parametrize("advantage,group_size", [("grpo", 8), ("none", 4)])
+def test_policy_gradient_learns_a_trivial_task(tiny_llama, tmp_path, advantage, group_size):
+    out = tmp_path / "run"
+    summary = Trainer(tiny_config(tiny_llama, out, advantage=advantage, group_size=group_size)).run()
+    evals = evals_of(out)
+    assert [e["round"] for e in evals] == [0, 10, 20]
+    assert evals[0]["train_pass1"] <= 0.2  # the untrained model rarely answers
+    assert evals[-1]["train_pass1"] >= 0.9  # ... and the trained one almost always does
+    rounds = rounds_of(out)
+    assert [r["round"] for r in rounds] == list(range(1, 21))
+    first, last = rounds[:5], rounds[-5:]
+    assert sum(r["reward_mean"] for r in last) > sum(r["reward_mean"] for r in first) + 2.0
+    assert summary["updates"] + summary["skipped_rounds"] == 20
+
+
+def test_skips_exactly_the_rounds_without_signal(tiny_llama, tmp_path):
+    out = tmp_path / "run"
+    Trainer(tiny_config(tiny_llama, out, advantage="none", group_size=1, rounds=12, lr=1e-4)).run()
+    rounds = rounds_of(out)
+    for r in rounds:
+        assert r["skipped"] == (1 if r["reward_mean"] == 0 else 0)
+        assert ("loss" in r) == (r["skipped"] == 0)
+    assert rounds[-1]["skipped_total"] == sum(r["skipped"] for r in rounds) >= 1
+
+
+def test_kl_reference_and_rollout_logprob_agreement(tiny_llama, tmp_path):
+    out = tmp_path / "run"
+    Trainer(tiny_config(tiny_llama, out, kl_coef=0.1, rounds=4, eval_every=0)).run()
+    rounds = rounds_of(out)
+    assert all(r["skipped"] == 0 for r in rounds)  # KL on: every round trains
+    assert rounds[0]["kl_mean"] == 0.0  # the policy equals its frozen reference before the first step
+    assert all(r["kl_mean"] > 0 for r in rounds[1:])
+    # The sampler's log-probs and the trainer's recomputation agree to fp32 rounding.
+    assert max(r["logp_gap_max"] for r in rounds) < 1e-4
+
+
+def test_runs_are_reproducible(tiny_llama, tmp_path):
+    def trace(out):
+        Trainer(tiny_config(tiny_llama, out, rounds=5, eval_every=0)).run()
+        return [(r["reward_mean"], r.get("loss")) for r in rounds_of(out)]
+
+    assert trace(tmp_path / "a") == trace(tmp_path / "b")
+
+
+def test_test_set_excludes_training_example(tiny_llama, tmp_path):
+    cfg = tiny_config(tiny_llama, tmp_path / "run", rounds=0)
+    cfg = cfg.replace(eval=EvalConfig(test_size=None))
+    t = Trainer(cfg)
+    assert len(t.test_set.examples) == 80
+    assert t.train_set.examples[0].question not in {e.question for e in t.test_set.examples}
+
+
+def test_interrupted_run_keeps_its_metrics_and_refuses_overwrite(tiny_llama, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    trainer = Trainer(tiny_config(tiny_llama, out, rounds=10, eval_every=0))
+    real_round = trainer.round
+
+    def crash_at_4(r):
+        if r == 4:
+            raise KeyboardInterrupt
+        return real_round(r)
+
+    monkeypatch.setattr(trainer, "round", crash_at_4)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.run()
+    before = (out / "metrics.jsonl").read_text()
+    assert [r["round"] for r in rounds_of(out)] == [1, 2, 3]
+    assert json.loads((out / "config.json").read_text())["run"]["rounds"] == 10
+    with pytest.raises(ConfigError, match="already holds a run"):
+        Trainer(tiny_config(tiny_llama, out))
+    assert (out / "metrics.jsonl").read_text() == before
+
+
+def test_bad_example_index_leaves_no_run_directory(tiny_llama, tmp_path):
+    out = tmp_path / "run"
+    cfg = tiny_config(tiny_llama, out).replace(data=DataConfig(dataset="arithmetic", example_index=(81,)))
+    with pytest.raises(ConfigError, match=r"example_index \(--example-index\) 81 is out of range.*0\.\.80"):
+        Trainer(cfg)
+    assert not out.exists()
