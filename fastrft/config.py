@@ -98,6 +98,8 @@ class AlgoConfig:
     advantage: str = opt("none", "advantage estimator: " + " | ".join(ADVANTAGES))
     reward_fail: float = opt(0.0, "reward of an incorrect response")
     reward_success: float = opt(1.0, "reward of a correct response")
+    fail_truncated: bool = opt(False, "score a response cut off at --max-new-tokens as incorrect (it never "
+                                      "finished its answer; guards lenient rewards against lucky rambles)")
     clip_low: float = opt(0.2, "PPO clip epsilon below 1")
     clip_high: float = opt(0.2, "PPO clip epsilon above 1")
     dual_clip: float | None = opt(None, "dual-clip constant c > 1 for negative advantages (none = off)")
@@ -179,9 +181,11 @@ class RunConfig:
     out: str | None = opt(None, "run directory (default: runs/<name>-<timestamp>)")
     name: str = opt("train", "run name, used in the default run directory")
     progress: bool = opt(True, "show a progress bar")
+    log_samples: int = opt(1, "responses per round written to rollouts.jsonl with their rewards (0 = none)")
 
     def __post_init__(self):
         _require(self.rounds >= 0, "rounds", f"must be >= 0, got {self.rounds}")
+        _require(self.log_samples >= 0, "log_samples", f"must be >= 0, got {self.log_samples}")
 
 
 @dataclass(frozen=True)

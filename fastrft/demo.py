@@ -2,13 +2,14 @@
 
 SmolLM2-135M-Instruct (embedded), the synthetic task "What is a + b?" with single digits, ONE training
 example ("What is 8 + 3?"), ONE rollout per round, the reward (1 if the last number of the response is
-right, else 0) used directly as the learning signal, no KL. Test set: the 80 other single-digit sums,
+right and the response finished within 96 tokens, else 0) used directly as the learning signal, no KL. Test set: the 80 other single-digit sums,
 one temperature-1.0 sample each (the paper's test Pass@1), plus greedy accuracy. The strict "####"
 format rate is reported beside it: the model never learns the format, only the answer.
 
 Settings chosen by measurement (../shared/notes/smollm2-calibration.md and bench/RESULTS.md): base
 train Pass@1 of this example is about 0.1-0.25 at T = 1; lr 2e-5 learns it within ~20 rounds and carries
-over to held-out sums, where 5e-5 over-fits and 1e-5 is slower.
+over to held-out sums, where 5e-5 over-fits and 1e-5 is slower. Over seeds 0-5 every run reaches train
+Pass@1 1.0 by round 60 (bench/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -22,9 +23,11 @@ def demo_config() -> TrainConfig:
     return TrainConfig(
         data=DataConfig(dataset="arithmetic", level="add1", example_index=(65,)),  # "What is 8 + 3?"
         rollout=RolloutConfig(group_size=1, max_new_tokens=96),
-        algo=AlgoConfig(advantage="none", kl_coef=0.0),
+        # A response cut off at the budget never gave its answer: without this, a truncated ramble whose
+        # last number happens to be right is rewarded (measured: 1 of 6 seeds then fails to learn).
+        algo=AlgoConfig(advantage="none", kl_coef=0.0, fail_truncated=True),
         optim=OptimConfig(lr=2e-5, weight_decay=0.01, grad_clip=1.0),
-        eval=EvalConfig(eval_every=20, train_samples=16, test_size=None, extra_rewards=("gsm8k",)),
+        eval=EvalConfig(eval_every=10, train_samples=16, test_size=None, extra_rewards=("gsm8k",)),
         run=RunConfig(rounds=60, seed=0, name="demo"),
     )
 

@@ -59,6 +59,7 @@ class Trainer:
                                            weight_decay=o.weight_decay)
         self.updates = 0
         self.skipped = 0
+        self._samples: MetricsLog | None = None
         # Created last: a run that fails to start leaves no directory behind.
         self.out_dir.mkdir(parents=True, exist_ok=True)
         (self.out_dir / "config.json").write_text(config.to_json())
@@ -98,6 +99,7 @@ class Trainer:
         """Train for ``run.rounds`` rounds; return the run's summary (also written to summary.json)."""
         cfg, start = self.cfg, time.monotonic()
         log = MetricsLog(self.out_dir / "metrics.jsonl")
+        self._samples = MetricsLog(self.out_dir / "rollouts.jsonl") if cfg.run.log_samples else None
         bar = tqdm(total=cfg.run.rounds, desc="fastrft", unit="round", disable=not cfg.run.progress,
                    file=sys.stderr, dynamic_ncols=True)
         try:
@@ -112,6 +114,8 @@ class Trainer:
         finally:
             bar.close()
             log.close()
+            if self._samples:
+                self._samples.close()
         return self._summarise(time.monotonic() - start)
 
     def round(self, r: int) -> dict[str, Any]:
@@ -120,6 +124,8 @@ class Trainer:
         t1 = time.monotonic()
         scores, rewards_, advantages = self.score(groups)
         t2 = time.monotonic()
+        if self._samples:
+            self._log_samples(r, groups, rewards_)
         has_signal = any(a != 0 for group in advantages for a in group)
         metrics: dict[str, Any] = {
             "kind": "round", "round": r, "reward_mean": _mean(rewards_), "correct_mean": _mean(scores),
@@ -149,8 +155,9 @@ class Trainer:
 
     def score(self, groups):
         a = self.cfg.algo
-        scores = [[rewards.score(ex.reward, c.text, ex.answer) for c in g] for ex, g in zip(self.train_set.examples,
-                                                                                             groups)]
+        scores = [[0.0 if a.fail_truncated and c.finish_reason == "length" else rewards.score(ex.reward, c.text,
+                                                                                              ex.answer)
+                   for c in g] for ex, g in zip(self.train_set.examples, groups)]
         rewards_ = [[map_reward(s, (a.reward_fail, a.reward_success)) for s in g] for g in scores]
         advantages = [group_advantages(a.advantage, torch.tensor(g), a.adv_eps).tolist() for g in rewards_]
         return [s for g in scores for s in g], [x for g in rewards_ for x in g], advantages
@@ -182,6 +189,13 @@ class Trainer:
         gap = (logp.detach() - batch.rollout_logp).abs()
         return {"loss": float(loss.detach()), "grad_norm": float(grad_norm), "lr": lr, "train_tokens": batch.num_tokens,
                 "logp_gap_mean": float(gap.mean()), "logp_gap_max": float(gap.max()), **stats}
+
+    def _log_samples(self, r: int, groups, rewards_) -> None:
+        flat = [(ex, c) for ex, g in zip(self.train_set.examples, groups) for c in g]
+        n = self.cfg.run.log_samples
+        self._samples.write({"round": r, "samples": [
+            {"example": ex.id, "text": c.text, "reward": rw, "tokens": len(c.token_ids), "finish": c.finish_reason}
+            for (ex, c), rw in list(zip(flat, rewards_))[:n]]})
 
     def _logprobs(self, model, batch, with_entropy: bool):
         hidden = model.forward_packed(batch.input_ids, batch.cu_seqlens)

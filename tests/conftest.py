@@ -10,6 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
+# No test may reach a model hub: with these set, any attempt fails instead of downloading.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
 CHARS = list(string.digits + string.ascii_letters + " +-*=?.,:#\"'\n()$\\{}")
 SPECIALS = ["<pad>", "<eos>", "<bos>"]
 VOCAB = SPECIALS + CHARS  # pad 0, eos 1, bos 2

@@ -74,3 +74,15 @@ def test_console_entry_point_subprocess(tiny_llama, tmp_path):
                          timeout=300)
     assert bad.returncode == 2 and "top_p (--top-p) must be in (0, 1]" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_malformed_dataset_line_is_reported_with_file_and_line(tiny_llama, tmp_path, capsys):
+    bad = tmp_path / "my_train.jsonl"
+    bad.write_text('{"question": "What is 2 + 2?", "answer": "2 + 2 = 4\\n#### 4"}\n'
+                   '{"question": "What is 3 + 3?", "answer": "no final answer here"}\n')
+    out = tmp_path / "run"
+    args = ["train", "--model", str(tiny_llama), "--dataset", "gsm8k", "--train-file", str(bad), "--out", str(out)]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "my_train.jsonl line 2" in err and "'answer'" in err and "####" in err
+    assert not out.exists()

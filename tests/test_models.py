@@ -174,3 +174,17 @@ def test_tokenizer_missing_files(tiny_models, tmp_path):
     fastrft.load_model(dst)  # weights alone are enough for the model
     with pytest.raises(ModelLoadError, match="no tokenizer files"):
         fastrft.load_tokenizer(dst)
+
+
+def test_rope_parameters_nested_per_layer_type(tiny_models, tmp_path):
+    def nest(same: bool):
+        def edit(c):
+            base = {"rope_type": "default", "rope_theta": 12345.0}
+            other = base if same else {**base, "rope_theta": 99.0}
+            c["rope_parameters"] = {"full_attention": base, "sliding_attention": other}
+        return edit
+
+    model = fastrft.load_model(_broken_copy(tiny_models["qwen3"], tmp_path / "a", nest(True)))
+    assert model.config.rope.theta == 12345.0
+    with pytest.raises(ModelLoadError, match="differ between layer types"):
+        fastrft.load_model(_broken_copy(tiny_models["qwen3"], tmp_path / "b", nest(False)))

@@ -116,3 +116,18 @@ def test_bad_example_index_leaves_no_run_directory(tiny_llama, tmp_path):
     with pytest.raises(ConfigError, match=r"example_index \(--example-index\) 81 is out of range.*0\.\.80"):
         Trainer(cfg)
     assert not out.exists()
+
+
+def test_truncated_responses_can_be_scored_as_failures(tiny_llama, tmp_path):
+    """With a 2-token budget and EOS never sampled early, nearly every response is truncated: with
+    fail_truncated they all score 0, whatever their text, and rollouts.jsonl records them."""
+    out = tmp_path / "run"
+    cfg = tiny_config(tiny_llama, out, advantage="none", group_size=4, rounds=6, eval_every=0, fail_truncated=True)
+    cfg = cfg.replace(run=RunConfig(rounds=6, seed=0, out=str(out), progress=False, log_samples=4))
+    Trainer(cfg).run()
+    samples = [json.loads(line) for line in (out / "rollouts.jsonl").read_text().splitlines()]
+    assert [s["round"] for s in samples] == list(range(1, 7))
+    flat = [x for s in samples for x in s["samples"]]
+    assert len(flat) == 24
+    assert all(x["reward"] == 0.0 for x in flat if x["finish"] == "length")
+    assert any(x["finish"] == "length" for x in flat)

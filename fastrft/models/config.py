@@ -162,6 +162,14 @@ def _parse_rope(hf: dict[str, Any], source: str) -> RopeConfig:
     # transformers 5 writes `rope_parameters` (with rope_theta inside); older checkpoints write
     # `rope_theta` plus an optional `rope_scaling` whose type key is `rope_type` or the legacy `type`.
     params = dict(hf.get("rope_parameters") or {})
+    nested = [v for v in params.values() if isinstance(v, dict)]
+    if nested:
+        # transformers 5 may nest RoPE parameters per layer type ("full_attention": {...}); one decoder
+        # RoPE serves every layer, so the layer types must agree.
+        if any(v != nested[0] for v in nested):
+            raise ModelLoadError(f"{source}: rope_parameters differ between layer types "
+                                 f"({', '.join(params)}); per-layer RoPE is not supported")
+        params = dict(nested[0])
     if hf.get("rope_scaling"):
         params = {**dict(hf["rope_scaling"]), **params}
     theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
