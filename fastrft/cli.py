@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 import typing
 from pathlib import Path
 from typing import Any
 
 from fastrft.config import GROUPS, TrainConfig, build_group, flag
-from fastrft.errors import FastRFTError
+from fastrft.errors import ConfigError, FastRFTError, read_json_object
 
 _UNSET = object()
 
@@ -75,15 +74,7 @@ def config_from_args(args: argparse.Namespace, base: TrainConfig) -> TrainConfig
 
 
 def load_config_file(path: str) -> TrainConfig:
-    p = Path(path)
-    try:
-        data = json.loads(p.read_text())
-    except FileNotFoundError:
-        raise FastRFTError(f"--config {path}: file not found") from None
-    except json.JSONDecodeError as e:
-        raise FastRFTError(f"--config {path}: not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise FastRFTError(f"--config {path}: expected a JSON object with sections like 'rollout', 'optim'")
+    data = read_json_object(path, ConfigError, " (--config expects a run's config.json or a file like it)")
     return TrainConfig.from_dict(data)
 
 

@@ -20,3 +20,21 @@ class DataError(FastRFTError):
 
 class ModelLoadError(FastRFTError):
     """A model directory is missing, incomplete or of an unsupported architecture."""
+
+
+def read_json_object(path, error: type[FastRFTError], missing_hint: str = "") -> dict:
+    """Parse a JSON file that must hold an object; any problem raises ``error`` naming the path."""
+    import json
+    from pathlib import Path
+
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise error(f"{path}: not found{missing_hint}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise error(f"{path}: cannot be read ({e})") from None
+    except json.JSONDecodeError as e:
+        raise error(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise error(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data

@@ -9,12 +9,11 @@ activation) is refused here, at load time, with the field to change — never si
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fastrft.errors import ModelLoadError
+from fastrft.errors import ModelLoadError, read_json_object
 
 
 @dataclass(frozen=True)
@@ -143,15 +142,7 @@ class ArchConfig:
 
     @classmethod
     def from_file(cls, path: str | Path) -> "ArchConfig":
-        path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise ModelLoadError(f"{path}: not found; a model directory needs a config.json") from None
-        except json.JSONDecodeError as e:
-            raise ModelLoadError(f"{path}: not valid JSON ({e})") from None
-        if not isinstance(data, dict):
-            raise ModelLoadError(f"{path}: expected a JSON object")
+        data = read_json_object(path, ModelLoadError, "; a model directory needs a config.json")
         return cls.from_hf(data, source=str(path))
 
     def replace(self, **changes: Any) -> "ArchConfig":
