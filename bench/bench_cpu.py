@@ -19,7 +19,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from harness import measure, report  # noqa: E402
 
 import fastrft  # noqa: E402
-from fastrft.algo import pack, pg_loss, token_logprobs, PGLossSpec  # noqa: E402
+from fastrft.algo import PGLossSpec, pack  # noqa: E402
+from fastrft.kernels import fused_linear_pg_loss  # noqa: E402
 from fastrft.data import arithmetic_problems, encode_prompt  # noqa: E402
 
 MODEL = "smollm2-135m-instruct"
@@ -61,9 +62,8 @@ def bench_train_step(model, tokenizer, seqs: int, response_len: int, repeats: in
 
     def step():
         hidden = model.forward_packed(batch.input_ids, batch.cu_seqlens)
-        logp, ent = token_logprobs(hidden.index_select(0, batch.target_pos), model.lm_head_weight, batch.targets,
-                                   with_entropy=True)
-        loss, _ = pg_loss(logp, batch.advantages, batch.seq_ids, entropy=ent, spec=spec)
+        loss, _ = fused_linear_pg_loss(hidden.index_select(0, batch.target_pos), model.lm_head_weight, batch.targets,
+                                       batch.advantages, batch.seq_ids, spec=spec)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

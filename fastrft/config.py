@@ -40,12 +40,16 @@ class ModelConfig:
                                     f"or the embedded alias '{DEFAULT_MODEL}'")
     dtype: str = opt("float32", "parameter dtype: float32 | bfloat16 | float16")
     device: str = opt("auto", "auto (cuda when available, else cpu) | cpu | cuda | cuda:N")
+    kernels: str = opt("auto", "LM-head loss implementation: auto (Triton on CUDA, PyTorch reference on CPU) | "
+                               "triton | reference")
 
     def __post_init__(self):
         _require(self.dtype in ("float32", "bfloat16", "float16"), "dtype",
                  f"must be float32, bfloat16 or float16, got {self.dtype!r}")
         _require(re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None, "device",
                  f"must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        _require(self.kernels in ("auto", "triton", "reference"), "kernels",
+                 f"must be auto, triton or reference, got {self.kernels!r}")
 
 
 @dataclass(frozen=True)

@@ -32,12 +32,13 @@ import torch
 from tqdm.auto import tqdm
 
 from fastrft import rewards
-from fastrft.algo import group_advantages, map_reward, pack, pg_loss, token_logprobs
+from fastrft.algo import group_advantages, map_reward, pack
 from fastrft.config import TrainConfig
 from fastrft.data import dedupe_against, encode_prompt, load_dataset
 from fastrft.engine import generate, request_seed
 from fastrft.errors import ConfigError
 from fastrft.evaluate import EvalSet, evaluate
+from fastrft.kernels import fused_linear_pg_loss, linear_logprob
 from fastrft.models import load_model, load_tokenizer
 from fastrft.report import MetricsLog, before_after_table, plot_curves, read_metrics
 
@@ -173,22 +174,25 @@ class Trainer:
             group["lr"] = lr
 
         policy.train()
-        logp, entropy = self._logprobs(policy, batch, with_entropy=True)
         ref_logp = None
         if self.ref is not None:
             with torch.no_grad():
-                ref_logp, _ = self._logprobs(self.ref, batch, with_entropy=False)
-        loss, stats = pg_loss(logp, batch.advantages, batch.seq_ids, ref_logp=ref_logp, entropy=entropy,
-                              spec=self.spec)
+                ref_logp, _ = linear_logprob(*self._response_hidden(self.ref, batch), batch.targets,
+                                             temperature=cfg.rollout.temperature, backend=cfg.model.kernels)
+        hidden, weight = self._response_hidden(policy, batch)
+        # The model gives hidden states; the fused op computes log-probs, entropy and the loss without
+        # ever forming [N, V] logits.
+        loss, stats = fused_linear_pg_loss(hidden, weight, batch.targets, batch.advantages, batch.seq_ids,
+                                           ref_logp=ref_logp, spec=self.spec, temperature=cfg.rollout.temperature,
+                                           rollout_logp=batch.rollout_logp, backend=cfg.model.kernels)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         clip = cfg.optim.grad_clip
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), clip if clip > 0 else float("inf"))
         self.optimizer.step()
         self.updates += 1
-        gap = (logp.detach() - batch.rollout_logp).abs()
         return {"loss": float(loss.detach()), "grad_norm": float(grad_norm), "lr": lr, "train_tokens": batch.num_tokens,
-                "logp_gap_mean": float(gap.mean()), "logp_gap_max": float(gap.max()), **stats}
+                **stats}
 
     def _log_samples(self, r: int, groups, rewards_) -> None:
         flat = [(ex, c) for ex, g in zip(self.train_set.examples, groups) for c in g]
@@ -197,10 +201,11 @@ class Trainer:
             {"example": ex.id, "text": c.text, "reward": rw, "tokens": len(c.token_ids), "finish": c.finish_reason}
             for (ex, c), rw in list(zip(flat, rewards_))[:n]]})
 
-    def _logprobs(self, model, batch, with_entropy: bool):
+    @staticmethod
+    def _response_hidden(model, batch):
+        """(hidden (N, H) of the positions predicting the response tokens, LM-head weight (V, H))."""
         hidden = model.forward_packed(batch.input_ids, batch.cu_seqlens)
-        return token_logprobs(hidden.index_select(0, batch.target_pos), model.lm_head_weight, batch.targets,
-                              temperature=self.cfg.rollout.temperature, with_entropy=with_entropy)
+        return hidden.index_select(0, batch.target_pos), model.lm_head_weight
 
     def _evaluate(self, r: int, log: MetricsLog, bar) -> dict[str, float]:
         e, t0 = self.cfg.eval, time.monotonic()

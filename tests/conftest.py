@@ -13,6 +13,10 @@ import torch
 # No test may reach a model hub: with these set, any attempt fails instead of downloading.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Without a GPU the Triton kernels run in Triton's CPU interpreter; the flag must be set before any
+# kernel module is imported (test modules are imported after this file).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 CHARS = list(string.digits + string.ascii_letters + " +-*=?.,:#\"'\n()$\\{}")
 SPECIALS = ["<pad>", "<eos>", "<bos>"]

@@ -11,9 +11,10 @@ import math
 import pytest
 import torch
 
-from fastrft.algo import (PGLossSpec, aggregate, group_advantages, map_reward, pack, pg_loss,
-                          token_logprobs)
+from fastrft.algo import PGLossSpec, aggregate, group_advantages, map_reward, pack, pg_loss
 from fastrft.errors import ConfigError
+# The chunked PyTorch path of the LM-head log-prob op (the CPU path, beside its Triton kernel).
+from fastrft.kernels import linear_logprob_reference as token_logprobs
 
 F64 = torch.float64
 
