@@ -17,6 +17,7 @@ test: $(VENV)/.test-installed
 
 bench: $(VENV)/.test-installed
 	$(PY) bench/bench_cpu.py
+	$(PY) bench/bench_logprob.py
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)

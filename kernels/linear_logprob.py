@@ -113,7 +113,7 @@ if HAVE_TRITON:
                                    BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, GROUP_N: tl.constexpr,
                                    HAS_LOGP_GRAD: tl.constexpr, HAS_ENT_GRAD: tl.constexpr,
                                    NEED_DH: tl.constexpr, NEED_DW: tl.constexpr, UPCAST: tl.constexpr,
-                                   IEEE: tl.constexpr):
+                                   IEEE: tl.constexpr, BWD_FP32: tl.constexpr):
         # A flat 1-D grid (no 65,535 limit on a second axis), swizzled so that GROUP_N consecutive programs
         # share one weight tile while it is hot in L2.
         pid = tl.program_id(0).to(tl.int64)
@@ -142,9 +142,10 @@ if HAVE_TRITON:
             mu = tl.load(mu_ptr + rows, mask=row_ok, other=0.0)
             dz -= ge[:, None] * p * (z - mu[:, None])
         dz = tl.where(row_ok[:, None] & col_ok[None, :], dz * inv_temp, 0.0)
-        # Half-precision inputs feed the tensor cores with dz rounded to their dtype, as cuBLAS's own
-        # backward does; fp32 inputs (and the interpreter's upcast path) keep dz in fp32.
-        if UPCAST:
+        # bf16 inputs feed the tensor cores with dz rounded to bf16, as cuBLAS's own backward does (bf16
+        # keeps fp32's exponent range). fp16's 5-bit exponent would flush the vocabulary tail
+        # (p_j * g ~ 1e-9) to zero, so with fp16 inputs dz and the operands stay fp32 (TF32 on GPU).
+        if BWD_FP32:
             dz_in = dz
         else:
             dz_in = dz.to(h_ptr.dtype.element_ty)
@@ -154,7 +155,7 @@ if HAVE_TRITON:
             if NEED_DH:
                 w = tl.load(w_ptr + cols[:, None] * stride_wv + hk[None, :] * stride_wh,
                             mask=col_ok[:, None] & hk_ok[None, :], other=0.0)
-                if UPCAST:
+                if BWD_FP32:
                     w = w.to(tl.float32)
                 if IEEE:
                     dh = tl.dot(dz_in, w, input_precision="ieee")
@@ -164,7 +165,7 @@ if HAVE_TRITON:
             if NEED_DW:
                 a = tl.load(h_ptr + rows[:, None] * stride_hn + hk[None, :] * stride_hh,
                             mask=row_ok[:, None] & hk_ok[None, :], other=0.0)
-                if UPCAST:
+                if BWD_FP32:
                     a = a.to(tl.float32)
                 if IEEE:
                     dw = tl.dot(tl.trans(dz_in), a, input_precision="ieee")
@@ -183,11 +184,19 @@ def _blocks(device: torch.device) -> dict:
     on GPU these are starting values for the autotuning of the GPU issue."""
     if device.type == "cuda":
         return dict(BLOCK_N=64, BLOCK_V=128, BLOCK_H=64, num_warps=8, num_stages=3, GROUP_N=8)
-    return dict(BLOCK_N=32, BLOCK_V=128, BLOCK_H=64, num_warps=4, num_stages=1, GROUP_N=4)
+    return dict(BLOCK_N=64, BLOCK_V=128, BLOCK_H=64, num_warps=4, num_stages=1, GROUP_N=4)
 
 
 def _flags(dtype: torch.dtype) -> dict:
-    return dict(UPCAST=_interpreting() and dtype == torch.bfloat16, IEEE=dtype == torch.float32)
+    """UPCAST: bf16 tiles go through fp32 (the interpreter's bf16 dot is wrong). IEEE: exact fp32 dots
+    for fp32 inputs (not TF32). BWD_FP32 (backward only): dz and its operands stay fp32."""
+    upcast = _interpreting() and dtype == torch.bfloat16
+    return dict(UPCAST=upcast, IEEE=dtype == torch.float32)
+
+
+def _bwd_flags(dtype: torch.dtype) -> dict:
+    flags = _flags(dtype)
+    return dict(flags, BWD_FP32=flags["UPCAST"] or dtype in (torch.float16, torch.float32))
 
 
 def _num_splits(n_blocks: int, v_blocks: int, device: torch.device, splits: int | None) -> int:
@@ -251,7 +260,7 @@ def _triton_backward(hidden, weight, targets, lse, mu, g_logp, g_ent, temperatur
         hidden.stride(1), weight.stride(0), weight.stride(1), 1.0 / temperature, BLOCK_N=cfg["BLOCK_N"],
         BLOCK_V=cfg["BLOCK_V"], BLOCK_H=cfg["BLOCK_H"], GROUP_N=cfg["GROUP_N"], HAS_LOGP_GRAD=g_logp is not None,
         HAS_ENT_GRAD=g_ent is not None, NEED_DH=need_dh, NEED_DW=need_dw, num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"], **_flags(hidden.dtype))
+        num_stages=cfg["num_stages"], **_bwd_flags(hidden.dtype))
     return (dh.to(hidden.dtype) if need_dh else None), (dw.to(weight.dtype) if need_dw else None)
 
 
@@ -268,16 +277,20 @@ def _reference_chunk(hidden, weight, targets, temperature: float, with_entropy: 
 
 def linear_logprob_reference(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
                              temperature: float = 1.0, with_entropy: bool = False,
-                             compute_dtype: torch.dtype = torch.float32, chunk: int | None = 1024):
+                             compute_dtype: torch.dtype = torch.float32, chunk: int | None = -1):
     """The readable spec and the CPU path: materialise logits in ``compute_dtype`` (float64 in tests),
-    ``chunk`` rows at a time; under autograd each chunk is recomputed in backward (checkpointing), so
-    peak memory holds one [chunk, V] block. Returns (logp, entropy or None) in ``compute_dtype``."""
+    ``chunk`` rows at a time (-1: sized so a chunk holds about 16M logits; None: all rows at once).
+    Under autograd each chunk is recomputed in backward (checkpointing), so the forward keeps only its
+    inputs and peak memory holds one chunk's [chunk, V] temporaries. Returns (logp, entropy or None) in
+    ``compute_dtype``."""
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0 for log-probs, got {temperature}")
     n = hidden.shape[0]
-    if chunk is None or n <= chunk:
-        return _reference_chunk(hidden, weight, targets, temperature, with_entropy, compute_dtype)
+    if chunk == -1:
+        chunk = max(64, 2**24 // max(weight.shape[0], 1))
     grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    if chunk is None or (n <= chunk and not grad):
+        return _reference_chunk(hidden, weight, targets, temperature, with_entropy, compute_dtype)
     parts = []
     for i in range(0, n, chunk):
         args = (hidden[i:i + chunk], weight, targets[i:i + chunk], temperature, with_entropy, compute_dtype)

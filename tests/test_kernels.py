@@ -198,3 +198,41 @@ def test_auto_backend_uses_reference_on_cpu_and_matches_triton():
         tri = linear_logprob(hidden, weight, targets, with_entropy=True, backend="triton")
         for a, b in zip(auto, tri):
             torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)
+
+
+def test_many_rows_no_grid_overflow():
+    """N = 65,600 rows (more than a 65,535 grid axis holds): rows live on the unbounded grid axis."""
+    n, h, v = 65_600, 16, 40
+    hidden, weight, targets = _inputs(n, h, v, torch.float32, seed=12, scale=1.0)
+    g_logp = torch.ones(n, device=DEVICE)
+    out = _run(lambda *a, **k: linear_logprob(*a, with_entropy=True, backend="triton"), hidden, weight, targets,
+               g_logp, g_logp)
+    ref = _run(_reference(hidden, weight, targets, 1.0), hidden.double(), weight.double(), targets, g_logp, g_logp)
+    assert (out[0].double() - ref[0]).abs().max() <= 2e-5
+    assert _rel(out[2], ref[2]) <= 2e-5 and _rel(out[3], ref[3]) <= 2e-5
+
+
+def test_fp16_backward_keeps_the_vocabulary_tail():
+    """A peaked distribution whose tail (2,047 tokens of p ~ 4e-11) shares one direction of W: column 1
+    of dH comes from the tail alone. Each tail term g * p_j ~ 4e-7 is subnormal in fp16 (2-3 bits of
+    precision), so a backward that rounded dz to fp16 would get it wrong by ~10%; the true sum, ~8e-4,
+    is a normal fp16 number."""
+    n, h, v = 8, 16, 2048
+    g = torch.Generator().manual_seed(13)
+    targets = torch.full((n,), 5)
+    weight = torch.zeros(v, h)
+    weight[:, 1] = 1.0  # the tail's shared direction
+    weight[:, 2:] = 0.05 * torch.randn(v, h - 2, generator=g)
+    weight[targets, 0], weight[targets, 1] = 3.0, 0.0
+    hidden = torch.zeros(n, h)
+    hidden[:, 0] = 8.0  # target logit 24 = 8 * 3; tail logits ~ 0
+    hidden, weight = hidden.half().to(DEVICE), weight.half().to(DEVICE)
+    targets = targets.to(DEVICE)
+    upstream = torch.full((n,), 1e4, device=DEVICE)
+    out = _run(lambda *a, **k: linear_logprob(*a, with_entropy=True, backend="triton"), hidden, weight, targets,
+               upstream, torch.zeros(n, device=DEVICE))
+    ref = _run(_reference(hidden, weight, targets, 1.0), hidden.double(), weight.double(), targets, upstream,
+               torch.zeros(n, dtype=torch.float64, device=DEVICE))
+    tail_col = ref[2][:, 1]
+    assert tail_col.abs().min() > 1e-4  # the tail really carries this column
+    assert (out[2][:, 1].double() - tail_col).abs().max() <= 2 * EPS[torch.float16] * tail_col.abs().max()
