@@ -145,7 +145,7 @@ def report(results: list[Result], title: str, device: str = "cpu", columns: tupl
     header = (f"### {title}\n\ndevice: {device_name(device)}; {versions()}; commit {git_sha()}; "
               f"date {date.today().isoformat()}\n")
     extra_cols = list(columns)
-    rows = ["| case | median | runs | throughput | peak extra MiB | " + " | ".join(extra_cols) + " |",
+    rows = ["| " + " | ".join(["case", "median", "runs", "throughput", "peak extra MiB", *extra_cols]) + " |",
             "|---|---:|---:|---:|---:|" + "---:|" * len(extra_cols)]
     for r in results:
         if r.error:
@@ -154,8 +154,8 @@ def report(results: list[Result], title: str, device: str = "cpu", columns: tupl
         tp = f"{r.throughput:,.2f} {r.unit}" if r.throughput is not None else "–"
         peak = f"{r.peak_mib:,.0f}" if r.peak_mib is not None else "–"
         cells = [_cell(r.extra.get(c)) for c in extra_cols]
-        rows.append(f"| {r.case} | {r.median_s * 1e3:,.2f} ms | {len(r.times_s)} | {tp} | {peak} | "
-                    + " | ".join(cells) + " |")
+        rows.append("| " + " | ".join([r.case, f"{r.median_s * 1e3:,.2f} ms", str(len(r.times_s)), tp, peak, *cells])
+                    + " |")
     text = header + "\n" + "\n".join(rows) + "\n"
     print(text, flush=True)
     new = not CSV_PATH.exists()
