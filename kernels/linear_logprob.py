@@ -26,7 +26,6 @@ from __future__ import annotations
 import os
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
 try:
     import triton
@@ -275,28 +274,81 @@ def _reference_chunk(hidden, weight, targets, temperature: float, with_entropy: 
     return logp, entropy
 
 
+class ChunkedLogprobFunction(torch.autograd.Function):
+    """The CPU path: the kernel's algorithm in PyTorch, ``chunk`` rows of logits at a time.
+
+    Forward keeps only lse and mu = E_p[z] per row; backward recomputes each chunk's logits and forms
+    dz = g_logp * (onehot - p) - g_entropy * p * (z - mu), divided by T, then dH = dz @ W and
+    dW += dz^T @ h. Peak memory is one chunk's [chunk, V] temporaries plus the gradients.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, temperature, with_entropy, chunk, compute_dtype):
+        w = weight.to(compute_dtype)
+        logp, lse, mu = [], [], []
+        for i in range(0, hidden.shape[0], chunk):
+            z = (hidden[i:i + chunk].to(compute_dtype) @ w.T) / temperature
+            lz = torch.logsumexp(z, dim=-1)
+            logp.append(z.gather(-1, targets[i:i + chunk, None]).squeeze(-1) - lz)
+            lse.append(lz)
+            if with_entropy:
+                mu.append((torch.exp(z - lz[:, None]) * z).sum(-1))
+        cat = (lambda xs: torch.cat(xs) if xs else hidden.new_zeros(0, dtype=compute_dtype))  # noqa: E731
+        logp, lse, mu = cat(logp), cat(lse), cat(mu)
+        ctx.save_for_backward(hidden, weight, targets, lse, mu)
+        ctx.temperature, ctx.with_entropy, ctx.chunk, ctx.compute_dtype = temperature, with_entropy, chunk, compute_dtype
+        ctx.set_materialize_grads(False)
+        return logp, (lse - mu if with_entropy else logp.new_zeros(0))
+
+    @staticmethod
+    def backward(ctx, g_logp, g_ent):
+        hidden, weight, targets, lse, mu = ctx.saved_tensors
+        cd, temperature, chunk = ctx.compute_dtype, ctx.temperature, ctx.chunk
+        need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        g_ent = g_ent if ctx.with_entropy else None
+        w = weight.to(cd)
+        dh = torch.zeros(hidden.shape, dtype=cd) if need_dh else None
+        dw = torch.zeros(weight.shape, dtype=cd) if need_dw else None
+        if g_logp is not None or g_ent is not None:
+            for i in range(0, hidden.shape[0], chunk):
+                h = hidden[i:i + chunk].to(cd)
+                z = (h @ w.T) / temperature
+                p = torch.exp(z - lse[i:i + chunk, None])
+                dz = torch.zeros_like(z)
+                if g_logp is not None:
+                    g = g_logp[i:i + chunk].to(cd)
+                    dz -= g[:, None] * p
+                    dz.scatter_add_(1, targets[i:i + chunk, None], g[:, None])
+                if g_ent is not None:
+                    dz -= g_ent[i:i + chunk, None].to(cd) * p * (z - mu[i:i + chunk, None])
+                dz /= temperature
+                if need_dh:
+                    torch.mm(dz, w, out=dh[i:i + chunk])
+                if need_dw:
+                    dw.addmm_(dz.T, h)  # in place: no [V, H] temporary per chunk
+        return ((dh.to(hidden.dtype) if need_dh else None), (dw.to(weight.dtype) if need_dw else None),
+                None, None, None, None, None)
+
+
 def linear_logprob_reference(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
                              temperature: float = 1.0, with_entropy: bool = False,
                              compute_dtype: torch.dtype = torch.float32, chunk: int | None = -1):
-    """The readable spec and the CPU path: materialise logits in ``compute_dtype`` (float64 in tests),
-    ``chunk`` rows at a time (-1: sized so a chunk holds about 16M logits; None: all rows at once).
-    Under autograd each chunk is recomputed in backward (checkpointing), so the forward keeps only its
-    inputs and peak memory holds one chunk's [chunk, V] temporaries. Returns (logp, entropy or None) in
-    ``compute_dtype``."""
+    """The PyTorch reference, in ``compute_dtype`` (float64 in tests).
+
+    chunk None: the test oracle and readable spec: logits materialised for all rows, differentiated
+    by autograd. chunk > 0 (or -1: sized so that a chunk holds about 16M logits): the CPU path,
+    :class:`ChunkedLogprobFunction`, which never holds more than one chunk of logits.
+    Returns (logp, entropy or None) in ``compute_dtype``.
+    """
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0 for log-probs, got {temperature}")
-    n = hidden.shape[0]
+    if chunk is None:
+        return _reference_chunk(hidden, weight, targets, temperature, with_entropy, compute_dtype)
     if chunk == -1:
         chunk = max(64, 2**24 // max(weight.shape[0], 1))
-    grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-    if chunk is None or (n <= chunk and not grad):
-        return _reference_chunk(hidden, weight, targets, temperature, with_entropy, compute_dtype)
-    parts = []
-    for i in range(0, n, chunk):
-        args = (hidden[i:i + chunk], weight, targets[i:i + chunk], temperature, with_entropy, compute_dtype)
-        parts.append(checkpoint(_reference_chunk, *args, use_reentrant=False) if grad else _reference_chunk(*args))
-    logp = torch.cat([p[0] for p in parts])
-    return logp, (torch.cat([p[1] for p in parts]) if with_entropy else None)
+    logp, entropy = ChunkedLogprobFunction.apply(hidden, weight, targets, float(temperature), with_entropy, int(chunk),
+                                                 compute_dtype)
+    return logp, (entropy if with_entropy else None)
 
 
 # ----------------------------------------------------------------------------------------- autograd
