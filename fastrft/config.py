@@ -86,7 +86,10 @@ class RolloutConfig:
     top_p: float = opt(1.0, "nucleus sampling threshold (1.0 = off)")
     top_k: int = opt(0, "top-k sampling (0 = off)")
     max_new_tokens: int = opt(1024, "response length budget, in tokens")
-    max_batch_size: int = opt(64, "most sequences decoded together")
+    max_batch_size: int = opt(64, "most sequences decoded together (the engine's max_num_seqs)")
+    block_size: int = opt(16, "tokens per KV-cache block (a power of two)")
+    kv_cache_memory: float | None = opt(None, "KV cache budget: bytes (> 1) or a fraction of free GPU memory "
+                                              "(<= 1); none = half the free GPU memory, or 2 GiB on CPU")
 
     def __post_init__(self):
         _require(1 <= self.group_size <= 256, "group_size", f"must be in 1..256, got {self.group_size}")
@@ -95,6 +98,13 @@ class RolloutConfig:
         _require(self.top_k >= 0, "top_k", f"must be >= 0, got {self.top_k}")
         _require(self.max_new_tokens >= 1, "max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
         _require(self.max_batch_size >= 1, "max_batch_size", f"must be >= 1, got {self.max_batch_size}")
+        _require(self.block_size >= 1 and self.block_size & (self.block_size - 1) == 0, "block_size",
+                 f"must be a power of two, got {self.block_size}")
+        _require(self.kv_cache_memory is None or self.kv_cache_memory > 0, "kv_cache_memory",
+                 f"must be > 0 (bytes, or a fraction <= 1 of free GPU memory), got {self.kv_cache_memory}")
+        _require(self.group_size <= self.max_batch_size, "group_size",
+                 f"({self.group_size}) cannot exceed --max-batch-size ({self.max_batch_size}): the samples of one "
+                 "prompt are decoded together")
 
 
 @dataclass(frozen=True)
@@ -212,6 +222,11 @@ class TrainConfig:
                 f"but group_size (--group-size) is {self.rollout.group_size}: with one rollout every advantage is 0 "
                 "and nothing is learned. Use --group-size 2 or more, or --advantage none."
             )
+
+        if self.eval.train_samples > self.rollout.max_batch_size:
+            raise ConfigError(f"train_samples (--train-samples) {self.eval.train_samples} exceeds max_batch_size "
+                              f"(--max-batch-size) {self.rollout.max_batch_size}: the samples of one prompt are "
+                              "decoded together; raise --max-batch-size or lower --train-samples")
 
     @property
     def loss_spec(self) -> PGLossSpec:

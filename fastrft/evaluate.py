@@ -13,7 +13,6 @@ from math import comb
 
 from fastrft import rewards
 from fastrft.data import Example
-from fastrft.engine import generate
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -39,17 +38,17 @@ def _score(name_or_none: str | None, example: Example, text: str) -> float:
     return rewards.score(name_or_none or example.reward, text, example.answer)
 
 
-def evaluate(model, tokenizer, train: EvalSet, test: EvalSet, *, train_samples: int, temperature: float,
-             max_new_tokens: int, greedy: bool, seed: int, extra_rewards: tuple[str, ...] = (),
-             max_batch_size: int = 64) -> dict[str, float]:
-    """Run one evaluation; returns a flat dict of metrics (floats), e.g. train_pass1, test_pass1,
-    test_greedy, train_pass@k for k in 1, 2, 4, ... <= train_samples, and <metric>_<reward> for each
-    extra reward."""
-    gen = dict(max_new_tokens=max_new_tokens, tokenizer=tokenizer, max_batch_size=max_batch_size)
+def evaluate(engine, train: EvalSet, test: EvalSet, *, train_samples: int, temperature: float,
+             max_new_tokens: int, greedy: bool, seed: int, extra_rewards: tuple[str, ...] = ()) -> dict[str, float]:
+    """Run one evaluation through ``engine`` (a :class:`fastrft.engine.Engine` with a tokenizer); returns a
+    flat dict of metrics (floats), e.g. train_pass1, test_pass1, test_greedy, train_pass@k for k in
+    1, 2, 4, ... <= train_samples, and <metric>_<reward> for each extra reward."""
+    gen = dict(max_new_tokens=max_new_tokens)
+    generate = engine.generate
     out: dict[str, float] = {}
     names: tuple[str | None, ...] = (None, *extra_rewards)
 
-    train_groups = generate(model, train.prompt_ids, n=train_samples, temperature=temperature, seed=seed, **gen)
+    train_groups = generate(train.prompt_ids, n=train_samples, temperature=temperature, seed=seed, **gen)
     for name in names:
         suffix = f"_{name}" if name else ""
         correct = [[_score(name, ex, c.text) for c in group] for ex, group in zip(train.examples, train_groups)]
@@ -62,14 +61,13 @@ def evaluate(model, tokenizer, train: EvalSet, test: EvalSet, *, train_samples: 
     out["train_response_len"] = _mean([len(c.token_ids) for g in train_groups for c in g])
 
     if test.examples:
-        sampled = [g[0] for g in generate(model, test.prompt_ids, n=1, temperature=temperature, seed=seed + 1,
-                                          **gen)]
+        sampled = [g[0] for g in generate(test.prompt_ids, n=1, temperature=temperature, seed=seed + 1, **gen)]
         for name in names:
             suffix = f"_{name}" if name else ""
             out[f"test_pass1{suffix}"] = _mean([_score(name, ex, c.text) for ex, c in zip(test.examples, sampled)])
         out["test_response_len"] = _mean([len(c.token_ids) for c in sampled])
         if greedy:
-            greedy_out = [g[0] for g in generate(model, test.prompt_ids, n=1, temperature=0.0, **gen)]
+            greedy_out = [g[0] for g in generate(test.prompt_ids, n=1, temperature=0.0, **gen)]
             out["test_greedy"] = _mean([_score(None, ex, c.text) for ex, c in zip(test.examples, greedy_out)])
     return out
 

@@ -2,8 +2,8 @@
 
 A round (DESIGN.md §3):
   1. take the training example(s);
-  2. sample G responses per example from the current policy (the rollout shares the trainer's model
-     object: no weight sync);
+  2. sample G responses per example from the current policy through the paged engine, which shares the
+     trainer's model object (no weight sync) and forks each prompt's KV into its G samples;
   3. score them with the example's reward function, map scores to (fail, success) rewards and turn each
      group's rewards into per-sequence advantages;
   4. pack prompt + response pairs into one varlen batch, compute the response tokens' log-probs from the
@@ -35,7 +35,7 @@ from fastrft import rewards
 from fastrft.algo import group_advantages, map_reward, pack
 from fastrft.config import TrainConfig
 from fastrft.data import dedupe_against, encode_prompt, load_dataset
-from fastrft.engine import generate, request_seed
+from fastrft.engine import Engine, EngineConfig, request_seed
 from fastrft.errors import ConfigError
 from fastrft.evaluate import EvalSet, evaluate
 from fastrft.kernels import fused_linear_pg_loss, linear_logprob
@@ -54,6 +54,10 @@ class Trainer:
         self.spec = config.loss_spec
         # The KL reference is the frozen initial policy; it is held only when KL is on.
         self.ref = copy.deepcopy(self.policy).requires_grad_(False) if self.spec.needs_ref else None
+        ro = config.rollout
+        # The engine holds the policy object itself: rollouts always see the current weights.
+        self.engine = Engine(self.policy, self.tokenizer, EngineConfig(
+            block_size=ro.block_size, kv_cache_memory=ro.kv_cache_memory, max_num_seqs=ro.max_batch_size))
         self.train_set, self.test_set = self._load_data()
         o = config.optim
         self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=o.lr, betas=(o.beta1, o.beta2),
@@ -149,10 +153,9 @@ class Trainer:
     def rollout(self, r: int):
         ro = self.cfg.rollout
         self.policy.eval()
-        return generate(self.policy, self.train_set.prompt_ids, n=ro.group_size, max_new_tokens=ro.max_new_tokens,
-                        temperature=ro.temperature, top_p=ro.top_p, top_k=ro.top_k,
-                        seed=request_seed(self.cfg.run.seed, r, 0), tokenizer=self.tokenizer,
-                        max_batch_size=ro.max_batch_size)
+        return self.engine.generate(self.train_set.prompt_ids, n=ro.group_size, max_new_tokens=ro.max_new_tokens,
+                                    temperature=ro.temperature, top_p=ro.top_p, top_k=ro.top_k,
+                                    seed=request_seed(self.cfg.run.seed, r, 0))
 
     def score(self, groups):
         a = self.cfg.algo
@@ -192,6 +195,7 @@ class Trainer:
         clip = cfg.optim.grad_clip
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), clip if clip > 0 else float("inf"))
         self.optimizer.step()
+        self.engine.reset_prefix_cache()  # cached prompt KV belongs to the old weights
         self.updates += 1
         return {"loss": float(loss.detach()), "grad_norm": float(grad_norm), "lr": lr, "train_tokens": batch.num_tokens,
                 **stats}
@@ -212,11 +216,10 @@ class Trainer:
     def _evaluate(self, r: int, log: MetricsLog, bar) -> dict[str, float]:
         e, t0 = self.cfg.eval, time.monotonic()
         self.policy.eval()
-        result = evaluate(self.policy, self.tokenizer, self.train_set, self.test_set, train_samples=e.train_samples,
+        result = evaluate(self.engine, self.train_set, self.test_set, train_samples=e.train_samples,
                           temperature=e.eval_temperature,
                           max_new_tokens=e.eval_max_new_tokens or self.cfg.rollout.max_new_tokens,
-                          greedy=e.greedy, seed=request_seed(self.cfg.run.seed, r, 1), extra_rewards=e.extra_rewards,
-                          max_batch_size=self.cfg.rollout.max_batch_size)
+                          greedy=e.greedy, seed=request_seed(self.cfg.run.seed, r, 1), extra_rewards=e.extra_rewards)
         record = {"kind": "eval", "round": r, **result, "time_eval": time.monotonic() - t0}
         log.write(record)
         shown = ", ".join(f"{k} {result[k]:.3f}" for k in ("train_pass1", "test_pass1", "test_greedy") if k in result)

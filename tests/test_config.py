@@ -86,7 +86,7 @@ def test_invalid_table_covers_every_validated_field():
     (ModelConfig, dict(dtype="bfloat16", device="cuda:1")), (ModelConfig, dict(dtype="float16", device="cpu")),
     (DataConfig, dict(dataset="gsm8k", train_file="a.jsonl", test_file="b.jsonl")),
     (DataConfig, dict(example_index=(0, 5, 2), level="mul")),
-    (RolloutConfig, dict(group_size=256, top_p=1.0, top_k=0, temperature=1e-3)),
+    (RolloutConfig, dict(group_size=256, max_batch_size=256, top_p=1.0, top_k=0, temperature=1e-3)),
     (AlgoConfig, dict(clip_low=0.0, clip_high=0.0, dual_clip=1.5, kl_coef=0.0, aggregation="seq-mean-token-sum-norm")),
     (AlgoConfig, dict(reward_fail=-1.0, reward_success=-1.0 + 1e-9)),
     (OptimConfig, dict(beta1=0.0, beta2=0.0, grad_clip=0.0, weight_decay=0.0)),
@@ -385,3 +385,11 @@ def test_main_config_file_with_wrong_value_type_is_a_user_error(tmp_path, capsys
 def test_load_config_file_errors_are_fastrft_errors(tmp_path):
     with pytest.raises(FastRFTError, match="missing.json"):
         load_config_file(str(tmp_path / "missing.json"))
+
+
+def test_group_and_eval_samples_must_fit_one_decode_batch():
+    with pytest.raises(ConfigError, match=r"group_size \(--group-size\).*--max-batch-size"):
+        RolloutConfig(group_size=128, max_batch_size=64)
+    with pytest.raises(ConfigError, match=r"train_samples \(--train-samples\) 32 exceeds max_batch_size"):
+        TrainConfig(rollout=RolloutConfig(max_batch_size=16), eval=EvalConfig(train_samples=32))
+    RolloutConfig(group_size=128, max_batch_size=128)  # accepted

@@ -50,6 +50,31 @@ def varlen_attention(q, k, v, cu_seqlens: torch.Tensor, scale: float) -> torch.T
     return out
 
 
+def prefix_prefill_attention(q, k_cache, v_cache, meta, scale: float) -> torch.Tensor:
+    """Prefill whose sequences start with prefix-cached tokens: each sequence's queries (its new tokens)
+    attend to its whole context gathered from the pages, with the causal diagonal shifted by the number
+    of cached tokens. q (T, Hq, D) packed by meta.cu_seqlens_q; returns (T, Hq, D).
+
+    Prefix hits are rare (a repeated prompt between two optimizer steps), so this gathers into a
+    contiguous K/V per sequence rather than running a paged prefill kernel."""
+    out = torch.empty_like(q)
+    bs = k_cache.shape[1]
+    cu = meta.cu_seqlens_q.tolist()
+    ctx = meta.context_lens.tolist()
+    for i, (start, end) in enumerate(zip(cu[:-1], cu[1:])):
+        n_ctx, n_new = ctx[i], end - start
+        blocks = meta.block_tables[i, : -(-n_ctx // bs)].long()
+        keys = k_cache.index_select(0, blocks).flatten(0, 1)[:n_ctx]
+        values = v_cache.index_select(0, blocks).flatten(0, 1)[:n_ctx]
+        offset = n_ctx - n_new
+        allowed = torch.ones(n_new, n_ctx, dtype=torch.bool, device=q.device).tril(offset)
+        o = F.scaled_dot_product_attention(q[start:end].transpose(0, 1), keys.transpose(0, 1),
+                                           values.transpose(0, 1), attn_mask=allowed, scale=scale,
+                                           enable_gqa=q.shape[1] != keys.shape[1])
+        out[start:end] = o.transpose(0, 1)
+    return out
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ArchConfig, layer_idx: int):
         super().__init__()
@@ -85,6 +110,22 @@ class Attention(nn.Module):
         """x (T, hidden) packed; cos/sin (T, D); returns (T, hidden)."""
         q, k, v = self._qkv(x, cos, sin)
         o = varlen_attention(q, k, v, cu_seqlens, self.scale)
+        return self.o_proj(o.flatten(-2))
+
+    def forward_paged(self, x, cos, sin, k_cache, v_cache, meta):
+        """x (T, hidden): the batch's new tokens, packed; k_cache/v_cache (num_blocks, block_size, Hkv, D)
+        for this layer; meta: a :class:`PagedMeta`. Writes the new K/V into their slots, then attends:
+        prefill over each sequence's cached prefix + new tokens, decode over its pages."""
+        from fastrft.kernels.paged_attention import paged_attention_decode, store_kv
+
+        q, k, v = self._qkv(x, cos, sin)
+        store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        if not meta.is_prefill:
+            o = paged_attention_decode(q, k_cache, v_cache, meta.block_tables, meta.context_lens, self.scale)
+        elif not meta.has_prefix:
+            o = varlen_attention(q, k, v, meta.cu_seqlens_q, self.scale)
+        else:
+            o = prefix_prefill_attention(q, k_cache, v_cache, meta, self.scale)
         return self.o_proj(o.flatten(-2))
 
     def forward_cached(self, x, cos, sin, cache, mask):

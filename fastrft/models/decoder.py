@@ -111,6 +111,27 @@ class CausalLM(nn.Module):
         cache.end()
         return self.model.norm(x)
 
+    def forward_paged(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches, meta) -> torch.Tensor:
+        """Inference step over a paged KV cache (the engine's path).
+
+        input_ids, positions (T,) int64: the new tokens of the batch, packed (prefill: each sequence's
+        uncached tokens; decode: one token per sequence); kv_caches: per layer a (k_cache, v_cache) pair
+        of shape (num_blocks, block_size, Hkv, D); meta: :class:`fastrft.models.PagedMeta`.
+        Returns hidden states (T, hidden).
+        """
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)
+        for layer, (k_cache, v_cache) in zip(self.model.layers, kv_caches):
+            x = layer(x, lambda h, a=layer.self_attn, kc=k_cache, vc=v_cache: a.forward_paged(h, cos, sin, kc, vc,
+                                                                                              meta))
+        return self.model.norm(x)
+
+    def kv_bytes_per_token(self, dtype: torch.dtype | None = None) -> int:
+        """Bytes of K and V, all layers, for one token."""
+        c = self.config
+        size = torch.empty((), dtype=dtype or self.dtype).element_size()
+        return 2 * c.num_layers * c.num_kv_heads * c.head_dim * size
+
     def new_cache(self, batch: int, capacity: int) -> KVCache:
         c = self.config
         return KVCache(c.num_layers, batch, c.num_kv_heads, c.head_dim, capacity, self.dtype, self.device)

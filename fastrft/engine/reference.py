@@ -1,5 +1,8 @@
 """Batched sampling over the native model with a contiguous KV cache: the readable reference rollout.
 
+The engine (:mod:`fastrft.engine.engine`) is tested against this function: same requests, same seeds,
+same tokens.
+
 Per chunk of requests: the distinct prompts are left-padded and prefilled once; each prompt's cache row
 is then repeated for its n samples (the prompt KV is computed once, as the paged engine will share it
 by reference). Decode steps run every live row together; rows that finish are dropped from the batch.
@@ -8,29 +11,14 @@ The paged C++ engine replaces the cache management and is tested against this fu
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 
 from fastrft.engine.sampler import SamplingParams, request_seed, sample
-from fastrft.errors import ConfigError
-
-
-@dataclass
-class Completion:
-    """One sampled response. ``token_ids`` includes the stop token when finish_reason is "stop"."""
-
-    token_ids: list[int]
-    logprobs: list[float]  # one per token in token_ids, under the sampling distribution
-    finish_reason: str  # "stop" (an EOS id was sampled) | "length" (max_new_tokens reached)
-    text: str | None = None  # decoded without special tokens when a tokenizer was given
-    prompt_index: int = 0
-    sample_index: int = 0
-    extra: dict = field(default_factory=dict)
+from fastrft.engine.sequence import Completion, check_requests
 
 
 @torch.no_grad()
-def generate(model, prompt_ids: list[list[int]], *, n: int = 1, max_new_tokens: int = 256,
+def reference_generate(model, prompt_ids: list[list[int]], *, n: int = 1, max_new_tokens: int = 256,
              temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0,
              eos_token_ids: list[int] | tuple[int, ...] | None = None, tokenizer=None,
              max_batch_size: int = 64) -> list[list[Completion]]:
@@ -41,16 +29,7 @@ def generate(model, prompt_ids: list[list[int]], *, n: int = 1, max_new_tokens: 
     (seed, p, j), so results do not depend on max_batch_size. Returns P lists of n Completions.
     """
     params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens)
-    if n < 1:
-        raise ConfigError(f"n must be >= 1, got {n}")
-    if max_batch_size < 1:
-        raise ConfigError(f"max_batch_size must be >= 1, got {max_batch_size}")
-    vocab = model.config.vocab_size
-    for p, ids in enumerate(prompt_ids):
-        if len(ids) == 0:
-            raise ConfigError(f"prompt {p} is empty; every prompt needs at least one token")
-        if min(ids) < 0 or max(ids) >= vocab:
-            raise ConfigError(f"prompt {p} has a token id outside [0, {vocab})")
+    check_requests(model, prompt_ids, n, max_batch_size)
     stop = set(model.eos_token_ids if eos_token_ids is None else eos_token_ids)
 
     requests = [(p, j) for p in range(len(prompt_ids)) for j in range(n)]

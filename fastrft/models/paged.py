@@ -1,0 +1,25 @@
+"""Attention metadata of one paged inference step (prefill or decode)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class PagedMeta:
+    """What the attention layers need to read and write a paged KV cache for one step.
+
+    slot_mapping (T,) int64: cache slot (block * block_size + offset) of each new token, -1 = padding;
+    block_tables (B, max_blocks) int32, -1 padded; context_lens (B,) int32: tokens each sequence attends
+    to after this step (cached + new). Prefill also has cu_seqlens_q (B+1,) int32 over the new tokens and
+    has_prefix: whether any sequence starts with prefix-cached tokens (then attention reads the pages).
+    """
+
+    is_prefill: bool
+    slot_mapping: torch.Tensor
+    block_tables: torch.Tensor
+    context_lens: torch.Tensor
+    cu_seqlens_q: torch.Tensor | None = None
+    has_prefix: bool = False
