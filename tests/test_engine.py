@@ -175,3 +175,14 @@ def test_sequence_longer_than_the_cache_is_refused(qwen):
 def test_bad_engine_config(qwen, kw, match):
     with pytest.raises((ConfigError, ValueError), match=match):
         Engine(qwen, config=EngineConfig(**kw))
+
+
+def test_per_prompt_response_budgets(qwen):
+    out = _engine(qwen).generate(PROMPTS, n=2, max_new_tokens=[3, 9, 1, 5], seed=4, eos_token_ids=[])
+    assert [[len(c.token_ids) for c in g] for g in out] == [[3, 3], [9, 9], [1, 1], [5, 5]]
+    ref = reference_generate(qwen, PROMPTS, n=2, max_new_tokens=9, seed=4, eos_token_ids=[])
+    for g, g_ref in zip(out, ref):  # a shorter budget is a prefix of the longer run
+        for c, c_ref in zip(g, g_ref):
+            assert c.token_ids == c_ref.token_ids[:len(c.token_ids)]
+    with pytest.raises(ConfigError, match="4 entries for 2 prompts"):
+        _engine(qwen).generate(PROMPTS[:2], max_new_tokens=[1, 2, 3, 4])

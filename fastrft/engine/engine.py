@@ -87,10 +87,11 @@ class Engine:
 
     # ----------------------------------------------------------------------------------- public API
     @torch.no_grad()
-    def generate(self, prompt_ids: list[list[int]], *, n: int = 1, max_new_tokens: int = 256,
+    def generate(self, prompt_ids: list[list[int]], *, n: int = 1, max_new_tokens: int | list[int] = 256,
                  temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0,
                  eos_token_ids=None) -> list[list[Completion]]:
-        """Same contract as :func:`fastrft.generate`: P lists of n Completions, seeded per request."""
+        """Same contract as :func:`fastrft.generate`: P lists of n Completions, seeded per request.
+        max_new_tokens may also be a list with one budget per prompt."""
         groups = self.submit(prompt_ids, n=n, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                              top_k=top_k, seed=seed, eos_token_ids=eos_token_ids)
         try:
@@ -112,22 +113,28 @@ class Engine:
                     pass  # a fork that was never created, or already retired
         self._forks.clear()
 
-    def submit(self, prompt_ids, *, n: int, max_new_tokens: int, temperature: float, top_p: float, top_k: int,
-               seed: int, eos_token_ids) -> list[list[Sequence]]:
+    def submit(self, prompt_ids, *, n: int, max_new_tokens: int | list[int], temperature: float, top_p: float,
+               top_k: int, seed: int, eos_token_ids) -> list[list[Sequence]]:
         """Queue the requests of one call (prompt p's samples j = 0..n-1 form group p); see :meth:`generate`."""
         if any(s.finish_reason is None for s in self.seqs.values()):
             raise RuntimeError("the engine is still running a previous call; collect it first")
+        budgets = list(max_new_tokens) if isinstance(max_new_tokens, (list, tuple)) else [max_new_tokens] * len(prompt_ids)
+        if len(budgets) != len(prompt_ids):
+            raise ConfigError(f"max_new_tokens has {len(budgets)} entries for {len(prompt_ids)} prompts")
         self._params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k,
-                                      max_new_tokens=max_new_tokens)
+                                      max_new_tokens=max(budgets) if budgets else 1)
         check_requests(self.model, prompt_ids, n)
-        self._check_fits(prompt_ids, max_new_tokens, n)
+        for p, (prompt, budget) in enumerate(zip(prompt_ids, budgets)):
+            if budget < 1:
+                raise ConfigError(f"max_new_tokens must be >= 1, got {budget} for prompt {p}")
+            self._check_fits([prompt], budget, n)
         self._stop = set(self.model.eos_token_ids if eos_token_ids is None else eos_token_ids)
         self.seqs.clear()
         groups: list[list[Sequence]] = []
         for p, prompt in enumerate(prompt_ids):
             prompt = [int(t) for t in prompt]
-            group = [Sequence(-1, p, j, prompt, torch.Generator().manual_seed(request_seed(seed, p, j)))
-                     for j in range(n)]
+            group = [Sequence(-1, p, j, prompt, torch.Generator().manual_seed(request_seed(seed, p, j)),
+                              max_new_tokens=budgets[p]) for j in range(n)]
             self._register(group[0])
             self._forks[group[0].seq_id] = group[1:]
             self.scheduler.add(group[0].seq_id, prompt, group_size=n)
@@ -196,7 +203,7 @@ class Engine:
             seq.logprobs.append(lp)
             if tok in self._stop:
                 seq.finish_reason = "stop"
-            elif len(seq.output) >= self._params.max_new_tokens:
+            elif len(seq.output) >= seq.max_new_tokens:
                 seq.finish_reason = "length"
             if seq.finish_reason is not None:
                 self.scheduler.finish(seq.seq_id)

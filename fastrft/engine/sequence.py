@@ -32,6 +32,7 @@ class Sequence:
     sample_index: int
     prompt: list[int]
     generator: torch.Generator
+    max_new_tokens: int = 256
     output: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     finish_reason: str | None = None
