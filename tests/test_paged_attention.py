@@ -369,3 +369,35 @@ def test_int64_offsets_beyond_2_31_elements():
     assert proc.returncode == 0, f"kernel crashed or failed (exit {proc.returncode}): {proc.stderr[-2000:]}"
     res = json.loads(proc.stdout.strip().splitlines()[-1])
     assert res["err"] <= 2 * EPS[torch.float16] * res["ref"] + 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("hq,hkv", [(8, 2), (4, 4)])
+def test_batched_cpu_path_equals_reference(dtype, hq, hkv):
+    """The batched PyTorch path (what CPU tensors run) against the per-sequence reference, on a
+    randomly permuted block table with garbage in the unused pages."""
+    from fastrft.kernels.paged_attention import paged_attention_decode_reference, paged_attention_decode_torch
+
+    g = torch.Generator().manual_seed(21)
+    page, d, lens = 16, 64, [1, 17, 40, 33]
+    blocks = [-(-n // page) for n in lens]
+    num_blocks = sum(blocks) + 5
+    # unused pages (and the tails of partial blocks) hold NaN and inf, as uninitialised memory may
+    k_cache = torch.full((num_blocks, page, hkv, d), float("nan")).to(dtype)
+    v_cache = torch.full((num_blocks, page, hkv, d), float("inf")).to(dtype)
+    perm = torch.randperm(num_blocks, generator=g).tolist()
+    table = torch.full((len(lens), max(blocks)), -1, dtype=torch.int32)
+    for b, n in enumerate(lens):
+        for j in range(blocks[b]):
+            phys = perm.pop()
+            table[b, j] = phys
+            valid = min(page, n - j * page)
+            k_cache[phys, :valid] = torch.randn(valid, hkv, d, generator=g).to(dtype)
+            v_cache[phys, :valid] = torch.randn(valid, hkv, d, generator=g).to(dtype)
+    q = torch.randn(len(lens), hq, d, generator=g).to(dtype)
+    ctx = torch.tensor(lens, dtype=torch.int32)
+    got = paged_attention_decode_torch(q, k_cache, v_cache, table, ctx, 0.125)
+    want = paged_attention_decode_reference(q, k_cache, v_cache, table, ctx, 0.125)
+    assert torch.isfinite(got).all()
+    tol = 1e-5 if dtype == torch.float32 else 2 * 2.0**-7
+    assert (got.float() - want.float()).abs().max() <= tol * max(1.0, float(want.float().abs().max()))
