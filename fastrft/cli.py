@@ -1,4 +1,4 @@
-"""Command line: ``fastrft train | demo | plot``.
+"""Command line: ``fastrft train | ladder | presets | export | demo | plot``.
 
 The flags of ``train`` and ``demo`` are generated from the config dataclasses (one flag per field,
 ``--field-name``, help text from the field), so the CLI can never drift from the Python API. A flag
@@ -63,13 +63,22 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
             group.add_argument(flag(f.name), **kwargs)
 
 
-def config_from_args(args: argparse.Namespace, base: TrainConfig) -> TrainConfig:
-    """Overlay the flags given on the command line onto ``base``; validation happens on construction."""
-    values = base.to_dict()
+def flag_values(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """The config fields given on the command line, by section."""
+    values: dict[str, dict[str, Any]] = {}
     for dest, value in vars(args).items():
         if "." in dest and value is not _UNSET:
             group, name = dest.split(".", 1)
-            values[group][name] = value
+            values.setdefault(group, {})[name] = value
+    return values
+
+
+def config_from_args(args: argparse.Namespace, base: TrainConfig, *layers: dict[str, dict[str, Any]]) -> TrainConfig:
+    """Overlay ``layers`` (profile, preset) and then the flags given on the command line onto ``base``;
+    validation happens on construction."""
+    from fastrft.presets import overlay
+
+    values = overlay(base.to_dict(), *layers, flag_values(args))
     return TrainConfig(**{g: build_group(GROUPS[g], v, g) for g, v in values.items()})
 
 
@@ -81,13 +90,35 @@ def load_config_file(path: str) -> TrainConfig:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastrft", description="Reinforcement fine-tuning of LLMs, bottom-up.")
     sub = parser.add_subparsers(dest="command", required=True)
-    train = sub.add_parser("train", help="train with any configuration (flags override --config or defaults)")
+    train = sub.add_parser("train", help="train with any configuration (flags override --preset, --profile, "
+                                         "--config and the defaults, in that order)")
     train.add_argument("--config", help="a JSON file of config sections (as written to a run's config.json)")
+    train.add_argument("--preset", help="a layer preset, e.g. L0-minimal or L3 (see fastrft presets)")
+    train.add_argument("--profile", default="paper", help="machine sizing: paper (default) | cpu-mini")
+    train.add_argument("--force", action="store_true", help="resume into --out even if its config differs")
     add_config_flags(train)
+    ladder = sub.add_parser("ladder", help="run every (layer, seed) pair of a bottom-up study; writes "
+                                           "ladder.md and curves.png; a rerun resumes")
+    ladder.add_argument("--layers", default="L0,L1,L2,L3,L4", help="presets or layer names, comma-separated "
+                                                                   "(default: L0,L1,L2,L3,L4)")
+    ladder.add_argument("--seeds", type=int, default=3, help="seeds per layer (default: 3)")
+    ladder.add_argument("--profile", default="auto", help="auto (cpu-mini on CPU with the embedded model, else "
+                                                          "paper) | paper | cpu-mini")
+    ladder.add_argument("--config", help="a JSON file of config sections, the base of every run")
+    ladder.add_argument("--force", action="store_true", help="continue a study whose settings differ")
+    ladder.add_argument("--keep-models", action="store_true", help="keep each finished run's checkpoints "
+                                                                         "(for fastrft export)")
+    add_config_flags(ladder)
+    sub.add_parser("presets", help="list the layer presets and profiles")
+    export = sub.add_parser("export", help="write a run's newest checkpoint as an HF-format model directory")
+    export.add_argument("run_dir")
+    export.add_argument("--out", required=True, help="new directory for config.json, model.safetensors, tokenizer")
     demo = sub.add_parser("demo", help="the minimalist layer on SmolLM2-135M-Instruct, CPU-sized (~5 min)")
     add_config_flags(demo)
-    plot = sub.add_parser("plot", help="redraw curves.png and print the table of a run directory")
-    plot.add_argument("run_dir")
+    plot = sub.add_parser("plot", help="redraw a run's curves.png and print its table; with several run "
+                                       "directories, overlay them")
+    plot.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    plot.add_argument("--out", help="PNG of the overlay (default: overlay.png in the current directory)")
     return parser
 
 
@@ -95,13 +126,30 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "plot":
-            return _plot(Path(args.run_dir))
+            return _plot([Path(d) for d in args.run_dirs], args.out)
+        if args.command == "presets":
+            from fastrft.presets import describe
+
+            print(describe())
+            return 0
+        if args.command == "export":
+            from fastrft.checkpoint import export_run
+
+            print(f"exported: {export_run(args.run_dir, args.out)}")
+            return 0
+        if args.command == "ladder":
+            return _ladder(args)
         from fastrft.demo import demo_config, run_demo
 
         if args.command == "demo":
             return run_demo(config_from_args(args, demo_config()))
+        from fastrft import presets
+
         base = load_config_file(args.config) if args.config else TrainConfig()
-        return _train(config_from_args(args, base))
+        layers = [presets.L0_FIELDS, presets.profile(args.profile)] if args.preset else [presets.profile(args.profile)]
+        if args.preset:
+            layers.append(presets.resolve(args.preset).overrides)
+        return _train(config_from_args(args, base, *layers), force=args.force)
     except FastRFTError as e:
         print(f"fastrft: error: {e}", file=sys.stderr)
         return 2
@@ -110,27 +158,60 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def _train(config: TrainConfig) -> int:
+def _ladder(args) -> int:
+    from fastrft import ladder, presets
+    from fastrft.models.embedded import DEFAULT_MODEL
+
+    base = load_config_file(args.config) if args.config else TrainConfig()
+    flags = flag_values(args)
+    out = flags.get("run", {}).pop("out", None) or f"runs/ladder-{args.profile}"
+    profile = args.profile
+    if profile == "auto":
+        model = flags.get("model", {}).get("model", base.model.model)
+        device = flags.get("model", {}).get("device", base.model.device)
+        import torch
+
+        on_cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+        profile = "cpu-mini" if on_cpu and model == DEFAULT_MODEL else "paper"
+        print(f"fastrft ladder: profile {profile} ({presets.PROFILES[profile][0]})", file=sys.stderr)
+    layers = [x.strip() for x in args.layers.split(",") if x.strip()]
+    pairs = ladder.plan(base.to_dict(), flags, layers, args.seeds, profile, Path(out))
+    settings = {"layers": [p.name for p in dict.fromkeys(x.preset for x in pairs)], "seeds": args.seeds,
+                "profile": profile, "flags": flags, "base": base.to_dict()}
+    result = ladder.run_ladder(pairs, Path(out), settings, force=args.force, keep_checkpoints=args.keep_models)
+    print(result["table"])
+    print(f"\ntable: {Path(out) / 'ladder.md'}\nfigure: {result['figure']}")
+    return 0
+
+
+def _train(config: TrainConfig, force: bool = False) -> int:
     from fastrft.trainer import Trainer
 
-    summary = Trainer(config).run()
+    summary = Trainer(config, force=force).run()
     print(summary["table"])
     print(f"\nrun directory: {summary['out_dir']}  (plot: {summary['plot']})")
     return 0
 
 
-def _plot(run_dir: Path) -> int:
-    from fastrft.report import before_after_table, plot_curves, read_metrics
+def _plot(run_dirs: list[Path], out: str | None) -> int:
+    from fastrft.report import before_after_table, plot_curves, plot_overlay, read_metrics
 
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        raise FastRFTError(f"{path}: not found; pass a run directory written by fastrft train")
-    try:
-        records = read_metrics(path)
-    except ValueError as e:
-        raise FastRFTError(str(e)) from None
-    print(before_after_table(records))
-    print(f"\nplot: {plot_curves(records, run_dir / 'curves.png', title=run_dir.name)}")
+    runs = []
+    for run_dir in run_dirs:
+        path = run_dir / "metrics.jsonl"
+        if not path.exists():
+            raise FastRFTError(f"{path}: not found; pass a run directory written by fastrft train")
+        try:
+            runs.append((str(run_dir), read_metrics(path)))
+        except ValueError as e:
+            raise FastRFTError(str(e)) from None
+    if len(runs) == 1:
+        print(before_after_table(runs[0][1]))
+        print(f"\nplot: {plot_curves(runs[0][1], run_dirs[0] / 'curves.png', title=run_dirs[0].name)}")
+        return 0
+    for name, records in runs:
+        print(f"## {name}\n\n{before_after_table(records)}\n")
+    print(f"plot: {plot_overlay(runs, out or 'overlay.png')}")
     return 0
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 import types
 import typing
@@ -19,6 +20,28 @@ from typing import Any
 from fastrft.algo import ADVANTAGES, AGGREGATIONS, KL_ESTIMATORS, PGLossSpec
 from fastrft.errors import ConfigError
 from fastrft.models.embedded import DEFAULT_MODEL
+
+
+LR_SCHEDULES = ("constant", "linear", "cosine")
+
+
+def parse_difficulty(text: str) -> tuple[float, float]:
+    """'lo:hi' -> (lo, hi); 'hard' -> (0, 0): the pass-rate band --difficulty asks for.
+
+    >>> parse_difficulty("0.2:0.4"), parse_difficulty("hard")
+    ((0.2, 0.4), (0.0, 0.0))
+    """
+    if text == "hard":
+        return 0.0, 0.0
+    parts = text.split(":")
+    try:
+        lo, hi = (float(p) for p in parts) if len(parts) == 2 else (None, None)
+    except ValueError:
+        lo = hi = None
+    if lo is None or not 0 <= lo <= hi <= 1:
+        raise ConfigError(f"difficulty (--difficulty) must be 'hard' or a band 'lo:hi' with 0 <= lo <= hi <= 1, "
+                          f"e.g. 0.2:0.4; got {text!r}")
+    return lo, hi
 
 
 def opt(default: Any, help: str, **extra: Any):
@@ -59,6 +82,20 @@ class DataConfig:
     test_file: str | None = opt(None, "test split file; default: the builtin copy")
     level: str = opt("add1", "arithmetic difficulty: add1 | add2 | mul | addsub")
     example_index: tuple[int, ...] = opt((0,), "training example index(es) into the train split, e.g. 65 or 3,17")
+    examples_per_round: int = opt(0, "0 = train on the fixed example(s) every round (--example-index or "
+                                     "--difficulty); B > 0 = draw B examples per round from the training pool, "
+                                     "a fresh shuffle per pass (B = pool size: full-dataset GRPO)")
+    train_pool: int | None = opt(None, "size of the training pool: a seeded subset of the train split that "
+                                       "batches and difficulty candidates are drawn from (none = whole split)")
+    difficulty: str | None = opt(None, "pick the training example by the base model's pass rate: a band "
+                                       "'lo:hi' (e.g. 0.2:0.4, inclusive) or 'hard' (0 of k); overrides "
+                                       "--example-index; with --examples-per-round it filters the pool")
+    difficulty_samples: int = opt(8, "samples per candidate (T = 1.0) when estimating pass rates (k)")
+    difficulty_candidates: int = opt(32, "candidates whose pass rate is estimated, taken from the pool in "
+                                         "seeded order")
+    difficulty_count: int = opt(1, "how many examples --difficulty picks for fixed-example training")
+    difficulty_cache: str | None = opt(None, "file of cached pass-rate estimates (default: "
+                                             "<run dir>/difficulty.json); shared between runs of one study")
     max_prompt_tokens: int = opt(512, "longest accepted prompt, in tokens")
     data_seed: int = opt(0, "seed of synthetic problems and test subsets; kept apart from --seed so that "
                             "seeds of a multi-seed study see the same data")
@@ -73,6 +110,13 @@ class DataConfig:
         _require(all(i >= 0 for i in self.example_index), "example_index", "entries must be >= 0")
         _require(len(set(self.example_index)) == len(self.example_index), "example_index", "has duplicates")
         _require(self.max_prompt_tokens >= 1, "max_prompt_tokens", "must be >= 1")
+        _require(self.examples_per_round >= 0, "examples_per_round", "must be >= 0 (0 = fixed examples)")
+        _require(self.train_pool is None or self.train_pool >= 1, "train_pool", "must be >= 1 or none")
+        if self.difficulty is not None:
+            parse_difficulty(self.difficulty)
+        _require(self.difficulty_samples >= 1, "difficulty_samples", "must be >= 1")
+        _require(self.difficulty_candidates >= 1, "difficulty_candidates", "must be >= 1")
+        _require(self.difficulty_count >= 1, "difficulty_count", "must be >= 1")
         if self.dataset == "arithmetic":
             for name in ("train_file", "test_file"):
                 _require(getattr(self, name) is None, name,
@@ -121,7 +165,13 @@ class AlgoConfig:
     kl_estimator: str = opt("k3", "KL estimator: " + " | ".join(KL_ESTIMATORS))
     entropy_coef: float = opt(0.0, "entropy bonus coefficient")
     aggregation: str = opt("token-mean", "loss aggregation: " + " | ".join(AGGREGATIONS))
-    adv_eps: float = opt(1e-6, "epsilon added to the group std by grpo")
+    adv_eps: float = opt(1e-6, "epsilon added to the baseline std (grpo, window, extra_samples)")
+    window: int = opt(8, "window advantage: how many of the example's latest rewards (this round's included) "
+                         "form the mean/std baseline (W)")
+    extra_samples: int = opt(4, "extra_samples advantage: samples per example drawn only to estimate the "
+                                "baseline mean/std, never trained on (M)")
+    ppo_epochs: int = opt(1, "passes over each round's rollouts")
+    mini_batches: int = opt(1, "optimizer steps per pass: the round's sequences split into this many parts")
     skip_zero_signal: bool = opt(True, "skip the backward pass of rounds that carry no gradient signal")
 
     def __post_init__(self):
@@ -139,6 +189,11 @@ class AlgoConfig:
                  f"must be one of {', '.join(AGGREGATIONS)}, got {self.aggregation!r}")
         _require(self.adv_eps > 0, "adv_eps", f"must be > 0, got {self.adv_eps}")
         _require(self.reward_fail != self.reward_success, "reward_success", "must differ from --reward-fail")
+        _require(self.window >= 1, "window", f"must be >= 1, got {self.window}")
+        _require(self.extra_samples >= 2, "extra_samples", f"must be >= 2 (a std needs two samples), got "
+                 f"{self.extra_samples}")
+        _require(self.ppo_epochs >= 1, "ppo_epochs", f"must be >= 1, got {self.ppo_epochs}")
+        _require(self.mini_batches >= 1, "mini_batches", f"must be >= 1, got {self.mini_batches}")
 
     def loss_spec(self, max_len: int) -> PGLossSpec:
         return PGLossSpec(clip_low=self.clip_low, clip_high=self.clip_high, dual_clip=self.dual_clip,
@@ -153,7 +208,9 @@ class OptimConfig:
     beta1: float = opt(0.9, "AdamW beta1")
     beta2: float = opt(0.999, "AdamW beta2")
     grad_clip: float = opt(1.0, "max global gradient norm (0 = off)")
-    warmup_rounds: int = opt(0, "linear learning-rate warm-up, in update rounds")
+    warmup_rounds: int = opt(0, "linear learning-rate warm-up, in optimizer steps")
+    schedule: str = opt("constant", "learning-rate schedule after warm-up: constant | linear | cosine")
+    min_lr_ratio: float = opt(0.0, "final lr / lr of the linear and cosine schedules")
 
     def __post_init__(self):
         _require(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
@@ -162,6 +219,28 @@ class OptimConfig:
         _require(0 <= self.beta2 < 1, "beta2", f"must be in [0, 1), got {self.beta2}")
         _require(self.grad_clip >= 0, "grad_clip", "must be >= 0 (0 = off)")
         _require(self.warmup_rounds >= 0, "warmup_rounds", "must be >= 0")
+        _require(self.schedule in LR_SCHEDULES, "schedule", f"must be one of {', '.join(LR_SCHEDULES)}, "
+                 f"got {self.schedule!r}")
+        _require(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
+
+    def lr_at(self, step: int, total_steps: int) -> float:
+        """Learning rate of optimizer step ``step`` (0-based) out of ``total_steps``.
+
+        >>> o = OptimConfig(lr=1.0, warmup_rounds=2, schedule="linear")
+        >>> [round(o.lr_at(s, 6), 3) for s in range(6)]
+        [0.5, 1.0, 1.0, 0.75, 0.5, 0.25]
+        """
+        if step < self.warmup_rounds:
+            return self.lr * (step + 1) / self.warmup_rounds
+        span = max(1, total_steps - self.warmup_rounds)
+        frac = min(1.0, (step - self.warmup_rounds) / span)
+        if self.schedule == "constant":
+            scale = 1.0
+        elif self.schedule == "linear":
+            scale = 1.0 - frac
+        else:
+            scale = 0.5 * (1.0 + math.cos(math.pi * frac))
+        return self.lr * (self.min_lr_ratio + (1.0 - self.min_lr_ratio) * scale)
 
 
 @dataclass(frozen=True)
@@ -173,9 +252,12 @@ class EvalConfig:
     greedy: bool = opt(True, "also report greedy accuracy on the test set")
     eval_max_new_tokens: int | None = opt(None, "response budget in evaluation (none = --max-new-tokens)")
     extra_rewards: tuple[str, ...] = opt((), "more reward functions to report beside the training one, e.g. gsm8k")
+    train_eval_size: int = opt(16, "with --examples-per-round: pool examples (a seeded subset) that train "
+                                   "Pass@1 is measured on")
 
     def __post_init__(self):
         _require(self.eval_every >= 0, "eval_every", "must be >= 0")
+        _require(self.train_eval_size >= 1, "train_eval_size", "must be >= 1")
         _require(self.train_samples >= 1, "train_samples", "must be >= 1")
         _require(self.test_size is None or self.test_size >= 1, "test_size", "must be >= 1 or none")
         _require(self.eval_temperature > 0, "eval_temperature", "must be > 0 (greedy is reported separately)")
@@ -196,9 +278,15 @@ class RunConfig:
     name: str = opt("train", "run name, used in the default run directory")
     progress: bool = opt(True, "show a progress bar")
     log_samples: int = opt(1, "responses per round written to rollouts.jsonl with their rewards (0 = none)")
+    save_every: int = opt(50, "write a checkpoint every N rounds, and at the end (0 = only at the end)")
+    keep_checkpoints: int = opt(2, "how many of the latest checkpoints are kept")
+    tensorboard: bool = opt(False, "also write TensorBoard event files under <run dir>/tb (needs the "
+                                   "tensorboard package)")
 
     def __post_init__(self):
         _require(self.rounds >= 0, "rounds", f"must be >= 0, got {self.rounds}")
+        _require(self.save_every >= 0, "save_every", f"must be >= 0, got {self.save_every}")
+        _require(self.keep_checkpoints >= 1, "keep_checkpoints", f"must be >= 1, got {self.keep_checkpoints}")
         _require(self.log_samples >= 0, "log_samples", f"must be >= 0, got {self.log_samples}")
 
 
@@ -223,6 +311,16 @@ class TrainConfig:
                 "and nothing is learned. Use --group-size 2 or more, or --advantage none."
             )
 
+        if self.algo.advantage == "window" and self.algo.window < self.rollout.group_size:
+            raise ConfigError(f"window (--window) {self.algo.window} is smaller than group_size (--group-size) "
+                              f"{self.rollout.group_size}: the window must hold at least one round's rewards")
+        if self.algo.advantage == "extra_samples" and self.algo.extra_samples > self.rollout.max_batch_size:
+            raise ConfigError(f"extra_samples (--extra-samples) {self.algo.extra_samples} exceeds max_batch_size "
+                              f"(--max-batch-size) {self.rollout.max_batch_size}")
+        if self.data.examples_per_round and self.data.train_pool is not None \
+                and self.data.examples_per_round > self.data.train_pool:
+            raise ConfigError(f"examples_per_round (--examples-per-round) {self.data.examples_per_round} exceeds "
+                              f"train_pool (--train-pool) {self.data.train_pool}")
         if self.eval.train_samples > self.rollout.max_batch_size:
             raise ConfigError(f"train_samples (--train-samples) {self.eval.train_samples} exceeds max_batch_size "
                               f"(--max-batch-size) {self.rollout.max_batch_size}: the samples of one prompt are "

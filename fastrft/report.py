@@ -108,3 +108,127 @@ def _fmt(key: str, x: Any) -> str:
     if isinstance(x, float):
         return f"{x:.1f}" if key.endswith("_len") else f"{x:.3f}"
     return str(x)
+
+
+# ------------------------------------------------------------------------------------------ ladder
+def _curve(records: list[dict[str, Any]], key: str) -> list[tuple[int, float]]:
+    return [(r["round"], float(r[key])) for r in eval_records(records) if r.get(key) is not None]
+
+
+def _mean_std(xs: list[float]) -> tuple[float, float]:
+    m = sum(xs) / len(xs)
+    sd = (sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5 if len(xs) > 1 else 0.0
+    return m, sd
+
+
+def _pm(xs: list[float]) -> str:
+    if not xs:
+        return "–"
+    m, sd = _mean_std(xs)
+    return f"{m:.2f} ± {sd:.2f}"
+
+
+def _mean_curve(curves: list[list[tuple[int, float]]]) -> list[tuple[int, float]]:
+    """Pointwise mean over the rounds every curve has."""
+    common = set.intersection(*(set(dict(c)) for c in curves)) if curves else set()
+    return [(r, sum(dict(c)[r] for c in curves) / len(curves)) for r in sorted(common)]
+
+
+def ladder_row(layer: dict[str, Any]) -> dict[str, str]:
+    runs = layer["runs"]
+    train = [_curve(r["records"], "train_pass1") for r in runs]
+    test = [_curve(r["records"], "test_pass1") for r in runs]
+    row = {"preset": layer["name"], "choice": layer["choice"], "seeds": str(len(runs))}
+    row["train before"] = _pm([c[0][1] for c in train if c])
+    row["train after"] = _pm([c[-1][1] for c in train if c])
+    row["test before"] = _pm([c[0][1] for c in test if c])
+    row["test after"] = _pm([c[-1][1] for c in test if c])
+    mean_test = _mean_curve([c for c in test if c])
+    if mean_test:
+        best_round, best = max(mean_test, key=lambda p: (p[1], -p[0]))
+        row["best test (round)"] = f"{best:.2f} ({best_round})"
+    else:
+        row["best test (round)"] = "–"
+    reached = [next((rd for rd, v in c if v >= 0.9), None) for c in train if c]
+    hits = [x for x in reached if x is not None]
+    row["to 0.9"] = (f"{sum(hits) / len(hits):.0f} ({len(hits)}/{len(reached)})" if hits
+                     else f"never (0/{len(reached)})" if reached else "–")
+    walls = [float(r["summary"].get("wall_s", 0.0)) for r in runs]
+    row["wall / run"] = f"{sum(walls) / len(walls) / 60:.1f} min" if walls else "–"
+    return row
+
+
+LADDER_COLUMNS = ("preset", "choice", "seeds", "train before", "train after", "test before", "test after",
+                  "best test (round)", "to 0.9", "wall / run")
+
+
+def ladder_table(layers: list[dict[str, Any]]) -> str:
+    """The comparison table: one row per preset, Pass@1 as mean ± std over its finished seeds."""
+    rows = [ladder_row(layer) for layer in layers]
+    out = ["| " + " | ".join(LADDER_COLUMNS) + " |", "|---|---|" + "---:|" * (len(LADDER_COLUMNS) - 2)]
+    out += ["| " + " | ".join(r[c] for c in LADDER_COLUMNS) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def plot_ladder(layers: list[dict[str, Any]], png: str | Path) -> Path:
+    """One panel per preset: train (blue) and test (orange) Pass@1 against the round, each seed a thin
+    line, the seed mean bold."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = max(1, len(layers))
+    cols = min(3, n)
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(4.4 * cols, 3.3 * rows), dpi=110, squeeze=False, sharey=True)
+    for ax in axes.flat[n:]:
+        ax.set_visible(False)
+    for ax, layer in zip(axes.flat, layers):
+        for key, color, label in (("train_pass1", "tab:blue", "train Pass@1"), ("test_pass1", "tab:orange",
+                                                                                 "test Pass@1")):
+            curves = [c for c in (_curve(r["records"], key) for r in layer["runs"]) if c]
+            for c in curves:
+                ax.plot(*zip(*c), color=color, lw=0.8, alpha=0.45)
+            mean = _mean_curve(curves)
+            if mean:
+                ax.plot(*zip(*mean), color=color, lw=2.4, marker="o", ms=3, label=label)
+        ax.set_title(f"{layer['name']} ({len(layer['runs'])} seeds)", fontsize=10)
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+        ax.set_xlabel("round")
+    axes.flat[0].set_ylabel("Pass@1")
+    axes.flat[0].legend(loc="lower right", fontsize=8)
+    fig.suptitle("train (blue) and test (orange) Pass@1; thin = seeds, bold = mean", fontsize=10)
+    fig.tight_layout()
+    png = Path(png)
+    fig.savefig(png)
+    plt.close(fig)
+    return png
+
+
+def plot_overlay(runs: list[tuple[str, list[dict[str, Any]]]], png: str | Path) -> Path:
+    """Several runs on shared axes: train Pass@1 (left) and test Pass@1 (right), one colour per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.0), dpi=110, sharey=True)
+    for i, (name, records) in enumerate(runs):
+        color = f"C{i % 10}"
+        for ax, key in zip(axes, ("train_pass1", "test_pass1")):
+            c = _curve(records, key)
+            if c:
+                ax.plot(*zip(*c), color=color, marker="o", ms=3, label=name)
+    for ax, title in zip(axes, ("train Pass@1", "test Pass@1 (T=1)")):
+        ax.set_title(title)
+        ax.set_xlabel("round")
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+    axes[1].legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    png = Path(png)
+    fig.savefig(png)
+    plt.close(fig)
+    return png

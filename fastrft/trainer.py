@@ -12,18 +12,22 @@ A round (DESIGN.md §3):
   5. backward, clip the gradient norm, AdamW step; log the round to metrics.jsonl.
 Every ``eval_every`` rounds (and at the start and the end) train/test Pass@1 is measured.
 
-Simplifications, stated: one optimizer step per round on fresh on-policy samples (so old_logp is the
-current policy's own detached log-prob and the ratio is exactly 1, i.e. REINFORCE with clipping inert);
-a round whose advantages are all zero with KL and entropy off carries no gradient and skips the
-backward pass (counted and logged). All formulas live in fastrft.algo; this file only orchestrates.
+With the default one optimizer step per round on fresh samples, old_logp is the current policy's own
+detached log-prob and the ratio is exactly 1 (REINFORCE, clipping inert). With --ppo-epochs or
+--mini-batches above 1, old_logp is the policy's log-prob before the round's first step, so the clip acts.
+A round whose advantages are all zero with KL and entropy off carries no gradient and skips the backward
+pass (counted and logged). Checkpoints (fastrft.checkpoint) make a killed run resume bit-identically on
+CPU. All formulas live in fastrft.algo; this file only orchestrates.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import random
 import sys
 import time
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -31,10 +35,12 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from fastrft import checkpoint as ckpt
 from fastrft import rewards
-from fastrft.algo import group_advantages, map_reward, pack
+from fastrft.algo import ADVANTAGES, group_advantages, map_reward, pack
 from fastrft.config import TrainConfig
 from fastrft.data import dedupe_against, encode_prompt, load_dataset
+from fastrft.data import selection
 from fastrft.engine import Engine, EngineConfig, request_seed
 from fastrft.errors import ConfigError
 from fastrft.evaluate import EvalSet, evaluate
@@ -43,10 +49,30 @@ from fastrft.models import load_model, load_tokenizer
 from fastrft.report import MetricsLog, before_after_table, plot_curves, read_metrics
 
 
+#: Config fields that change nothing a run computes; a resume may differ in them freely.
+RESUME_IGNORED = {("run", "progress"), ("run", "tensorboard"), ("run", "keep_checkpoints")}
+
+
+@dataclass
+class RunState:
+    """What the loop carries from round to round: saved in every checkpoint, restored on resume."""
+
+    round: int = 0  # the last completed round
+    updates: int = 0  # optimizer steps taken
+    skipped: int = 0  # rounds without gradient signal
+    history: dict[str, list[float]] = field(default_factory=dict)  # window baseline: example id -> rewards
+    wall: float = 0.0  # seconds spent in run() up to the last checkpoint, over all sessions of the run
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"round": self.round, "updates": self.updates, "skipped": self.skipped, "history": self.history,
+                "wall": self.wall}
+
+
 class Trainer:
-    def __init__(self, config: TrainConfig):
+    def __init__(self, config: TrainConfig, *, force: bool = False):
         self.cfg = config
-        self.out_dir = self._check_out_dir()
+        self.out_dir = self._out_dir()
+        existing = self._check_existing(force)
         torch.manual_seed(config.run.seed)
         self.device = _resolve_device(config.model.device)
         self.tokenizer = load_tokenizer(config.model.model)
@@ -58,150 +84,387 @@ class Trainer:
         # The engine holds the policy object itself: rollouts always see the current weights.
         self.engine = Engine(self.policy, self.tokenizer, EngineConfig(
             block_size=ro.block_size, kv_cache_memory=ro.kv_cache_memory, max_num_seqs=ro.max_batch_size))
-        self.train_set, self.test_set = self._load_data()
         o = config.optim
         self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=o.lr, betas=(o.beta1, o.beta2),
                                            weight_decay=o.weight_decay)
-        self.updates = 0
-        self.skipped = 0
+        self.state = RunState()
         self._samples: MetricsLog | None = None
-        # Created last: a run that fails to start leaves no directory behind.
+        self._tb = None
+        self.complete = existing == "complete"
+        # The directory is created once the data and model have loaded: a run that fails to start leaves
+        # nothing behind. Difficulty estimation writes its cache into it, so it comes after.
+        self._prompt_cache: dict[int, list[int]] = {}
+        self._load_data()
+        self._select_examples()  # may estimate difficulty, whose cache is the only file written before here
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        (self.out_dir / "config.json").write_text(config.to_json())
+        if existing in (None, "forced"):
+            if existing == "forced":
+                (self.out_dir / "config.json").rename(self.out_dir / f"config.before-{datetime.now():%Y%m%d-%H%M%S}.json")
+            (self.out_dir / "config.json").write_text(config.to_json())
+        self.resumed_from: int | None = None
+        if existing in ("resume", "forced") and not self.complete:
+            self._restore()
+        self._t0, self._wall0 = time.monotonic(), self.state.wall
 
     # ---------------------------------------------------------------- set-up
-    def _check_out_dir(self) -> Path:
+    def _out_dir(self) -> Path:
         run = self.cfg.run
-        out = Path(run.out) if run.out else Path("runs") / f"{run.name}-{datetime.now():%Y%m%d-%H%M%S}"
-        if (out / "metrics.jsonl").exists():
-            raise ConfigError(f"out (--out) {out} already holds a run (metrics.jsonl); "
-                              "choose a new directory so nothing recorded there is overwritten")
-        return out
+        return Path(run.out) if run.out else Path("runs") / f"{run.name}-{datetime.now():%Y%m%d-%H%M%S}"
 
-    def _load_data(self) -> tuple[EvalSet, EvalSet]:
+    def _check_existing(self, force: bool) -> str | None:
+        """None: a new run. "resume": the directory holds this run, unfinished. "complete": finished.
+        "forced": it holds another config and --force was given. A differing config is refused with
+        its diff otherwise."""
+        cfg_file = self.out_dir / "config.json"
+        if not cfg_file.exists():
+            if (self.out_dir / "metrics.jsonl").exists():
+                raise ConfigError(f"out (--out) {self.out_dir} holds a metrics.jsonl but no config.json; choose a new "
+                                  "directory so nothing recorded there is overwritten")
+            return None
+        try:
+            stored = json.loads(cfg_file.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{cfg_file}: not valid JSON ({e}); choose a new --out") from None
+        diff = config_diff(stored, self.cfg.to_dict())
+        if diff:
+            if not force:
+                raise ConfigError(f"out (--out) {self.out_dir} holds a run with another config; refusing to resume "
+                                  f"into it. Differences (stored -> requested):\n{diff}\nUse a new --out, or pass "
+                                  "--force to resume it with the requested config (the old config.json is kept).")
+            return "forced"
+        summary = self.out_dir / "summary.json"
+        if summary.exists():
+            try:
+                if json.loads(summary.read_text()).get("complete"):
+                    return "complete"
+            except json.JSONDecodeError:
+                pass
+        return "resume"
+
+    def _encode(self, ex) -> list[int]:
         d = self.cfg.data
-        train = load_dataset(d.dataset, "train", path=d.train_file, level=d.level, seed=d.data_seed)
+        return encode_prompt(self.tokenizer, ex, d.dataset, max_prompt_tokens=d.max_prompt_tokens)
+
+    def _load_data(self) -> None:
+        d, e = self.cfg.data, self.cfg.eval
+        split = load_dataset(d.dataset, "train", path=d.train_file, level=d.level, seed=d.data_seed)
         test = load_dataset(d.dataset, "test", path=d.test_file, level=d.level, seed=d.data_seed)
-        bad = [i for i in d.example_index if i >= len(train)]
-        if bad:
-            raise ConfigError(f"example_index (--example-index) {bad[0]} is out of range: the {d.dataset} train "
-                              f"split has {len(train)} examples (valid 0..{len(train) - 1})")
-        examples = [train[i] for i in d.example_index]
-        test = dedupe_against(test, examples)  # a training problem never counts as a test problem
-        size = self.cfg.eval.test_size
-        if size is not None and size < len(test):
-            keep = sorted(random.Random(d.data_seed).sample(range(len(test)), size))
+        if d.difficulty is None and not d.examples_per_round:
+            bad = [i for i in d.example_index if i >= len(split)]
+            if bad:
+                raise ConfigError(f"example_index (--example-index) {bad[0]} is out of range: the {d.dataset} train "
+                                  f"split has {len(split)} examples (valid 0..{len(split) - 1})")
+            self.pool = [split[i] for i in d.example_index]
+        else:
+            self.pool = [split[i] for i in selection.pool_indices(len(split), d.train_pool, d.data_seed)]
+        if d.examples_per_round > len(self.pool):
+            raise ConfigError(f"examples_per_round (--examples-per-round) {d.examples_per_round} exceeds the training "
+                              f"pool ({len(self.pool)} examples)")
+        self._test_raw = test
+
+    def _select_examples(self) -> None:
+        """Fix the training examples (or the pool of the batch mode), then the evaluation sets."""
+        d, e = self.cfg.data, self.cfg.eval
+        if d.difficulty is not None:
+            cands = [self.pool[i] for i in selection.candidate_order(len(self.pool), d.difficulty_candidates,
+                                                                     d.data_seed)]
+            counts = self._pass_counts(cands)
+            chosen = selection.select_by_difficulty(cands, counts, d.difficulty_samples, d.difficulty,
+                                                    None if d.examples_per_round else d.difficulty_count)
+            self.pool = chosen
+            if d.examples_per_round > len(self.pool):
+                raise ConfigError(f"examples_per_round (--examples-per-round) {d.examples_per_round} exceeds the "
+                                  f"{len(self.pool)} examples in the difficulty band {d.difficulty}")
+        # A problem that may be trained on never counts as a test problem.
+        test = dedupe_against(self._test_raw, self.pool)
+        if not test and self._test_raw:
+            raise ConfigError("the training pool covers every test problem; lower --train-pool (or use a dataset "
+                              "with a separate test split)")
+        if e.test_size is not None and e.test_size < len(test):
+            keep = sorted(random.Random(d.data_seed).sample(range(len(test)), e.test_size))
             test = [test[i] for i in keep]
+        if d.examples_per_round:
+            n = min(e.train_eval_size, len(self.pool))
+            train_eval = [self.pool[i] for i in sorted(random.Random(f"fastrft-train-eval/{d.data_seed}")
+                                                       .sample(range(len(self.pool)), n))]
+        else:
+            train_eval = self.pool
+        self.train_set = EvalSet(train_eval, [self._encode(x) for x in train_eval])
+        self.test_set = EvalSet(test, [self._encode(x) for x in test])
 
-        def encode(exs):
-            return EvalSet(exs, [encode_prompt(self.tokenizer, e, d.dataset, max_prompt_tokens=d.max_prompt_tokens)
-                                 for e in exs])
+    def _pass_counts(self, cands) -> dict[str, int]:
+        """Correct-of-k counts of the base model on the candidates, from the cache or measured now."""
+        d, ro, a = self.cfg.data, self.cfg.rollout, self.cfg.algo
+        key = {"model": str(self.cfg.model.model), "dtype": self.cfg.model.dtype, "dataset": d.dataset,
+               "level": d.level, "k": d.difficulty_samples, "max_new_tokens": ro.max_new_tokens,
+               "max_prompt_tokens": d.max_prompt_tokens, "fail_truncated": a.fail_truncated, "temperature": 1.0,
+               "seed": d.data_seed}
+        cache = selection.DifficultyCache(d.difficulty_cache or self.out_dir / "difficulty.json", key)
+        missing = cache.missing(cands)
+        if missing:
+            print(f"fastrft: estimating the base model's pass rate on {len(missing)} candidate problems "
+                  f"({d.difficulty_samples} samples each, T = 1.0)", file=sys.stderr)
+            self.policy.eval()
 
-        return encode(examples), encode(test)
+            def sample(exs):
+                out = []
+                chunk = max(1, ro.max_batch_size // d.difficulty_samples)
+                bar = tqdm(total=len(exs), desc="difficulty", unit="problem", disable=not self.cfg.run.progress,
+                           file=sys.stderr, dynamic_ncols=True)
+                for i in range(0, len(exs), chunk):
+                    part = exs[i:i + chunk]
+                    groups = self.engine.generate([self._encode(x) for x in part], n=d.difficulty_samples,
+                                                  max_new_tokens=ro.max_new_tokens, temperature=1.0,
+                                                  seed=request_seed(d.data_seed, i, 3))
+                    out += [[self._correct(x, c) for c in g] for x, g in zip(part, groups)]
+                    bar.update(len(part))
+                bar.close()
+                return out
+
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            cache.update(selection.estimate_counts(missing, sample))
+        return cache.counts
+
+    def _correct(self, ex, completion) -> float:
+        if self.cfg.algo.fail_truncated and completion.finish_reason == "length":
+            return 0.0
+        return rewards.score(ex.reward, completion.text, ex.answer)
+
+    def _restore(self) -> None:
+        """Continue from the newest whole checkpoint; with none, start over (and cut the logs back)."""
+        ckpt.clean_partial(self.out_dir)
+        found = ckpt.load_latest(self.out_dir)
+        if found is None:
+            for name in ("metrics.jsonl", "rollouts.jsonl"):
+                ckpt.truncate(self.out_dir / name, 0)
+            return
+        round_, payload = found
+        ids = [x.id for x in self.train_set.examples]
+        if payload["train_examples"] != ids:
+            raise ConfigError(f"{self.out_dir}: the checkpoint of round {round_} trained on {payload['train_examples']}"
+                              f" but the requested config selects {ids}; use a new --out")
+        self.policy.load_state_dict(payload["model"])
+        self.optimizer.load_state_dict(payload["optimizer"])
+        s = payload["state"]
+        self.state = RunState(round=s["round"], updates=s["updates"], skipped=s["skipped"],
+                              history={k: list(v) for k, v in s["history"].items()}, wall=s.get("wall", 0.0))
+        ckpt.truncate(self.out_dir / "metrics.jsonl", payload["metrics_bytes"])
+        ckpt.truncate(self.out_dir / "rollouts.jsonl", payload["rollouts_bytes"])
+        ckpt.set_rng_state(payload["rng"])
+        self.resumed_from = round_
+
+    def save(self) -> Path:
+        """Checkpoint the end of round ``state.round``; the prefix cache is dropped so that an uninterrupted
+        run and one resumed from here compute the next round from the same engine state."""
+        self.engine.reset_prefix_cache()
+        self.state.wall = self._wall0 + time.monotonic() - self._t0
+
+        def size(name):
+            p = self.out_dir / name
+            return p.stat().st_size if p.exists() else 0
+
+        payload = {"model": self.policy.state_dict(), "optimizer": self.optimizer.state_dict(),
+                   "state": self.state.to_dict(), "train_examples": [x.id for x in self.train_set.examples],
+                   "metrics_bytes": size("metrics.jsonl"), "rollouts_bytes": size("rollouts.jsonl"),
+                   "config": self.cfg.to_dict()}
+        return ckpt.save_checkpoint(self.out_dir, self.state.round, payload, self.cfg.run.keep_checkpoints)
 
     # ---------------------------------------------------------------- the loop
+    @property
+    def updates(self) -> int:
+        return self.state.updates
+
+    @property
+    def skipped(self) -> int:
+        return self.state.skipped
+
     def run(self) -> dict[str, Any]:
-        """Train for ``run.rounds`` rounds; return the run's summary (also written to summary.json)."""
-        cfg, start = self.cfg, time.monotonic()
+        """Train until round ``run.rounds``; return the run's summary (also written to summary.json). A run
+        directory that already holds this run continues from its last checkpoint."""
+        cfg = self.cfg
+        if self.complete:
+            return json.loads((self.out_dir / "summary.json").read_text())
+        self._t0, self._wall0 = time.monotonic(), self.state.wall
         log = MetricsLog(self.out_dir / "metrics.jsonl")
         self._samples = MetricsLog(self.out_dir / "rollouts.jsonl") if cfg.run.log_samples else None
-        bar = tqdm(total=cfg.run.rounds, desc="fastrft", unit="round", disable=not cfg.run.progress,
-                   file=sys.stderr, dynamic_ncols=True)
+        self._tb = _tensorboard(self.out_dir) if cfg.run.tensorboard else None
+        first = self.state.round + 1
+        bar = tqdm(total=cfg.run.rounds, initial=self.state.round, desc=cfg.run.name, unit="round",
+                   disable=not cfg.run.progress, file=sys.stderr, dynamic_ncols=True)
+        if self.resumed_from is not None:
+            bar.write(f"[resume] {self.out_dir}: continuing after round {self.resumed_from}", file=sys.stderr)
         try:
-            self._evaluate(0, log, bar)
-            for r in range(1, cfg.run.rounds + 1):
+            if self.state.round == 0:
+                self._evaluate(0, log, bar)
+            for r in range(first, cfg.run.rounds + 1):
                 metrics = self.round(r)
+                self.state.round = r
                 log.write(metrics)
+                self._tb_write(metrics, r)
                 bar.update(1)
-                bar.set_postfix(reward=f"{metrics['reward_mean']:.2f}", skipped=self.skipped)
+                bar.set_postfix(reward=f"{metrics['reward_mean']:.2f}", skipped=self.state.skipped)
                 if r == cfg.run.rounds or (cfg.eval.eval_every and r % cfg.eval.eval_every == 0):
                     self._evaluate(r, log, bar)
+                if r == cfg.run.rounds or (cfg.run.save_every and r % cfg.run.save_every == 0):
+                    self.save()
         finally:
             bar.close()
             log.close()
             if self._samples:
                 self._samples.close()
-        return self._summarise(time.monotonic() - start)
+            if self._tb is not None:
+                self._tb.close()
+        return self._summarise(self._wall0 + time.monotonic() - self._t0)
 
     def round(self, r: int) -> dict[str, Any]:
         cfg, t0 = self.cfg, time.monotonic()
-        groups = self.rollout(r)
+        examples, prompts = self.examples_for_round(r)
+        groups = self.rollout(r, prompts)
+        extra = self._extra_rollouts(r, prompts)
         t1 = time.monotonic()
-        scores, rewards_, advantages = self.score(groups)
+        scores, rewards_, advantages = self.score(examples, groups, extra)
         t2 = time.monotonic()
         if self._samples:
-            self._log_samples(r, groups, rewards_)
-        has_signal = any(a != 0 for group in advantages for a in group)
+            self._log_samples(r, examples, groups, rewards_)
+        flat_adv = [a for g in advantages for a in g]
+        has_signal = any(a != 0 for a in flat_adv)
+        tokens = sum(len(c.token_ids) for g in groups for c in g)
+        extra_tokens = sum(len(c.token_ids) for g in extra or [] for c in g)
         metrics: dict[str, Any] = {
-            "kind": "round", "round": r, "reward_mean": _mean(rewards_), "correct_mean": _mean(scores),
-            "advantage_abs_mean": _mean([abs(a) for g in advantages for a in g]),
+            "kind": "round", "round": r, "examples": [x.id for x in examples],
+            "reward_mean": _mean(rewards_), "correct_mean": _mean(scores),
+            "advantage_mean": _mean(flat_adv), "advantage_std": _std(flat_adv),
+            "advantage_abs_mean": _mean([abs(a) for a in flat_adv]),
             "response_len_mean": _mean([len(c.token_ids) for g in groups for c in g]),
             "stop_frac": _mean([c.finish_reason == "stop" for g in groups for c in g]),
-            "rollout_tokens": sum(len(c.token_ids) for g in groups for c in g),
+            "rollout_tokens": tokens, "extra_rollout_tokens": extra_tokens,
         }
+        if self._baselines:  # window / extra_samples: the rewards the baseline was taken from
+            metrics.update(baseline_mean=_mean([_mean(b) for b in self._baselines]),
+                           baseline_std=_mean([_std(b) for b in self._baselines]))
         if not has_signal and cfg.algo.skip_zero_signal and not self.spec.needs_ref and not self.spec.needs_entropy:
-            self.skipped += 1
-            metrics.update(skipped=1, skipped_total=self.skipped)
+            self.state.skipped += 1
+            metrics.update(skipped=1, skipped_total=self.state.skipped, time_fwd_bwd=0.0, time_optim=0.0)
         else:
-            metrics.update(self.update(r, groups, advantages), skipped=0, skipped_total=self.skipped)
+            metrics.update(self.update(r, prompts, groups, advantages), skipped=0, skipped_total=self.state.skipped)
         t3 = time.monotonic()
         metrics.update(time_rollout=t1 - t0, time_reward=t2 - t1, time_update=t3 - t2,
-                       rollout_tokens_per_s=metrics["rollout_tokens"] / max(t1 - t0, 1e-9))
+                       rollout_tokens_per_s=(tokens + extra_tokens) / max(t1 - t0, 1e-9))
+        if "train_tokens" in metrics:
+            metrics["train_tokens_per_s"] = metrics["train_tokens"] / max(t3 - t2, 1e-9)
         return metrics
 
     # ---------------------------------------------------------------- stages
-    def rollout(self, r: int):
+    def examples_for_round(self, r: int):
+        """(examples, encoded prompts) that round ``r`` trains on."""
+        d = self.cfg.data
+        if not d.examples_per_round:
+            return self.train_set.examples, self.train_set.prompt_ids
+        idx = selection.batch_for_round(len(self.pool), d.examples_per_round, r, self.cfg.run.seed)
+        for i in idx:
+            if i not in self._prompt_cache:
+                self._prompt_cache[i] = self._encode(self.pool[i])
+        return [self.pool[i] for i in idx], [self._prompt_cache[i] for i in idx]
+
+    def rollout(self, r: int, prompts):
         ro = self.cfg.rollout
         self.policy.eval()
-        return self.engine.generate(self.train_set.prompt_ids, n=ro.group_size, max_new_tokens=ro.max_new_tokens,
+        return self.engine.generate(prompts, n=ro.group_size, max_new_tokens=ro.max_new_tokens,
                                     temperature=ro.temperature, top_p=ro.top_p, top_k=ro.top_k,
                                     seed=request_seed(self.cfg.run.seed, r, 0))
 
-    def score(self, groups):
+    def _extra_rollouts(self, r: int, prompts):
+        """The extra_samples baseline's M samples per example: scored, never trained on."""
+        if ADVANTAGES[self.cfg.algo.advantage].baseline != "extra":
+            return None
+        ro = self.cfg.rollout
+        return self.engine.generate(prompts, n=self.cfg.algo.extra_samples, max_new_tokens=ro.max_new_tokens,
+                                    temperature=ro.temperature, top_p=ro.top_p, top_k=ro.top_k,
+                                    seed=request_seed(self.cfg.run.seed, r, 2))
+
+    def score(self, examples, groups, extra=None):
         a = self.cfg.algo
-        scores = [[0.0 if a.fail_truncated and c.finish_reason == "length" else rewards.score(ex.reward, c.text,
-                                                                                              ex.answer)
-                   for c in g] for ex, g in zip(self.train_set.examples, groups)]
-        rewards_ = [[map_reward(s, (a.reward_fail, a.reward_success)) for s in g] for g in scores]
-        advantages = [group_advantages(a.advantage, torch.tensor(g), a.adv_eps).tolist() for g in rewards_]
+        pair = (a.reward_fail, a.reward_success)
+        scores = [[self._correct(ex, c) for c in g] for ex, g in zip(examples, groups)]
+        rewards_ = [[map_reward(s, pair) for s in g] for g in scores]
+        kind = ADVANTAGES[a.advantage].baseline
+        advantages, self._baselines = [], []
+        for i, (ex, g) in enumerate(zip(examples, rewards_)):
+            baseline = None
+            if kind == "window":
+                hist = self.state.history.setdefault(ex.id, [])
+                hist.extend(g)
+                del hist[:-a.window]
+                baseline = torch.tensor(hist)
+            elif kind == "extra":
+                baseline = torch.tensor([map_reward(self._correct(ex, c), pair) for c in extra[i]])
+            if baseline is not None:
+                self._baselines.append(baseline.tolist())
+            advantages.append(group_advantages(a.advantage, torch.tensor(g), a.adv_eps, baseline).tolist())
         return [s for g in scores for s in g], [x for g in rewards_ for x in g], advantages
 
-    def update(self, r: int, groups, advantages) -> dict[str, Any]:
-        cfg, policy = self.cfg, self.policy
-        prompts = [self.train_set.prompt_ids[i] for i, g in enumerate(groups) for _ in g]
-        batch = pack(prompts, [c.token_ids for g in groups for c in g], [a for g in advantages for a in g],
-                     [c.logprobs for g in groups for c in g]).to(self.device)
-        lr = cfg.optim.lr * min(1.0, (self.updates + 1) / cfg.optim.warmup_rounds) if cfg.optim.warmup_rounds \
-            else cfg.optim.lr
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-
+    def update(self, r: int, prompts, groups, advantages) -> dict[str, Any]:
+        """The round's optimizer step(s): ppo_epochs passes, each split into mini_batches steps."""
+        cfg, policy, a = self.cfg, self.policy, self.cfg.algo
+        seq_prompts = [prompts[i] for i, g in enumerate(groups) for _ in g]
+        seqs = [c for g in groups for c in g]
+        seq_adv = [x for g in advantages for x in g]
+        multi = a.ppo_epochs * a.mini_batches > 1
+        old = self._old_logp(seq_prompts, seqs) if multi else None
+        total_steps = cfg.run.rounds * a.ppo_epochs * a.mini_batches
+        parts_stats, t_fb, t_opt, n_tokens, lr = [], 0.0, 0.0, 0, cfg.optim.lr
         policy.train()
-        ref_logp = None
-        if self.ref is not None:
-            with torch.no_grad():
-                ref_logp, _ = linear_logprob(*self._response_hidden(self.ref, batch), batch.targets,
-                                             temperature=cfg.rollout.temperature, backend=cfg.model.kernels)
-        hidden, weight = self._response_hidden(policy, batch)
-        # The model gives hidden states; the fused op computes log-probs, entropy and the loss without
-        # ever forming [N, V] logits.
-        loss, stats = fused_linear_pg_loss(hidden, weight, batch.targets, batch.advantages, batch.seq_ids,
-                                           ref_logp=ref_logp, spec=self.spec, temperature=cfg.rollout.temperature,
-                                           rollout_logp=batch.rollout_logp, backend=cfg.model.kernels)
-        # On CPU, freeing the gradients makes every backward fault in fresh pages for all of them (about
-        # a third of a SmolLM2 step, measured); CUDA's caching allocator makes freeing cheap there.
-        self.optimizer.zero_grad(set_to_none=self.device.type == "cuda")
-        loss.backward()
-        clip = cfg.optim.grad_clip
-        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), clip if clip > 0 else float("inf"))
-        self.optimizer.step()
-        self.engine.reset_prefix_cache()  # cached prompt KV belongs to the old weights
-        self.updates += 1
-        return {"loss": float(loss.detach()), "grad_norm": float(grad_norm), "lr": lr, "train_tokens": batch.num_tokens,
-                **stats}
+        for epoch in range(a.ppo_epochs):
+            order = list(range(len(seqs)))
+            if a.mini_batches > 1:
+                random.Random(f"fastrft-minibatch/{cfg.run.seed}/{r}/{epoch}").shuffle(order)
+            for part in _split(order, a.mini_batches):
+                t0 = time.monotonic()
+                batch = pack([seq_prompts[i] for i in part], [seqs[i].token_ids for i in part],
+                             [seq_adv[i] for i in part], [seqs[i].logprobs for i in part]).to(self.device)
+                old_logp = None if old is None else torch.cat([old[i] for i in part]).to(self.device)
+                lr = cfg.optim.lr_at(self.state.updates, total_steps)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
+                ref_logp = None
+                if self.ref is not None:
+                    with torch.no_grad():
+                        ref_logp, _ = linear_logprob(*self._response_hidden(self.ref, batch), batch.targets,
+                                                     temperature=cfg.rollout.temperature, backend=cfg.model.kernels)
+                hidden, weight = self._response_hidden(policy, batch)
+                # The model gives hidden states; the fused op computes log-probs, entropy and the loss
+                # without ever forming [N, V] logits.
+                loss, stats = fused_linear_pg_loss(hidden, weight, batch.targets, batch.advantages, batch.seq_ids,
+                                                   old_logp=old_logp, ref_logp=ref_logp, spec=self.spec,
+                                                   temperature=cfg.rollout.temperature,
+                                                   rollout_logp=batch.rollout_logp, backend=cfg.model.kernels)
+                # On CPU, freeing the gradients makes every backward fault in fresh pages for all of them
+                # (about a third of a SmolLM2 step, measured); CUDA's caching allocator makes freeing cheap.
+                self.optimizer.zero_grad(set_to_none=self.device.type == "cuda")
+                loss.backward()
+                t1 = time.monotonic()
+                clip = cfg.optim.grad_clip
+                grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), clip if clip > 0 else float("inf"))
+                self.optimizer.step()
+                self.engine.reset_prefix_cache()  # cached prompt KV belongs to the old weights
+                self.state.updates += 1
+                t_fb, t_opt = t_fb + t1 - t0, t_opt + time.monotonic() - t1
+                n_tokens += batch.num_tokens
+                parts_stats.append({"loss": float(loss.detach()), "grad_norm": float(grad_norm), **stats})
+        merged = _merge_stats(parts_stats)
+        return {**merged, "lr": lr, "train_tokens": n_tokens, "optimizer_steps": len(parts_stats),
+                "time_fwd_bwd": t_fb, "time_optim": t_opt}
 
-    def _log_samples(self, r: int, groups, rewards_) -> None:
-        flat = [(ex, c) for ex, g in zip(self.train_set.examples, groups) for c in g]
+    @torch.no_grad()
+    def _old_logp(self, prompts, seqs) -> list[torch.Tensor]:
+        """Per sequence, the current (pre-update) policy's log-probs of its response tokens."""
+        batch = pack(prompts, [c.token_ids for c in seqs], [0.0] * len(seqs), [c.logprobs for c in seqs]).to(self.device)
+        logp, _ = linear_logprob(*self._response_hidden(self.policy, batch), batch.targets,
+                                 temperature=self.cfg.rollout.temperature, backend=self.cfg.model.kernels)
+        return list(logp.float().cpu().split([len(c.token_ids) for c in seqs]))
+
+    def _log_samples(self, r: int, examples, groups, rewards_) -> None:
+        flat = [(ex, c) for ex, g in zip(examples, groups) for c in g]
         n = self.cfg.run.log_samples
         self._samples.write({"round": r, "samples": [
             {"example": ex.id, "text": c.text, "reward": rw, "tokens": len(c.token_ids), "finish": c.finish_reason}
@@ -222,9 +485,18 @@ class Trainer:
                           greedy=e.greedy, seed=request_seed(self.cfg.run.seed, r, 1), extra_rewards=e.extra_rewards)
         record = {"kind": "eval", "round": r, **result, "time_eval": time.monotonic() - t0}
         log.write(record)
+        self._tb_write(record, r, prefix="eval/")
         shown = ", ".join(f"{k} {result[k]:.3f}" for k in ("train_pass1", "test_pass1", "test_greedy") if k in result)
-        bar.write(f"[eval] round {r}: {shown} ({record['time_eval']:.0f} s)", file=sys.stderr)
+        bar.write(f"[eval] {self.cfg.run.name} round {r}: {shown} ({record['time_eval']:.0f} s)", file=sys.stderr)
         return result
+
+    def _tb_write(self, record: dict[str, Any], step: int, prefix: str = "train/") -> None:
+        if self._tb is None:
+            return
+        for k, v in record.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "round":
+                self._tb.add_scalar(prefix + k, v, step)
+        self._tb.flush()
 
     def _summarise(self, wall: float) -> dict[str, Any]:
         records = read_metrics(self.out_dir / "metrics.jsonl")
@@ -233,13 +505,55 @@ class Trainer:
             plot = str(plot_curves(records, self.out_dir / "curves.png", title=self.cfg.run.name))
         except Exception as e:  # noqa: BLE001 - a plotting failure must not lose the run's summary
             plot = f"(plot failed: {e})"
-        summary = {"out_dir": str(self.out_dir), "rounds": self.cfg.run.rounds, "updates": self.updates,
-                   "skipped_rounds": self.skipped, "wall_s": wall, "first_eval": evals[0] if evals else None,
-                   "last_eval": evals[-1] if evals else None, "plot": plot, "table": before_after_table(records)}
-        import json
-
+        summary = {"out_dir": str(self.out_dir), "rounds": self.cfg.run.rounds, "updates": self.state.updates,
+                   "skipped_rounds": self.state.skipped, "wall_s": wall, "complete": True,
+                   "train_examples": [x.id for x in self.train_set.examples],
+                   "first_eval": evals[0] if evals else None, "last_eval": evals[-1] if evals else None,
+                   "plot": plot, "table": before_after_table(records)}
         (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary
+
+
+def config_diff(stored: dict[str, Any], requested: dict[str, Any]) -> str:
+    """The fields that differ between two config dicts (RESUME_IGNORED left out), one per line."""
+    lines = []
+    for section in sorted(set(stored) | set(requested)):
+        a, b = stored.get(section, {}), requested.get(section, {})
+        for name in sorted(set(a) | set(b)):
+            if (section, name) in RESUME_IGNORED:
+                continue
+            va, vb = a.get(name, "<absent>"), b.get(name, "<absent>")
+            if isinstance(va, list):
+                va = tuple(va)
+            if isinstance(vb, list):
+                vb = tuple(vb)
+            if va != vb:
+                lines.append(f"  {section}.{name}: {va!r} -> {vb!r}")
+    return "\n".join(lines)
+
+
+def _split(order: list[int], parts: int) -> list[list[int]]:
+    """``order`` cut into ``parts`` contiguous nearly equal pieces (empty ones dropped)."""
+    n = len(order)
+    bounds = [n * i // parts for i in range(parts + 1)]
+    return [order[bounds[i]:bounds[i + 1]] for i in range(parts) if bounds[i + 1] > bounds[i]]
+
+
+def _merge_stats(parts: list[dict[str, float]]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for k in parts[0]:
+        vals = [p[k] for p in parts if k in p]
+        out[k] = min(vals) if k.endswith("_min") else max(vals) if k.endswith("_max") else sum(vals) / len(vals)
+    return out
+
+
+def _tensorboard(out_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ConfigError("tensorboard (--tensorboard) needs the tensorboard package: pip install tensorboard "
+                          "(or install fastrft with its [tensorboard] extra)") from None
+    return SummaryWriter(str(out_dir / "tb"))
 
 
 def _resolve_device(name: str) -> torch.device:
@@ -253,3 +567,11 @@ def _resolve_device(name: str) -> torch.device:
 def _mean(xs) -> float:
     xs = [float(x) for x in xs]
     return sum(xs) / len(xs) if xs else 0.0
+
+
+def _std(xs) -> float:
+    xs = [float(x) for x in xs]
+    if len(xs) < 2:
+        return 0.0
+    m = sum(xs) / len(xs)
+    return (sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5

@@ -36,14 +36,20 @@ def test_train_end_to_end(tiny_llama, tmp_path, capsys):
     assert "| round |" in capsys.readouterr().out
 
 
-def test_rerun_into_same_directory_is_refused(tiny_llama, tmp_path, capsys):
+def test_rerun_into_same_directory(tiny_llama, tmp_path, capsys):
+    """The same config finds the run complete and changes nothing; another config is refused with the
+    diff, and nothing on disk changes."""
     out = tmp_path / "run"
     assert main(_train_args(tiny_llama, out)) == 0
     before = (out / "metrics.jsonl").read_bytes()
     capsys.readouterr()
-    assert main(_train_args(tiny_llama, out)) == 2
+    assert main(_train_args(tiny_llama, out)) == 0
+    assert (out / "metrics.jsonl").read_bytes() == before
+    capsys.readouterr()
+    assert main(_train_args(tiny_llama, out, "--lr", "2e-3")) == 2
     err = capsys.readouterr().err
-    assert "already holds a run" in err and "Traceback" not in err
+    assert "another config" in err and "optim.lr: 0.001 -> 0.002" in err and "--force" in err
+    assert "Traceback" not in err
     assert (out / "metrics.jsonl").read_bytes() == before
 
 

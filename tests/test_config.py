@@ -307,7 +307,7 @@ def no_training(monkeypatch):
     """Replace the training entry point: record the config instead of loading a model."""
     seen: list[TrainConfig] = []
 
-    def fake_train(config):
+    def fake_train(config, force=False):
         seen.append(config)
         return 0
 

@@ -7,7 +7,7 @@ import importlib
 
 import pytest
 
-MODULES = ["fastrft.algo.advantage", "fastrft.evaluate"]
+MODULES = ["fastrft.algo.advantage", "fastrft.evaluate", "fastrft.config", "fastrft.data.selection"]
 
 
 @pytest.mark.parametrize("name", MODULES)

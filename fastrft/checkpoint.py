@@ -1,0 +1,202 @@
+"""Checkpoints that survive a kill -9 at any instant, exact resume, and HF-format export.
+
+A checkpoint is a directory ``<run>/checkpoints/round-NNNNNN/`` with
+
+- ``state.pt``: the model's and the optimizer's state dicts, the round, the trainer's counters and
+  histories, the selected examples, the byte lengths of ``metrics.jsonl`` and ``rollouts.jsonl`` at that
+  round, and every RNG state (torch CPU and CUDA, Python, numpy); per-request sampling seeds are derived
+  from (seed, round), so they need no state;
+- ``manifest.json``: the round and the SHA-256 of ``state.pt``.
+
+It is written into a temporary sibling directory, each file fsynced, then renamed into place (one atomic
+``rename``) and the parent fsynced, so a reader sees either the whole checkpoint or none of it. A
+checkpoint whose checksum does not match (a disk fault, a hand edit) is reported and skipped in favour
+of the previous one. The last ``keep`` checkpoints are kept.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fastrft.errors import FastRFTError
+
+CKPT_DIR = "checkpoints"
+_NAME = re.compile(r"round-(\d{6,})")
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    try:
+        import numpy as np
+
+        state["numpy"] = np.random.get_state()
+    except ImportError:  # pragma: no cover - numpy comes with torch's usual installs
+        pass
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if "numpy" in state:
+        import numpy as np
+
+        np.random.set_state(state["numpy"])
+
+
+def checkpoint_dirs(run_dir: Path) -> list[tuple[int, Path]]:
+    """(round, path) of the finished checkpoints of a run, oldest first."""
+    root = Path(run_dir) / CKPT_DIR
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _NAME.fullmatch(p.name)) and p.is_dir()]
+    return sorted(found)
+
+
+def save_checkpoint(run_dir: Path, round_: int, payload: dict[str, Any], keep: int) -> Path:
+    """Write ``payload`` (tensors and plain Python) as the checkpoint of ``round_``; prune to ``keep``."""
+    root = Path(run_dir) / CKPT_DIR
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"round-{round_:06d}"
+    tmp = root / f".tmp-round-{round_:06d}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    state = tmp / "state.pt"
+    with open(state, "wb") as f:
+        torch.save({**payload, "rng": rng_state()}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    manifest = {"round": round_, "files": {"state.pt": _sha256(state)}, "format": 1}
+    with open(tmp / "manifest.json", "w", encoding="utf-8") as f:
+        json.dump(manifest, f)
+        f.flush()
+        os.fsync(f.fileno())
+    _fsync_dir(tmp)
+    if final.exists():  # a rerun of the same round after a crash between rename and prune
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    _fsync_dir(root)
+    for _, old in checkpoint_dirs(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def verify(path: Path) -> str | None:
+    """None when the checkpoint at ``path`` is whole; otherwise what is wrong with it."""
+    try:
+        manifest = json.loads((path / "manifest.json").read_text(encoding="utf-8"))
+        files = manifest["files"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+        return f"manifest.json unreadable ({e.__class__.__name__}: {e})"
+    for name, digest in files.items():
+        f = path / name
+        if not f.exists():
+            return f"{name} is missing"
+        if _sha256(f) != digest:
+            return f"{name} fails its SHA-256 check"
+    return None
+
+
+def load_latest(run_dir: Path, warn=None) -> tuple[int, dict[str, Any]] | None:
+    """The newest whole checkpoint of a run as (round, payload), or None. Damaged ones are reported
+    through ``warn`` (default: stderr) and skipped; they are left on disk for inspection."""
+    warn = warn or (lambda msg: print(msg, file=sys.stderr))
+    for round_, path in reversed(checkpoint_dirs(run_dir)):
+        problem = verify(path)
+        if problem is not None:
+            warn(f"fastrft: checkpoint {path} is damaged ({problem}); falling back to the previous one")
+            continue
+        payload = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+        return round_, payload
+    return None
+
+
+def clean_partial(run_dir: Path) -> None:
+    """Remove temporary directories left by a checkpoint write that was killed."""
+    root = Path(run_dir) / CKPT_DIR
+    if root.is_dir():
+        for p in root.glob(".tmp-round-*"):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def truncate(path: Path, size: int) -> None:
+    """Cut an append-only log back to ``size`` bytes (the records after a checkpoint are redone)."""
+    if path.exists() and path.stat().st_size > size:
+        with open(path, "r+b") as f:
+            f.truncate(size)
+            f.flush()
+            os.fsync(f.fileno())
+    elif not path.exists() and size:
+        raise FastRFTError(f"{path} is missing but the checkpoint expects {size} bytes of it; the run directory "
+                           "was modified by hand")
+
+
+# ------------------------------------------------------------------------------------------ export
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
+
+
+def export_run(run_dir: str | os.PathLike[str], out: str | os.PathLike[str]) -> Path:
+    """Write the newest checkpoint of a run as an HF-format directory (config.json, model.safetensors,
+    the source model's tokenizer and generation files) that ``transformers`` loads as is."""
+    from safetensors.torch import save_file
+
+    from fastrft.models.loader import resolve_model_dir
+
+    run_dir, out = Path(run_dir), Path(out)
+    cfg_file = run_dir / "config.json"
+    if not cfg_file.exists():
+        raise FastRFTError(f"{run_dir}: no config.json; pass a run directory written by fastrft train")
+    found = load_latest(run_dir)
+    if found is None:
+        raise FastRFTError(f"{run_dir}: no whole checkpoint to export (checkpoints are written every --save-every "
+                           "rounds and at the end of a run)")
+    round_, payload = found
+    source = resolve_model_dir(json.loads(cfg_file.read_text())["model"]["model"])
+    hf_config = json.loads((source / "config.json").read_text())
+    state = payload["model"]
+    if hf_config.get("tie_word_embeddings", False):
+        state = {k: v for k, v in state.items() if k != "lm_head.weight"}
+    if out.exists() and any(out.iterdir()):
+        raise FastRFTError(f"--out {out} exists and is not empty; choose a new directory")
+    out.mkdir(parents=True, exist_ok=True)
+    for f in sorted(source.iterdir()):
+        if f.is_file() and not f.name.endswith(_WEIGHT_SUFFIXES) and f.name not in ("config.json",
+                                                                                      "model.safetensors.index.json"):
+            shutil.copy2(f, out / f.name)
+    dtype = next(iter(state.values())).dtype
+    hf_config["torch_dtype"] = str(dtype).removeprefix("torch.")
+    (out / "config.json").write_text(json.dumps(hf_config, indent=2))
+    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(out / "model.safetensors"),
+              metadata={"format": "pt", "fastrft_run": str(run_dir), "fastrft_round": str(round_)})
+    return out

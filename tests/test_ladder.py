@@ -1,0 +1,197 @@
+"""The ladder as a product: presets one choice from L0, the baselines and selections they need, the
+study runner with its table and figure, and the paper's two simplest findings on a tiny model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from fastrft import presets
+from fastrft.cli import main
+from fastrft.config import (AlgoConfig, DataConfig, EvalConfig, ModelConfig, OptimConfig, RolloutConfig, RunConfig,
+                            TrainConfig)
+from fastrft.errors import ConfigError
+from fastrft.report import read_metrics
+from fastrft.trainer import Trainer
+
+
+def _rounds(out):
+    return [r for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "round"]
+
+
+def _cfg(model, out, *, rounds=10, preset="L0-minimal", **sections):
+    values = presets.overlay(TrainConfig().to_dict(), presets.L0_FIELDS, presets.resolve(preset).overrides, {
+        "model": {"model": str(model)}, "rollout": {"max_new_tokens": 2}, "optim": {"lr": 3e-3},
+        "eval": {"eval_every": 0, "train_samples": 32, "test_size": 4, "greedy": False},
+        "run": {"rounds": rounds, "out": str(out), "progress": False}}, sections)
+    return TrainConfig.from_dict(values)
+
+
+# ----------------------------------------------------------------------------------------- presets
+def test_every_preset_is_one_choice_from_l0():
+    base = presets.overlay(TrainConfig().to_dict(), presets.L0_FIELDS)
+    # A choice may set its own parameter (the window's W) beside the switch itself.
+    companions = {("algo", "window"), ("algo", "extra_samples")}
+    for p in presets.PRESETS.values():
+        cfg = TrainConfig.from_dict(presets.overlay(base, p.overrides)).to_dict()
+        changed = {(s, k) for s in cfg for k in cfg[s] if cfg[s][k] != base[s][k]}
+        assert len(changed - companions) == (0 if p.name == "L0-minimal" else 1), (p.name, changed)
+    l0 = TrainConfig.from_dict(base)
+    assert (l0.rollout.group_size, l0.algo.advantage, l0.algo.kl_coef, l0.algo.kl_estimator, l0.optim.lr,
+            l0.rollout.max_new_tokens, l0.algo.clip_low, l0.data.example_index) == (1, "none", 0.001, "k3", 1e-6,
+                                                                                    1024, 0.2, (0,))
+
+
+def test_unknown_preset_lists_the_valid_ones(capsys):
+    with pytest.raises(ConfigError, match=r"unknown preset or layer 'L9'.*L0-minimal.*L5-batch"):
+        presets.resolve("L9")
+    assert main(["train", "--preset", "L9"]) == 2
+    assert "L3-negative-reward" in capsys.readouterr().err
+    assert main(["presets"]) == 0
+    listing = capsys.readouterr().out
+    assert all(name in listing for name in presets.PRESETS) and "cpu-mini" in listing
+
+
+def test_preset_flags_override_the_preset(no_training):
+    assert main(["train", "--preset", "L3", "--profile", "cpu-mini", "--reward-fail", "-0.5", "--rounds", "7"]) == 0
+    cfg = no_training[-1]
+    assert cfg.algo.reward_fail == -0.5 and cfg.run.rounds == 7  # the flags win
+    assert cfg.rollout.max_new_tokens == 96 and cfg.optim.lr == 2e-5  # the profile
+    assert cfg.algo.kl_coef == 0.001 and cfg.rollout.group_size == 1  # L0 underneath
+
+
+@pytest.fixture
+def no_training(monkeypatch):
+    from fastrft import cli
+
+    seen = []
+    monkeypatch.setattr(cli, "_train", lambda config, force=False: seen.append(config) or 0)
+    return seen
+
+
+def test_grpo_without_baseline_source_is_refused():
+    with pytest.raises(ConfigError, match=r"--advantage.*--group-size"):
+        TrainConfig(algo=AlgoConfig(advantage="grpo"))
+    TrainConfig(algo=AlgoConfig(advantage="window"))  # these baselines work with G = 1
+    TrainConfig(algo=AlgoConfig(advantage="extra_samples"))
+    with pytest.raises(ConfigError, match=r"--window"):
+        TrainConfig(rollout=RolloutConfig(group_size=8), algo=AlgoConfig(advantage="window", window=4))
+
+
+# ----------------------------------------------------------------------------------------- baselines
+def test_window_advantage_uses_the_examples_last_w_rewards(tiny_llama, tmp_path):
+    out = tmp_path / "run"
+    Trainer(_cfg(tiny_llama, out, rounds=16, algo={"advantage": "window", "window": 6, "kl_coef": 0.0},
+                 rollout={"group_size": 4, "max_new_tokens": 2}, run={"log_samples": 4})).run()
+    logged = [[x["reward"] for x in json.loads(line)["samples"]] for line in (out / "rollouts.jsonl").open()]
+    rows, seen = _rounds(out), []
+    assert 0 < sum(map(sum, logged)) < 4 * len(rows)  # both outcomes occur
+    for r, group in zip(rows, logged, strict=True):
+        seen += group
+        window = torch.tensor(seen[-6:])
+        want = (sum(group) / 4 - float(window.mean())) / (float(window.std()) + 1e-6)
+        assert r["advantage_mean"] == pytest.approx(want, rel=1e-5, abs=1e-6)
+        assert r["baseline_mean"] == pytest.approx(float(window.mean()))
+
+
+def test_extra_samples_are_scored_but_not_trained_on(tiny_llama, tmp_path):
+    out = tmp_path / "run"
+    Trainer(_cfg(tiny_llama, out, rounds=6, algo={"advantage": "extra_samples", "extra_samples": 5,
+                                                  "kl_coef": 0.0})).run()
+    for r in _rounds(out):
+        assert r["extra_rollout_tokens"] == 5 * 2  # M samples of max_new_tokens each (EOS is rare)
+        want = (r["reward_mean"] - r["baseline_mean"]) / (r["baseline_std"] + 1e-6)
+        assert r["advantage_mean"] == pytest.approx(want, rel=1e-5, abs=1e-6)
+        if not r["skipped"]:
+            assert r["train_tokens"] < 20  # one prompt + its one response, not the extra samples
+
+
+# ----------------------------------------------------------------------------------------- selection
+def test_batches_cover_the_pool_once_per_pass(tiny_llama, tmp_path):
+    out = tmp_path / "run"
+    t = Trainer(_cfg(tiny_llama, out, rounds=4, data={"examples_per_round": 3, "train_pool": 6},
+                     algo={"kl_coef": 0.0}, eval={"train_eval_size": 4}))
+    t.run()
+    rows = _rounds(out)
+    assert all(len(r["examples"]) == 3 for r in rows)
+    assert sorted(rows[0]["examples"] + rows[1]["examples"]) == sorted(e.id for e in t.pool)
+    assert sorted(rows[2]["examples"] + rows[3]["examples"]) == sorted(e.id for e in t.pool)
+    assert len(t.train_set.examples) == 4
+    assert not {e.question for e in t.pool} & {e.question for e in t.test_set.examples}
+
+
+def test_difficulty_selection_caches_and_reports_the_distribution(tiny_llama, tmp_path, monkeypatch):
+    cache = tmp_path / "difficulty.json"
+    data = {"difficulty": "hard", "difficulty_candidates": 6, "difficulty_samples": 4, "difficulty_cache": str(cache)}
+    t = Trainer(_cfg(tiny_llama, tmp_path / "a", rounds=0, data=data))
+    stored = json.loads(cache.read_text())["correct"]
+    assert len(stored) == 6 and stored[t.train_set.examples[0].id] == 0
+    # A second run reads the cache: sampling is never called.
+    from fastrft.engine import Engine
+
+    monkeypatch.setattr(Engine, "generate", lambda *a, **k: pytest.fail("re-estimated a cached pass rate"))
+    with pytest.raises(ConfigError, match=r"none of the 6 candidates.*Observed \(correct of 4.*0/4: \d"):
+        Trainer(_cfg(tiny_llama, tmp_path / "b", rounds=0, data={**data, "difficulty": "0.9:1"}))
+    assert not (tmp_path / "b").exists()
+
+
+# ----------------------------------------------------------------------------------------- findings
+def test_l0_learns_the_training_example(tiny_llama, tmp_path):
+    """The minimalist layer (G = 1, reward as the signal, KL 0.001) on 'What is 1 + 1?': its Pass@1 rises."""
+    out = tmp_path / "run"
+    summary = Trainer(_cfg(tiny_llama, out, rounds=120, eval={"eval_every": 120})).run()
+    before, after = summary["first_eval"]["train_pass1"], summary["last_eval"]["train_pass1"]
+    assert before <= 0.2 and after >= 0.6
+
+
+def test_l3_negative_reward_behaves_as_the_loss_predicts(tiny_llama, tmp_path):
+    """With {-1, +1}, G = 1, on-policy and token-mean, the loss is -R + beta * KL exactly; a failed
+    response's log-probability goes down after its update, where L0 would skip it (advantage 0)."""
+    out = tmp_path / "run"
+    Trainer(_cfg(tiny_llama, out, rounds=8, preset="L3")).run()
+    rows = _rounds(out)
+    assert all(r["skipped"] == 0 for r in rows)  # every round carries signal
+    assert rows[0]["kl_mean"] == 0.0  # the policy is the reference before the first step
+    for r in rows:
+        assert r["loss"] == pytest.approx(-r["reward_mean"] + 0.001 * r["kl_mean"], abs=1e-6)
+
+    t = Trainer(_cfg(tiny_llama, tmp_path / "step", rounds=1, preset="L3"))
+    examples, prompts = t.examples_for_round(1)
+    groups = t.rollout(1, prompts)
+    _, rewards_, advantages = t.score(examples, groups)
+    assert rewards_ == [-1.0]  # the random model fails
+    seq_prompts, seqs = [prompts[0]], [groups[0][0]]
+    before = float(t._old_logp(seq_prompts, seqs)[0].sum())
+    t.update(1, prompts, groups, advantages)
+    after = float(t._old_logp(seq_prompts, seqs)[0].sum())
+    assert after < before
+
+
+# ----------------------------------------------------------------------------------------- ladder
+def test_ladder_runs_writes_table_and_figure_and_resumes(tiny_llama, tmp_path, capsys):
+    out = tmp_path / "study"
+    args = ["ladder", "--layers", "L0,L3", "--seeds", "2", "--profile", "paper", "--model", str(tiny_llama),
+            "--rounds", "3", "--max-new-tokens", "2", "--eval-every", "1", "--test-size", "4", "--train-samples", "8",
+            "--lr", "3e-3", "--out", str(out), "--no-progress"]
+    assert main(args) == 0
+    table = (out / "ladder.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| L")]
+    assert [row.split("|")[1].strip() for row in rows] == ["L0-minimal", "L3-negative-reward"]
+    assert all(" ± " in row and "| 2 |" in row for row in rows)
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for p in ("L0-minimal/seed-0", "L0-minimal/seed-1", "L3-negative-reward/seed-1"):
+        assert json.loads((out / p / "summary.json").read_text())["complete"]
+        assert not (out / p / "checkpoints").exists()  # removed once the run finished
+    cfg = json.loads((out / "L3-negative-reward/seed-1/config.json").read_text())
+    assert cfg["algo"]["reward_fail"] == -1.0 and cfg["run"]["seed"] == 1
+    stamp = (out / "L0-minimal/seed-0/metrics.jsonl").stat().st_mtime_ns
+    capsys.readouterr()
+    assert main(args) == 0  # everything complete: nothing reruns
+    assert "4 runs (4 already complete)" in capsys.readouterr().err
+    assert (out / "L0-minimal/seed-0/metrics.jsonl").stat().st_mtime_ns == stamp
+    assert main([*args[:-1], "--lr", "1e-3", "--no-progress"]) == 2  # other settings: refused
+    assert main(["plot", str(out / "L0-minimal/seed-0"), str(out / "L3-negative-reward/seed-0"),
+                 "--out", str(tmp_path / "o.png")]) == 0
+    assert (tmp_path / "o.png").read_bytes()[:4] == b"\x89PNG"

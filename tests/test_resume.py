@@ -1,0 +1,141 @@
+"""Checkpoints: a run killed with SIGKILL and resumed (even with its newest checkpoint damaged) ends
+bit-identical to an uninterrupted one on CPU; the export loads in transformers with the same logits."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from fastrft.checkpoint import checkpoint_dirs, load_latest, save_checkpoint, verify
+from fastrft.cli import main
+from fastrft.report import read_metrics
+
+# Every field of metrics.jsonl except wall-clock timings, which no two runs share.
+def _deterministic(records):
+    return [{k: v for k, v in r.items() if not (k.startswith("time_") or k.endswith("_per_s"))} for r in records]
+
+
+def _cmd(model, out):
+    # Every piece of carried state is exercised: the window history, the KL reference, two PPO epochs of
+    # two mini-batches (old log-probs, several optimizer steps a round), warm-up + cosine lr, AdamW moments.
+    return [sys.executable, "-m", "fastrft", "train", "--model", str(model), "--out", str(out), "--rounds", "24",
+            "--save-every", "4", "--keep-checkpoints", "2", "--group-size", "4", "--advantage", "window",
+            "--window", "8", "--kl-coef", "0.01", "--ppo-epochs", "2", "--mini-batches", "2", "--lr", "3e-3",
+            "--warmup-rounds", "3", "--schedule", "cosine", "--max-new-tokens", "3", "--eval-every", "6",
+            "--test-size", "4", "--train-samples", "4", "--log-samples", "2", "--no-progress", "--seed", "3"]
+
+
+def _env():
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONHASHSEED="0")
+    return env
+
+
+def _final_model(out):
+    round_, payload = load_latest(out)
+    return round_, payload["model"]
+
+
+def test_kill_9_then_resume_is_bit_identical(tiny_llama, tmp_path):
+    ref, killed = tmp_path / "ref", tmp_path / "killed"
+    subprocess.run(_cmd(tiny_llama, ref), check=True, env=_env(), capture_output=True, timeout=600)
+
+    proc = subprocess.Popen(_cmd(tiny_llama, killed), env=_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        metrics = killed / "metrics.jsonl"
+        if metrics.exists() and sum(1 for line in metrics.read_text().splitlines() if '"kind": "round"' in line) >= 14:
+            break
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    rounds_done = [r["round"] for r in read_metrics(killed / "metrics.jsonl") if r["kind"] == "round"]
+    assert 14 <= max(rounds_done) < 24
+    saved = [r for r, _ in checkpoint_dirs(killed)]
+    assert saved and saved[-1] >= 12
+
+    # Damage the newest checkpoint: the resume must notice and fall back to the one before.
+    newest = checkpoint_dirs(killed)[-1][1]
+    with open(newest / "state.pt", "r+b") as f:
+        f.seek(200)
+        f.write(b"\x00garbage\x00")
+    assert "SHA-256" in verify(newest)
+
+    resumed = subprocess.run(_cmd(tiny_llama, killed), env=_env(), capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "damaged" in resumed.stderr and "continuing after round" in resumed.stderr
+
+    a, b = read_metrics(ref / "metrics.jsonl"), read_metrics(killed / "metrics.jsonl")
+    assert [r["round"] for r in b if r["kind"] == "round"] == list(range(1, 25))
+    assert _deterministic(a) == _deterministic(b)
+    assert (ref / "rollouts.jsonl").read_text() == (killed / "rollouts.jsonl").read_text()
+    (ra, wa), (rb, wb) = _final_model(ref), _final_model(killed)
+    assert ra == rb == 24 and wa.keys() == wb.keys()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    # The runs really trained: the weights moved away from the initial ones.
+    from fastrft.models import load_model
+
+    init = load_model(tiny_llama).state_dict()
+    assert any(not torch.equal(init[k], wa[k]) for k in wa)
+    assert len(checkpoint_dirs(killed)) <= 3  # kept: the newest 2 (+ the damaged one, left for inspection)
+
+
+def test_checkpoint_write_is_atomic_and_pruned(tmp_path):
+    for r in (1, 2, 3):
+        save_checkpoint(tmp_path, r, {"x": torch.full((3,), float(r))}, keep=2)
+    assert [r for r, _ in checkpoint_dirs(tmp_path)] == [2, 3]
+    # A write killed before its rename leaves only a temporary directory, which is not a checkpoint.
+    (tmp_path / "checkpoints" / ".tmp-round-000004-1").mkdir()
+    round_, payload = load_latest(tmp_path)
+    assert round_ == 3 and torch.equal(payload["x"], torch.full((3,), 3.0))
+    # A truncated state file (a partial copy, a full disk) fails the checksum; the previous one is used.
+    path = checkpoint_dirs(tmp_path)[-1][1] / "state.pt"
+    path.write_bytes(path.read_bytes()[:-10])
+    warnings = []
+    round_, payload = load_latest(tmp_path, warn=warnings.append)
+    assert round_ == 2 and torch.equal(payload["x"], torch.full((3,), 2.0))
+    assert "round-000003" in warnings[0] and "SHA-256" in warnings[0]
+
+
+@pytest.mark.parametrize("family", ["llama", "llama-tied-bias", "qwen3"])
+def test_export_loads_in_transformers_with_the_same_logits(tiny_models, tmp_path, family, capsys):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from fastrft.models import load_model
+
+    run, out = tmp_path / "run", tmp_path / "export"
+    assert main(["train", "--model", str(tiny_models[family]), "--out", str(run), "--rounds", "3", "--group-size", "4",
+                 "--advantage", "grpo", "--lr", "1e-2", "--max-new-tokens", "3", "--eval-every", "0", "--test-size", "2",
+                 "--train-samples", "2", "--no-progress"]) == 0
+    assert main(["export", str(run), "--out", str(out)]) == 0
+    _, trained = _final_model(run)
+    saved = load_file(str(out / "model.safetensors"))
+    assert all(torch.equal(saved[k], trained[k]) for k in saved)  # the bits of the checkpoint
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        assert (out / f).exists()
+
+    native = load_model(out)
+    hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    ids = torch.tensor([[2, 5, 9, 13, 40, 7, 11, 3, 4]])
+    with torch.no_grad():
+        ours = native.forward_packed(ids[0], torch.tensor([0, ids.shape[1]], dtype=torch.int32))
+        ours = ours @ native.lm_head_weight.T
+        theirs = hf(ids).logits[0]
+    scale = theirs.abs().max()
+    assert (ours - theirs).abs().max() <= 1e-4 * scale
+    # The export differs from the base model: training changed it.
+    base = AutoModelForCausalLM.from_pretrained(tiny_models[family], dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert not torch.allclose(base(ids).logits[0], theirs)
+    # Export refuses to overwrite.
+    assert main(["export", str(run), "--out", str(out)]) == 2
+    assert "not empty" in capsys.readouterr().err
