@@ -308,7 +308,8 @@ class TrainConfig:
             raise ConfigError(
                 f"advantage={self.algo.advantage} (--advantage) needs a group of rollouts to compute a baseline, "
                 f"but group_size (--group-size) is {self.rollout.group_size}: with one rollout every advantage is 0 "
-                "and nothing is learned. Use --group-size 2 or more, or --advantage none."
+                "and nothing is learned. Use --group-size 2 or more, a one-rollout baseline (--advantage window or "
+                "extra_samples), or --advantage none."
             )
 
         if self.algo.advantage == "window" and self.algo.window < self.rollout.group_size:

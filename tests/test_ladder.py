@@ -195,3 +195,16 @@ def test_ladder_runs_writes_table_and_figure_and_resumes(tiny_llama, tmp_path, c
     assert main(["plot", str(out / "L0-minimal/seed-0"), str(out / "L3-negative-reward/seed-0"),
                  "--out", str(tmp_path / "o.png")]) == 0
     assert (tmp_path / "o.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_tensorboard_event_files_hold_the_round_metrics(tiny_llama, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    Trainer(_cfg(tiny_llama, out, rounds=3, eval={"eval_every": 1}, run={"tensorboard": True})).run()
+    acc = EventAccumulator(str(out / "tb"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"train/reward_mean", "train/loss", "train/kl_mean", "eval/train_pass1"} <= tags
+    rounds = _rounds(out)
+    assert [e.value for e in acc.Scalars("train/reward_mean")] == [r["reward_mean"] for r in rounds]
