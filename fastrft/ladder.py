@@ -129,7 +129,14 @@ def report(pairs: list[Pair], out: Path) -> dict[str, Any]:
     layers = collect(pairs)
     table = ladder_table(layers)
     cfg = pairs[0].config
-    header = (f"# Ladder: {cfg.model.model} on {cfg.data.dataset}\n\n"
+    try:
+        profile = json.loads((out / "ladder.json").read_text())["profile"]
+    except (OSError, json.JSONDecodeError, KeyError):
+        profile = None
+    sizing = (f"Profile `{profile}`: {presets.PROFILES[profile][0]}. The 'choice' column describes each preset "
+              "against the paper's settings; the profile's sizing applies to every row.\n\n"
+              if profile in presets.PROFILES else "")
+    header = (f"# Ladder: {cfg.model.model} on {cfg.data.dataset}\n\n{sizing}"
               f"{len(pairs)} runs: {len(layers)} presets x {len({p.seed for p in pairs})} seeds, {cfg.run.rounds} rounds "
               f"each. Pass@1 columns are mean ± std over seeds; 'best test' is the maximum of the seed-mean test "
               f"curve and its round; 'to 0.9' is the first evaluated round with train Pass@1 >= 0.9, averaged over "
