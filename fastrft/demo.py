@@ -28,7 +28,8 @@ def demo_config() -> TrainConfig:
         algo=AlgoConfig(advantage="none", kl_coef=0.0, fail_truncated=True),
         optim=OptimConfig(lr=2e-5, weight_decay=0.01, grad_clip=1.0),
         eval=EvalConfig(eval_every=10, train_samples=16, test_size=None, extra_rewards=("gsm8k",)),
-        run=RunConfig(rounds=60, seed=0, name="demo"),
+        # One checkpoint at the end (for fastrft export): SmolLM2 + AdamW state is 1.6 GB per checkpoint.
+        run=RunConfig(rounds=60, seed=0, name="demo", save_every=0, keep_checkpoints=1),
     )
 
 

@@ -57,8 +57,7 @@ def plan(base: dict[str, dict[str, Any]], flags: dict[str, dict[str, Any]], laye
         for s in range(seeds):
             run = {"seed": s, "out": str(out / p.name / f"seed-{s}"), "name": f"{p.name}/seed-{s}"}
             values = presets.overlay(base, presets.L0_FIELDS, prof, p.overrides, flags, {"run": run})
-            values["data"].setdefault("difficulty_cache", None)
-            if values["data"]["difficulty_cache"] is None:
+            if values["data"].get("difficulty_cache") is None:
                 values["data"]["difficulty_cache"] = str(out / "difficulty.json")
             try:
                 cfg = TrainConfig(**{g: build_group(GROUPS[g], v, g) for g, v in values.items()})

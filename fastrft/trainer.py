@@ -146,7 +146,7 @@ class Trainer:
         return encode_prompt(self.tokenizer, ex, d.dataset, max_prompt_tokens=d.max_prompt_tokens)
 
     def _load_data(self) -> None:
-        d, e = self.cfg.data, self.cfg.eval
+        d = self.cfg.data
         split = load_dataset(d.dataset, "train", path=d.train_file, level=d.level, seed=d.data_seed)
         test = load_dataset(d.dataset, "test", path=d.test_file, level=d.level, seed=d.data_seed)
         if d.difficulty is None and not d.examples_per_round:
