@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from fastrft import presets
 from fastrft.config import GROUPS, TrainConfig, build_group
 from fastrft.errors import ConfigError
-from fastrft.report import ladder_table, plot_ladder, read_metrics
+from fastrft.report import MIN_EFFECT, baseline, ladder_table, plot_ladder, read_metrics
 
 
 @dataclass(frozen=True)
@@ -127,6 +127,7 @@ def collect(pairs: list[Pair]) -> list[dict[str, Any]]:
 def report(pairs: list[Pair], out: Path) -> dict[str, Any]:
     layers = collect(pairs)
     table = ladder_table(layers)
+    base = baseline(layers)["name"] if layers else "L0-minimal"
     cfg = pairs[0].config
     try:
         profile = json.loads((out / "ladder.json").read_text())["profile"]
@@ -139,7 +140,10 @@ def report(pairs: list[Pair], out: Path) -> dict[str, Any]:
               f"{len(pairs)} runs: {len(layers)} presets x {len({p.seed for p in pairs})} seeds, {cfg.run.rounds} rounds "
               f"each. Pass@1 columns are mean ± std over seeds; 'best test' is the maximum of the seed-mean test "
               f"curve and its round; 'to 0.9' is the first evaluated round with train Pass@1 >= 0.9, averaged over "
-              f"the seeds that reached it (how many did, in brackets).\n\n")
+              f"the seeds that reached it (how many did, in brackets). 'train/test vs' columns: the preset's Pass@1 "
+              f"averaged over its evaluations after round 0 (the area under the curve, mean over seeds) minus "
+              f"{base}'s, ± its standard error; 'helps' or 'hurts' when |Δ| >= 2 SE and >= {MIN_EFFECT}, else "
+              f"'within noise'.\n\n")
     (out / "ladder.md").write_text(header + table + "\n")
     figure = plot_ladder(layers, out / "curves.png")
     return {"table": table, "figure": str(figure)}

@@ -134,7 +134,52 @@ def _mean_curve(curves: list[list[tuple[int, float]]]) -> list[tuple[int, float]
     return [(r, sum(dict(c)[r] for c in curves) / len(curves)) for r in sorted(common)]
 
 
-def ladder_row(layer: dict[str, Any]) -> dict[str, str]:
+def _run_mean(curve: list[tuple[int, float]]) -> float | None:
+    """A run's Pass@1 averaged over its evaluations after round 0: how high it got, how fast, and how
+    well it stayed there, in one number (the area under the curve, per round evaluated)."""
+    after = [v for rd, v in curve if rd > 0]
+    return sum(after) / len(after) if after else None
+
+
+def _layer_means(layer: dict[str, Any], key: str) -> list[float]:
+    return [m for m in (_run_mean(_curve(r["records"], key)) for r in layer["runs"]) if m is not None]
+
+
+#: The smallest difference of run-mean Pass@1 called an effect, whatever the seeds say: on the CPU study's
+#: 80 test problems one evaluation's sampling noise alone is about ±0.05.
+MIN_EFFECT = 0.05
+
+
+def compare(layer: dict[str, Any], base: dict[str, Any], key: str) -> dict[str, Any] | None:
+    """``layer`` against ``base`` on the run-mean of ``key``: the difference of the seed means, its standard
+    error (Welch: both layers' seed spreads), and a verdict. "helps"/"hurts" need |Δ| >= 2 SE and
+    >= MIN_EFFECT; anything smaller is "within noise". None when either layer has no finished run."""
+    a, b = _layer_means(layer, key), _layer_means(base, key)
+    if not a or not b:
+        return None
+    (ma, sa), (mb, sb) = _mean_std(a), _mean_std(b)
+    delta = ma - mb
+    se = (sa ** 2 / len(a) + sb ** 2 / len(b)) ** 0.5
+    if abs(delta) >= max(2 * se, MIN_EFFECT):
+        verdict = "helps" if delta > 0 else "hurts"
+    else:
+        verdict = "within noise"
+    return {"delta": delta, "se": se, "verdict": verdict}
+
+
+def baseline(layers: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The layer the others are compared with: L0-minimal when the study has it, else its first preset."""
+    return next((x for x in layers if x["name"] == "L0-minimal"), layers[0] if layers else None)
+
+
+def _vs(layer: dict[str, Any], base: dict[str, Any] | None, key: str) -> str:
+    if base is None or layer is base:
+        return "(baseline)" if layer is base else "–"
+    c = compare(layer, base, key)
+    return "–" if c is None else f"{c['delta']:+.2f} ± {c['se']:.2f} {c['verdict']}"
+
+
+def ladder_row(layer: dict[str, Any], base: dict[str, Any] | None = None) -> dict[str, str]:
     runs = layer["runs"]
     train = [_curve(r["records"], "train_pass1") for r in runs]
     test = [_curve(r["records"], "test_pass1") for r in runs]
@@ -155,38 +200,52 @@ def ladder_row(layer: dict[str, Any]) -> dict[str, str]:
                      else f"never (0/{len(reached)})" if reached else "–")
     walls = [float(r["summary"].get("wall_s", 0.0)) for r in runs]
     row["wall / run"] = f"{sum(walls) / len(walls) / 60:.1f} min" if walls else "–"
+    row["train vs L0"] = _vs(layer, base, "train_pass1")
+    row["test vs L0"] = _vs(layer, base, "test_pass1")
     return row
 
 
 LADDER_COLUMNS = ("preset", "choice", "seeds", "train before", "train after", "test before", "test after",
-                  "best test (round)", "to 0.9", "wall / run")
+                  "best test (round)", "to 0.9", "train vs L0", "test vs L0", "wall / run")
 
 
 def ladder_table(layers: list[dict[str, Any]]) -> str:
-    """The comparison table: one row per preset, Pass@1 as mean ± std over its finished seeds."""
-    rows = [ladder_row(layer) for layer in layers]
-    out = ["| " + " | ".join(LADDER_COLUMNS) + " |", "|---|---|" + "---:|" * (len(LADDER_COLUMNS) - 2)]
+    """The comparison table: one row per preset, Pass@1 as mean ± std over its finished seeds, and each
+    preset's run-mean Pass@1 against the baseline's (see :func:`compare`)."""
+    base = baseline(layers)
+    rows = [ladder_row(layer, base) for layer in layers]
+    tag = base["layer"] if base is not None else "L0"
+    names = [c.replace("vs L0", f"vs {tag}") for c in LADDER_COLUMNS]
+    out = ["| " + " | ".join(names) + " |", "|---|---|" + "---:|" * (len(LADDER_COLUMNS) - 2)]
     out += ["| " + " | ".join(r[c] for c in LADDER_COLUMNS) + " |" for r in rows]
     return "\n".join(out)
 
 
 def plot_ladder(layers: list[dict[str, Any]], png: str | Path) -> Path:
     """One panel per preset: train (blue) and test (orange) Pass@1 against the round, each seed a thin
-    line, the seed mean bold."""
+    line, the seed mean bold, the baseline's means dotted grey behind. A last panel answers "which choice
+    helps, which hurts": each preset's run-mean Pass@1 minus the baseline's, with 2 SE error bars."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    n = max(1, len(layers))
+    base = baseline(layers)
+    others = [x for x in layers if x is not base]
+    n = max(1, len(layers)) + (1 if others else 0)
     cols = min(3, n)
     rows = (n + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(4.4 * cols, 3.3 * rows), dpi=110, squeeze=False, sharey=True)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.4 * cols, 3.4 * rows), dpi=110, squeeze=False)
     for ax in axes.flat[n:]:
         ax.set_visible(False)
     for ax, layer in zip(axes.flat, layers):
         for key, color, label in (("train_pass1", "tab:blue", "train Pass@1"), ("test_pass1", "tab:orange",
                                                                                  "test Pass@1")):
+            if base is not None and layer is not base:
+                ref = _mean_curve([c for c in (_curve(r["records"], key) for r in base["runs"]) if c])
+                if ref:
+                    ax.plot(*zip(*ref), color="0.45", lw=1.4, ls=":", zorder=1,
+                            label=f"{base['name']} mean" if key == "test_pass1" else None)
             curves = [c for c in (_curve(r["records"], key) for r in layer["runs"]) if c]
             for c in curves:
                 ax.plot(*zip(*c), color=color, lw=0.8, alpha=0.45)
@@ -197,14 +256,37 @@ def plot_ladder(layers: list[dict[str, Any]], png: str | Path) -> Path:
         ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)
         ax.set_xlabel("round")
-    axes.flat[0].set_ylabel("Pass@1")
-    axes.flat[0].legend(loc="lower right", fontsize=8)
-    fig.suptitle("train (blue) and test (orange) Pass@1; thin = seeds, bold = mean", fontsize=10)
+        ax.set_ylabel("Pass@1")
+        ax.legend(loc="best", fontsize=7)
+    if others:
+        _plot_deltas(axes.flat[len(layers)], others, base)
+    fig.suptitle("train (blue) and test (orange) Pass@1; thin = seeds, bold = mean, dotted grey = "
+                 f"{base['name'] if base else 'baseline'} mean", fontsize=10)
     fig.tight_layout()
     png = Path(png)
     fig.savefig(png)
     plt.close(fig)
     return png
+
+
+def _plot_deltas(ax: Any, layers: list[dict[str, Any]], base: dict[str, Any]) -> None:
+    """Horizontal bars: run-mean train and test Pass@1 of each preset minus the baseline's, ± 2 SE."""
+    ys = range(len(layers))
+    for off, key, color, label in ((-0.18, "train_pass1", "tab:blue", "train"), (0.18, "test_pass1", "tab:orange",
+                                                                                "test")):
+        cs = [compare(layer, base, key) for layer in layers]
+        bars = ax.barh([y + off for y in ys], [c["delta"] if c else 0.0 for c in cs], height=0.34, color=color,
+                       xerr=[2 * c["se"] if c else 0.0 for c in cs], error_kw={"lw": 1, "capsize": 2}, label=label)
+        for bar, c in zip(bars, cs):  # an effect within noise is drawn pale
+            if c is None or c["verdict"] == "within noise":
+                bar.set_alpha(0.3)
+    ax.axvline(0, color="k", lw=0.8)
+    ax.set_yticks(list(ys), [x["name"] for x in layers], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel(f"mean Pass@1 over the run minus {base['name']} (± 2 SE)", fontsize=8)
+    ax.set_title("vs baseline: right helps, left hurts, pale = within noise", fontsize=9)
+    ax.grid(alpha=0.3, axis="x")
+    ax.legend(loc="best", fontsize=7)
 
 
 def plot_overlay(runs: list[tuple[str, list[dict[str, Any]]]], png: str | Path) -> Path:

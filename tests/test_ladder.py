@@ -208,3 +208,49 @@ def test_tensorboard_event_files_hold_the_round_metrics(tiny_llama, tmp_path):
     assert {"train/reward_mean", "train/loss", "train/kl_mean", "eval/train_pass1"} <= tags
     rounds = _rounds(out)
     assert [e.value for e in acc.Scalars("train/reward_mean")] == [r["reward_mean"] for r in rounds]
+
+
+def _layer(name, test_curves, train_curves=None):
+    """A finished layer as ladder.collect returns it, built from per-seed {round: Pass@1} curves."""
+    train_curves = train_curves or test_curves
+    runs = []
+    for s, (te, tr) in enumerate(zip(test_curves, train_curves)):
+        recs = [{"kind": "eval", "round": rd, "test_pass1": te[rd], "train_pass1": tr[rd]} for rd in te]
+        runs.append({"seed": s, "records": recs, "summary": {"wall_s": 60.0}})
+    return {"name": name, "layer": name.split("-")[0], "choice": name, "runs": runs}
+
+
+def test_ladder_table_says_which_choice_helps_and_which_hurts(tmp_path):
+    from fastrft.report import compare, ladder_table, plot_ladder
+
+    # Round 0 is the base model and is left out of the run mean: a preset that starts higher gains nothing.
+    l0 = _layer("L0-minimal", [{0: 0.2, 10: 0.5, 20: 0.6}, {0: 0.2, 10: 0.6, 20: 0.6}, {0: 0.2, 10: 0.6, 20: 0.7}])
+    up = _layer("L2-rollouts-4", [{0: 0.9, 10: 0.9, 20: 0.9}] * 3)  # run mean 0.9 vs 0.6, no seed spread
+    down = _layer("L3-negative-reward", [{0: 0.2, 10: 0.1, 20: 0.2}, {0: 0.2, 10: 0.2, 20: 0.1},
+                                         {0: 0.2, 10: 0.0, 20: 0.3}])
+    noisy = _layer("L1-advantage", [{0: 0.2, 10: 0.9, 20: 0.9}, {0: 0.2, 10: 0.1, 20: 0.1},
+                                    {0: 0.2, 10: 0.9, 20: 0.9}])  # +0.03 on average, SE about 0.27
+    tiny = _layer("L4-hard-example", [{0: 0.2, 10: 0.62, 20: 0.62}] * 3)
+    flat = _layer("L5-batch", [{0: 0.2, 10: 0.6, 20: 0.6}] * 3)
+    c = compare(up, l0, "test_pass1")
+    assert c["delta"] == pytest.approx(0.3) and c["verdict"] == "helps"
+    # SE: L0's seed means are 0.55, 0.6, 0.65 (sd 0.05), the other layer has none: 0.05 / sqrt(3).
+    assert c["se"] == pytest.approx(0.05 / 3 ** 0.5)
+    assert compare(down, l0, "test_pass1")["verdict"] == "hurts"
+    assert compare(noisy, l0, "test_pass1")["verdict"] == "within noise"
+    # No seed spread on either side (SE 0), yet +0.02 is below the minimum effect an evaluation can show.
+    assert compare(tiny, flat, "test_pass1") == {"delta": pytest.approx(0.02), "se": 0.0, "verdict": "within noise"}
+    table = ladder_table([l0, up, down, noisy, tiny])
+    lines = table.splitlines()
+    assert "| train vs L0 | test vs L0 |" in lines[0]
+    cells = {line.split("|")[1].strip(): [x.strip() for x in line.split("|")[1:-1]] for line in lines[2:]}
+    col = lines[0].split("|")[1:-1]
+    test_vs = [x.strip() for x in col].index("test vs L0")
+    assert cells["L0-minimal"][test_vs] == "(baseline)"
+    assert cells["L2-rollouts-4"][test_vs] == "+0.30 ± 0.03 helps"
+    assert cells["L3-negative-reward"][test_vs] == "-0.45 ± 0.03 hurts"
+    assert cells["L1-advantage"][test_vs].endswith("within noise")
+    # Without L0 in the study the first preset is the baseline, and the columns say so.
+    assert "| train vs L2 | test vs L2 |" in ladder_table([up, down]).splitlines()[0]
+    png = plot_ladder([l0, up, down, noisy, tiny], tmp_path / "c.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
