@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from fastrft import presets
 from fastrft.config import GROUPS, TrainConfig, build_group
 from fastrft.errors import ConfigError
-from fastrft.report import MIN_EFFECT, baseline, ladder_table, plot_ladder, read_metrics
+from fastrft.report import MIN_EFFECT, baseline, dynamics_table, ladder_table, plot_ladder, read_metrics
 
 
 @dataclass(frozen=True)
@@ -144,6 +144,11 @@ def report(pairs: list[Pair], out: Path) -> dict[str, Any]:
               f"averaged over its evaluations after round 0 (the area under the curve, mean over seeds) minus "
               f"{base}'s, ± its standard error; 'helps' or 'hurts' when |Δ| >= 2 SE and >= {MIN_EFFECT}, else "
               f"'within noise'.\n\n")
-    (out / "ladder.md").write_text(header + table + "\n")
+    dynamics = ("\n## Training dynamics\n\nFrom the per-round records, mean ± std over seeds: the share of rollouts "
+                "that were correct; the last round with an incorrect rollout (0: none failed); how many times the "
+                "round's outcome flipped between all-correct and not; the median and largest gradient norm (before "
+                "clipping) of the rounds that stepped; the response length over the last 5 rounds; the rounds "
+                "skipped because no reward carried signal.\n\n" + dynamics_table(layers) + "\n")
+    (out / "ladder.md").write_text(header + table + "\n" + dynamics)
     figure = plot_ladder(layers, out / "curves.png")
     return {"table": table, "figure": str(figure)}

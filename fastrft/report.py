@@ -221,6 +221,57 @@ def ladder_table(layers: list[dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
+def _round_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [r for r in records if r.get("kind") == "round"]
+
+
+def dynamics_row(layer: dict[str, Any]) -> dict[str, str]:
+    """How a preset's rounds went, from the per-round records: the share of correct rollouts, the round
+    after which every rollout was correct, how often correctness flipped, the size of the updates, the
+    response length at the end and the rounds skipped for want of signal (mean ± std over seeds)."""
+    per_seed: dict[str, list[float]] = {k: [] for k in ("correct", "settled", "flips", "gn_med", "gn_max", "len",
+                                                        "skipped")}
+    for run in layer["runs"]:
+        rounds = _round_records(run["records"])
+        if not rounds:
+            continue
+        correct = [float(r.get("correct_mean", 0.0)) for r in rounds]
+        per_seed["correct"].append(sum(correct) / len(correct))
+        last_fail = max((r["round"] for r, c in zip(rounds, correct) if c < 1.0), default=0)
+        per_seed["settled"].append(float(last_fail))
+        per_seed["flips"].append(float(sum((a >= 1.0) != (b >= 1.0) for a, b in zip(correct, correct[1:]))))
+        norms = sorted(float(r["grad_norm"]) for r in rounds if not r.get("skipped") and r.get("grad_norm"))
+        if norms:
+            per_seed["gn_med"].append(norms[len(norms) // 2])
+            per_seed["gn_max"].append(norms[-1])
+        tail = rounds[-5:]
+        per_seed["len"].append(sum(float(r.get("response_len_mean", 0.0)) for r in tail) / len(tail))
+        per_seed["skipped"].append(float(rounds[-1].get("skipped_total", 0)))
+
+    def pm(key: str, fmt: str) -> str:
+        xs = per_seed[key]
+        if not xs:
+            return "–"
+        m, sd = _mean_std(xs)
+        return f"{m:{fmt}} ± {sd:{fmt}}"
+
+    return {"preset": layer["name"], "correct rollouts": pm("correct", ".2f"), "last failed round": pm("settled", ".0f"),
+            "flips": pm("flips", ".1f"), "grad norm median": pm("gn_med", ".1f"), "grad norm max": pm("gn_max", ".0f"),
+            "final length": pm("len", ".0f"), "skipped rounds": pm("skipped", ".0f")}
+
+
+DYNAMICS_COLUMNS = ("preset", "correct rollouts", "last failed round", "flips", "grad norm median", "grad norm max",
+                    "final length", "skipped rounds")
+
+
+def dynamics_table(layers: list[dict[str, Any]]) -> str:
+    """The rounds behind the curves, one row per preset (see :func:`dynamics_row`)."""
+    rows = [dynamics_row(layer) for layer in layers]
+    out = ["| " + " | ".join(DYNAMICS_COLUMNS) + " |", "|---|" + "---:|" * (len(DYNAMICS_COLUMNS) - 1)]
+    out += ["| " + " | ".join(r[c] for c in DYNAMICS_COLUMNS) + " |" for r in rows]
+    return "\n".join(out)
+
+
 def plot_ladder(layers: list[dict[str, Any]], png: str | Path) -> Path:
     """One panel per preset: train (blue) and test (orange) Pass@1 against the round, each seed a thin
     line, the seed mean bold, the baseline's means dotted grey behind. A last panel answers "which choice

@@ -254,3 +254,29 @@ def test_ladder_table_says_which_choice_helps_and_which_hurts(tmp_path):
     assert "| train vs L2 | test vs L2 |" in ladder_table([up, down]).splitlines()[0]
     png = plot_ladder([l0, up, down, noisy, tiny], tmp_path / "c.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_dynamics_table_reads_the_rounds():
+    from fastrft.report import dynamics_table
+
+    def run(correct, norms, lengths, skipped):
+        recs = [{"kind": "eval", "round": 0, "train_pass1": 0.0}]
+        for i, (c, g, n, s) in enumerate(zip(correct, norms, lengths, skipped), start=1):
+            recs.append({"kind": "round", "round": i, "correct_mean": c, "grad_norm": g, "response_len_mean": n,
+                         "skipped": s, "skipped_total": sum(skipped[:i])})
+        return {"seed": 0, "records": recs, "summary": {}}
+
+    # Seed a: fails at rounds 1 and 3, then solves; the skipped round's norm (0) is not a step.
+    a = run([0.0, 1.0, 0.0, 1.0, 1.0, 1.0], [0.0, 4.0, 9.0, 2.0, 1.0, 3.0], [90, 30, 60, 10, 10, 10], [1, 0, 0, 0, 0, 0])
+    # Seed b: half the group right in round 1, all right after; round 6 skipped.
+    b = run([0.5, 1.0, 1.0, 1.0, 1.0, 1.0], [5.0, 7.0, 1.0, 1.0, 1.0, 0.0], [20, 20, 20, 20, 20, 30], [0, 0, 0, 0, 0, 1])
+    row = dynamics_table([{"name": "L0-minimal", "runs": [a, b]}]).splitlines()[2].split("|")[1:-1]
+    cells = [x.strip() for x in row]
+    assert cells == ["L0-minimal",
+                     "0.79 ± 0.18",   # 4/6 and 5.5/6 of the rollouts correct
+                     "2 ± 1",         # last failures at rounds 3 and 1
+                     "2.0 ± 1.4",     # 0->1->0->1 flips 3 times; 0.5->1 once
+                     "2.0 ± 1.4",     # medians of [1, 2, 3, 4, 9] and [1, 1, 1, 5, 7]
+                     "8 ± 1",         # largest norms 9 and 7
+                     "23 ± 1",        # last 5 rounds: 24 and 22 tokens
+                     "1 ± 0"]
