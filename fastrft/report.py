@@ -256,7 +256,7 @@ def dynamics_row(layer: dict[str, Any]) -> dict[str, str]:
         return f"{m:{fmt}} ± {sd:{fmt}}"
 
     return {"preset": layer["name"], "correct rollouts": pm("correct", ".2f"), "last failed round": pm("settled", ".0f"),
-            "flips": pm("flips", ".1f"), "grad norm median": pm("gn_med", ".1f"), "grad norm max": pm("gn_max", ".0f"),
+            "flips": pm("flips", ".1f"), "grad norm median": pm("gn_med", ".2g"), "grad norm max": pm("gn_max", ".0f"),
             "final length": pm("len", ".0f"), "skipped rounds": pm("skipped", ".0f")}
 
 
@@ -274,46 +274,49 @@ def dynamics_table(layers: list[dict[str, Any]]) -> str:
 
 def plot_ladder(layers: list[dict[str, Any]], png: str | Path) -> Path:
     """One panel per preset: train (blue) and test (orange) Pass@1 against the round, each seed a thin
-    line, the seed mean bold, the baseline's means dotted grey behind. A last panel answers "which choice
-    helps, which hurts": each preset's run-mean Pass@1 minus the baseline's, with 2 SE error bars."""
+    line, the seed mean bold, the baseline's means dotted behind. A last panel answers "which choice
+    helps, which hurts": each preset's run-mean Pass@1 minus the baseline's (bars, ± 2 SE), one dot per
+    seed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
     base = baseline(layers)
     others = [x for x in layers if x is not base]
     n = max(1, len(layers)) + (1 if others else 0)
     cols = min(3, n)
     rows = (n + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(4.4 * cols, 3.4 * rows), dpi=110, squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.4 * cols, 3.3 * rows + 0.6), dpi=110, squeeze=False)
     for ax in axes.flat[n:]:
         ax.set_visible(False)
     for ax, layer in zip(axes.flat, layers):
-        for key, color, label in (("train_pass1", "tab:blue", "train Pass@1"), ("test_pass1", "tab:orange",
-                                                                                 "test Pass@1")):
+        for key, color in (("train_pass1", "tab:blue"), ("test_pass1", "tab:orange")):
             if base is not None and layer is not base:
                 ref = _mean_curve([c for c in (_curve(r["records"], key) for r in base["runs"]) if c])
                 if ref:
-                    ax.plot(*zip(*ref), color="0.45", lw=1.4, ls=":", zorder=1,
-                            label=f"{base['name']} mean" if key == "test_pass1" else None)
+                    ax.plot(*zip(*ref), color=color, lw=1.5, ls=":", alpha=0.8, zorder=1)
             curves = [c for c in (_curve(r["records"], key) for r in layer["runs"]) if c]
             for c in curves:
                 ax.plot(*zip(*c), color=color, lw=0.8, alpha=0.45)
             mean = _mean_curve(curves)
             if mean:
-                ax.plot(*zip(*mean), color=color, lw=2.4, marker="o", ms=3, label=label)
+                ax.plot(*zip(*mean), color=color, lw=2.4, marker="o", ms=3)
         ax.set_title(f"{layer['name']} ({len(layer['runs'])} seeds)", fontsize=10)
         ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)
         ax.set_xlabel("round")
         ax.set_ylabel("Pass@1")
-        ax.legend(loc="best", fontsize=7)
     if others:
         _plot_deltas(axes.flat[len(layers)], others, base)
-    fig.suptitle("train (blue) and test (orange) Pass@1; thin = seeds, bold = mean, dotted grey = "
-                 f"{base['name'] if base else 'baseline'} mean", fontsize=10)
-    fig.tight_layout()
+    handles = [Line2D([], [], color="tab:blue", lw=2.4, marker="o", ms=3, label="train Pass@1 (seed mean)"),
+               Line2D([], [], color="tab:orange", lw=2.4, marker="o", ms=3, label="test Pass@1 (seed mean)"),
+               Line2D([], [], color="0.4", lw=0.8, alpha=0.6, label="one seed")]
+    if others:
+        handles.append(Line2D([], [], color="0.4", lw=1.5, ls=":", label=f"{base['name']} mean, for comparison"))
+    fig.legend(handles=handles, loc="upper center", ncol=len(handles), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.45 / (3.3 * rows + 0.6)))
     png = Path(png)
     fig.savefig(png)
     plt.close(fig)
@@ -321,7 +324,8 @@ def plot_ladder(layers: list[dict[str, Any]], png: str | Path) -> Path:
 
 
 def _plot_deltas(ax: Any, layers: list[dict[str, Any]], base: dict[str, Any]) -> None:
-    """Horizontal bars: run-mean train and test Pass@1 of each preset minus the baseline's, ± 2 SE."""
+    """Horizontal bars: run-mean train and test Pass@1 of each preset minus the baseline's, ± 2 SE; a dot
+    for each seed's run mean minus the baseline's seed mean."""
     ys = range(len(layers))
     for off, key, color, label in ((-0.18, "train_pass1", "tab:blue", "train"), (0.18, "test_pass1", "tab:orange",
                                                                                 "test")):
@@ -331,10 +335,16 @@ def _plot_deltas(ax: Any, layers: list[dict[str, Any]], base: dict[str, Any]) ->
         for bar, c in zip(bars, cs):  # an effect within noise is drawn pale
             if c is None or c["verdict"] == "within noise":
                 bar.set_alpha(0.3)
+        ref = _layer_means(base, key)
+        if ref:
+            ref_mean = sum(ref) / len(ref)
+            for y, layer in zip(ys, layers):
+                xs = [m - ref_mean for m in _layer_means(layer, key)]
+                ax.plot(xs, [y + off] * len(xs), "o", color=color, mec="k", mew=0.5, ms=4, zorder=3)
     ax.axvline(0, color="k", lw=0.8)
     ax.set_yticks(list(ys), [x["name"] for x in layers], fontsize=8)
     ax.invert_yaxis()
-    ax.set_xlabel(f"mean Pass@1 over the run minus {base['name']} (± 2 SE)", fontsize=8)
+    ax.set_xlabel(f"run-mean Pass@1 minus {base['name']}'s\n(bars: seed mean ± 2 SE; dots: seeds)", fontsize=8)
     ax.set_title("vs baseline: right helps, left hurts, pale = within noise", fontsize=9)
     ax.grid(alpha=0.3, axis="x")
     ax.legend(loc="best", fontsize=7)

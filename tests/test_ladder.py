@@ -176,10 +176,13 @@ def test_ladder_runs_writes_table_and_figure_and_resumes(tiny_llama, tmp_path, c
             "--rounds", "3", "--max-new-tokens", "2", "--eval-every", "1", "--test-size", "4", "--train-samples", "8",
             "--lr", "3e-3", "--out", str(out), "--no-progress"]
     assert main(args) == 0
-    table = (out / "ladder.md").read_text()
+    table, dynamics = (out / "ladder.md").read_text().split("## Training dynamics")
     rows = [line for line in table.splitlines() if line.startswith("| L")]
     assert [row.split("|")[1].strip() for row in rows] == ["L0-minimal", "L3-negative-reward"]
     assert all(" ± " in row and "| 2 |" in row for row in rows)
+    assert "(baseline)" in rows[0] and rows[1].rstrip(" |").split("|")[-2].strip().endswith(("helps", "hurts", "noise"))
+    assert [line.split("|")[1].strip() for line in dynamics.splitlines() if line.startswith("| L")] == \
+        ["L0-minimal", "L3-negative-reward"]
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for p in ("L0-minimal/seed-0", "L0-minimal/seed-1", "L3-negative-reward/seed-1"):
         assert json.loads((out / p / "summary.json").read_text())["complete"]
@@ -276,7 +279,7 @@ def test_dynamics_table_reads_the_rounds():
                      "0.79 ± 0.18",   # 4/6 and 5.5/6 of the rollouts correct
                      "2 ± 1",         # last failures at rounds 3 and 1
                      "2.0 ± 1.4",     # 0->1->0->1 flips 3 times; 0.5->1 once
-                     "2.0 ± 1.4",     # medians of [1, 2, 3, 4, 9] and [1, 1, 1, 5, 7]
+                     "2 ± 1.4",       # medians of [1, 2, 3, 4, 9] and [1, 1, 1, 5, 7]
                      "8 ± 1",         # largest norms 9 and 7
                      "23 ± 1",        # last 5 rounds: 24 and 22 tokens
                      "1 ± 0"]
