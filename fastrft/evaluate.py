@@ -8,11 +8,17 @@ distribution sharpened".
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 from dataclasses import dataclass
 from math import comb
+from pathlib import Path
+from typing import Any
 
 from fastrft import rewards
 from fastrft.data import Example
+from fastrft.errors import ConfigError
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -70,6 +76,52 @@ def evaluate(engine, train: EvalSet, test: EvalSet, *, train_samples: int, tempe
             greedy_out = [g[0] for g in generate(test.prompt_ids, n=1, temperature=0.0, **gen)]
             out["test_greedy"] = _mean([_score(None, ex, c.text) for ex, c in zip(test.examples, greedy_out)])
     return out
+
+
+class BaseEvalCache:
+    """Round-0 evaluations shared between the runs of a study, in one JSON file.
+
+    Before its first update a run's policy is the base model, so its round-0 evaluation depends only on
+    what :func:`base_eval_key` hashes: the model, the engine, the evaluation settings, the evaluation seed
+    and the exact prompts. Presets that differ in a training choice (advantage, reward, G) share it; a
+    ladder of five presets evaluates each seed's base model once instead of up to five times. Entries are
+    ``{key hash: {"result": metrics, "run": the run that measured it}}``; the file is rewritten atomically.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]):
+        self.path = Path(path)
+
+    def _read(self) -> dict[str, Any]:
+        if not self.path.exists():
+            return {}
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+            if not isinstance(data, dict):
+                raise TypeError(f"expected an object, found {type(data).__name__}")
+            return data
+        except (json.JSONDecodeError, TypeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{self.path}: not a base-evaluation cache written by fastrft ({e}); delete it to "
+                             "measure the round-0 evaluations again") from None
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        return self._read().get(key)
+
+    def put(self, key: str, result: dict[str, float], run: str) -> None:
+        data = self._read()
+        data[key] = {"result": result, "run": run}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=True), encoding="utf-8")
+        os.replace(tmp, self.path)
+
+
+def base_eval_key(settings: dict[str, Any], train: EvalSet, test: EvalSet) -> str:
+    """A hash of everything a base model's evaluation depends on: ``settings`` (model, engine, evaluation
+    and seed fields, versions) and the evaluated problems with their exact prompt token ids."""
+    sets = {name: [[ex.id, ex.answer, ex.reward, ids] for ex, ids in zip(s.examples, s.prompt_ids)]
+            for name, s in (("train", train), ("test", test))}
+    blob = json.dumps({"settings": settings, "sets": sets}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
 
 
 def _mean(xs) -> float:

@@ -5,6 +5,8 @@ Layout of a study directory::
     DIR/ladder.json                 the study's settings (layers, seeds, profile, overrides)
     DIR/<preset>/seed-<s>/          one ordinary run directory per pair (config.json, metrics.jsonl, ...)
     DIR/difficulty.json             pass-rate estimates shared by the pairs that select by difficulty
+    DIR/base-eval.json              round-0 evaluations shared by the pairs with the same base model, seed
+                                    and evaluation settings (L0-L3 of a seed evaluate once)
     DIR/ladder.md, DIR/curves.png   the comparison table and figure, rewritten after every finished pair
 
 A pair whose run directory holds a complete summary is skipped on a rerun; an unfinished one resumes from
@@ -98,7 +100,7 @@ def run_ladder(pairs: list[Pair], out: Path, settings: dict[str, Any], *, force:
         for i, pair in enumerate(todo):
             overall.set_postfix_str(f"{pair.preset.name} seed {pair.seed}")
             t0 = time.monotonic()
-            Trainer(pair.config, force=force).run()
+            Trainer(pair.config, force=force, base_eval_cache=out / "base-eval.json").run()
             overall.update(1)
             overall.write(f"[ladder] {pair.preset.name} seed {pair.seed} done in {time.monotonic() - t0:.0f} s",
                           file=sys.stderr)

@@ -43,7 +43,7 @@ from fastrft.data import dedupe_against, encode_prompt, load_dataset
 from fastrft.data import selection
 from fastrft.engine import Engine, EngineConfig, request_seed
 from fastrft.errors import ConfigError
-from fastrft.evaluate import EvalSet, evaluate
+from fastrft.evaluate import BaseEvalCache, EvalSet, base_eval_key, evaluate
 from fastrft.kernels import fused_linear_pg_loss, linear_logprob
 from fastrft.models import load_model, load_tokenizer
 from fastrft.report import MetricsLog, before_after_table, plot_curves, read_metrics
@@ -69,8 +69,11 @@ class RunState:
 
 
 class Trainer:
-    def __init__(self, config: TrainConfig, *, force: bool = False):
+    def __init__(self, config: TrainConfig, *, force: bool = False, base_eval_cache: str | Path | None = None):
+        """``base_eval_cache``: a JSON file of round-0 evaluations shared with other runs of the same base
+        model (see :class:`fastrft.evaluate.BaseEvalCache`); ``fastrft ladder`` passes one per study."""
         self.cfg = config
+        self._base_evals = BaseEvalCache(base_eval_cache) if base_eval_cache else None
         self.out_dir = self._out_dir()
         existing = self._check_existing(force)
         torch.manual_seed(config.run.seed)
@@ -296,6 +299,9 @@ class Trainer:
         try:
             if self.state.round == 0:
                 self._evaluate(0, log, bar)
+                # Whether round 0 was measured or read from the shared cache, round 1 starts from the same
+                # engine state (an empty prefix cache), so sharing changes nothing a run computes.
+                self.engine.reset_prefix_cache()
             for r in range(first, cfg.run.rounds + 1):
                 metrics = self.round(r)
                 self.state.round = r
@@ -478,17 +484,41 @@ class Trainer:
 
     def _evaluate(self, r: int, log: MetricsLog, bar) -> dict[str, float]:
         e, t0 = self.cfg.eval, time.monotonic()
-        self.policy.eval()
-        result = evaluate(self.engine, self.train_set, self.test_set, train_samples=e.train_samples,
-                          temperature=e.eval_temperature,
-                          max_new_tokens=e.eval_max_new_tokens or self.cfg.rollout.max_new_tokens,
-                          greedy=e.greedy, seed=request_seed(self.cfg.run.seed, r, 1), extra_rewards=e.extra_rewards)
+        shared = key = None
+        if r == 0 and self.state.updates == 0 and self._base_evals is not None:
+            key = self._base_eval_key()
+            shared = self._base_evals.get(key)
+        if shared is not None:
+            result = shared["result"]
+        else:
+            self.policy.eval()
+            result = evaluate(self.engine, self.train_set, self.test_set, train_samples=e.train_samples,
+                              temperature=e.eval_temperature,
+                              max_new_tokens=e.eval_max_new_tokens or self.cfg.rollout.max_new_tokens,
+                              greedy=e.greedy, seed=request_seed(self.cfg.run.seed, r, 1),
+                              extra_rewards=e.extra_rewards)
+            if key is not None:
+                self._base_evals.put(key, result, self.cfg.run.name)
         record = {"kind": "eval", "round": r, **result, "time_eval": time.monotonic() - t0}
+        if shared is not None:
+            record["shared_from"] = shared["run"]
         log.write(record)
         self._tb_write(record, r, prefix="eval/")
         shown = ", ".join(f"{k} {result[k]:.3f}" for k in ("train_pass1", "test_pass1", "test_greedy") if k in result)
-        bar.write(f"[eval] {self.cfg.run.name} round {r}: {shown} ({record['time_eval']:.0f} s)", file=sys.stderr)
+        how = f"shared with {shared['run']}" if shared is not None else f"{record['time_eval']:.0f} s"
+        bar.write(f"[eval] {self.cfg.run.name} round {r}: {shown} ({how})", file=sys.stderr)
         return result
+
+    def _base_eval_key(self) -> str:
+        """What the base model's evaluation depends on; the training choices (algo, optim, G) are left out."""
+        import fastrft
+
+        c = self.cfg.to_dict()
+        rollout = {k: v for k, v in c["rollout"].items() if k != "group_size"}
+        ev = {k: v for k, v in c["eval"].items() if k != "eval_every"}
+        settings = {"fastrft": fastrft.__version__, "torch": torch.__version__, "model": c["model"],
+                    "device": str(self.device), "rollout": rollout, "eval": ev, "seed": self.cfg.run.seed}
+        return base_eval_key(settings, self.train_set, self.test_set)
 
     def _tb_write(self, record: dict[str, Any], step: int, prefix: str = "train/") -> None:
         if self._tb is None:

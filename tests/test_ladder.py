@@ -21,6 +21,10 @@ def _rounds(out):
     return [r for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "round"]
 
 
+def _untimed(record):
+    return {k: v for k, v in record.items() if not k.startswith("time_") and not k.endswith("tokens_per_s")}
+
+
 def _cfg(model, out, *, rounds=10, preset="L0-minimal", **sections):
     values = presets.overlay(TrainConfig().to_dict(), presets.L0_FIELDS, presets.resolve(preset).overrides, {
         "model": {"model": str(model)}, "rollout": {"max_new_tokens": 2}, "optim": {"lr": 3e-3},
@@ -189,6 +193,18 @@ def test_ladder_runs_writes_table_and_figure_and_resumes(tiny_llama, tmp_path, c
         assert not (out / p / "checkpoints").exists()  # removed once the run finished
     cfg = json.loads((out / "L3-negative-reward/seed-1/config.json").read_text())
     assert cfg["algo"]["reward_fail"] == -1.0 and cfg["run"]["seed"] == 1
+    # L3 differs from L0 only in training: its round-0 evaluation is L0's, read from the study's cache ...
+    for s in (0, 1):
+        ev0 = [read_metrics(out / p / f"seed-{s}/metrics.jsonl")[0] for p in ("L0-minimal", "L3-negative-reward")]
+        assert "shared_from" not in ev0[0] and ev0[1].pop("shared_from") == f"L0-minimal/seed-{s}"
+        assert _untimed(ev0[0]) == _untimed(ev0[1])
+    # ... and the run is the one it would have been on its own, every record equal but the timings.
+    alone = tmp_path / "alone"
+    cfg["run"].update(out=str(alone), seed=0, name="alone")
+    Trainer(TrainConfig.from_dict(cfg)).run()
+    shared = read_metrics(out / "L3-negative-reward/seed-0/metrics.jsonl")
+    shared[0].pop("shared_from")
+    assert [_untimed(r) for r in read_metrics(alone / "metrics.jsonl")] == [_untimed(r) for r in shared]
     stamp = (out / "L0-minimal/seed-0/metrics.jsonl").stat().st_mtime_ns
     capsys.readouterr()
     assert main(args) == 0  # everything complete: nothing reruns
