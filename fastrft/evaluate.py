@@ -19,6 +19,7 @@ from typing import Any
 from fastrft import rewards
 from fastrft.data import Example
 from fastrft.errors import ConfigError
+from fastrft.report import write_json
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -104,15 +105,17 @@ class BaseEvalCache:
                              "measure the round-0 evaluations again") from None
 
     def get(self, key: str) -> dict[str, Any] | None:
-        return self._read().get(key)
+        entry = self._read().get(key)
+        if entry is not None and not (isinstance(entry, dict) and isinstance(entry.get("result"), dict)
+                                      and isinstance(entry.get("run"), str)):
+            raise ConfigError(f"{self.path}: entry {key[:12]}... is not a {{'result': {{...}}, 'run': '...'}} record; "
+                              "delete the file to measure the round-0 evaluations again")
+        return entry
 
     def put(self, key: str, result: dict[str, float], run: str) -> None:
         data = self._read()
         data[key] = {"result": result, "run": run}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(data, indent=1, sort_keys=True), encoding="utf-8")
-        os.replace(tmp, self.path)
+        write_json(self.path, data)
 
 
 def base_eval_key(settings: dict[str, Any], train: EvalSet, test: EvalSet) -> str:

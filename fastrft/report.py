@@ -28,6 +28,16 @@ class MetricsLog:
         self._f.close()
 
 
+def write_json(path: str | Path, data: Any) -> None:
+    """Write ``data`` as JSON to ``path`` atomically (a temporary sibling, then a rename): a reader, or a
+    crash, never sees half a file. For the small caches a study shares between its runs."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True), encoding="utf-8")
+    os.replace(tmp, path)
+
+
 def _jsonable(x: Any) -> Any:
     if isinstance(x, float) and not math.isfinite(x):
         return None

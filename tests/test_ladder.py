@@ -216,6 +216,18 @@ def test_ladder_runs_writes_table_and_figure_and_resumes(tiny_llama, tmp_path, c
     assert (tmp_path / "o.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_a_corrupt_base_evaluation_cache_is_named_not_used(tiny_llama, tmp_path, capsys):
+    out = tmp_path / "study"
+    out.mkdir()
+    (out / "base-eval.json").write_text("[1, 2")
+    args = ["ladder", "--layers", "L0", "--seeds", "1", "--profile", "paper", "--model", str(tiny_llama),
+            "--rounds", "1", "--max-new-tokens", "2", "--test-size", "4", "--out", str(out), "--no-progress"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "base-eval.json: not a base-evaluation cache" in err and "delete it" in err
+    assert (out / "base-eval.json").read_text() == "[1, 2"  # left as it was
+
+
 def test_tensorboard_event_files_hold_the_round_metrics(tiny_llama, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -24,6 +24,7 @@ from typing import Any, Callable
 from fastrft.config import parse_difficulty
 from fastrft.data.example import Example
 from fastrft.errors import ConfigError
+from fastrft.report import write_json
 
 
 def pool_indices(split_size: int, pool: int | None, seed: int) -> list[int]:
@@ -90,10 +91,7 @@ class DifficultyCache:
 
     def update(self, counts: dict[str, int]) -> None:
         self.counts.update(counts)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps({"key": self.key, "correct": self.counts}, indent=1, sort_keys=True))
-        os.replace(tmp, self.path)
+        write_json(self.path, {"key": self.key, "correct": self.counts})
 
 
 def select_by_difficulty(candidates: list[Example], counts: dict[str, int], k: int, band_text: str,
