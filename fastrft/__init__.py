@@ -2,24 +2,19 @@
 
 >>> from fastrft import TrainConfig, Trainer          # doctest: +SKIP
 >>> summary = Trainer(TrainConfig()).run()             # doctest: +SKIP
+
+Every public name is imported on first use (see fastrft._lazy): ``fastrft --help`` and the config
+classes do not import torch.
 """
 
-from fastrft.config import (AlgoConfig, DataConfig, EvalConfig, ModelConfig, OptimConfig, RolloutConfig, RunConfig,
-                            TrainConfig)
-from fastrft.engine import Completion, SamplingParams, generate
-from fastrft.models import load_model, load_tokenizer
+from fastrft._lazy import lazy_exports
 
 __version__ = "0.1.0"
 
-
-def __getattr__(name: str):
-    # The trainer pulls in tqdm, plotting and every subsystem; load it only when asked for.
-    if name == "Trainer":
-        from fastrft.trainer import Trainer
-
-        return Trainer
-    raise AttributeError(f"module 'fastrft' has no attribute {name!r}")
-
-
-__all__ = ["AlgoConfig", "Completion", "DataConfig", "EvalConfig", "ModelConfig", "OptimConfig", "RolloutConfig",
-           "RunConfig", "SamplingParams", "TrainConfig", "Trainer", "generate", "load_model", "load_tokenizer"]
+_EXPORTS = {**dict.fromkeys(("AlgoConfig", "DataConfig", "EvalConfig", "ModelConfig", "OptimConfig", "RolloutConfig",
+                             "RunConfig", "TrainConfig"), "fastrft.config"),
+            **dict.fromkeys(("Completion", "SamplingParams", "generate"), "fastrft.engine"),
+            **dict.fromkeys(("load_model", "load_tokenizer"), "fastrft.models"),
+            "Trainer": "fastrft.trainer"}
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+__all__ = sorted(_EXPORTS)

@@ -134,11 +134,13 @@ def load_latest(run_dir: Path, warn=None) -> tuple[int, dict[str, Any]] | None:
     warn = warn or (lambda msg: print(msg, file=sys.stderr))
     for round_, path in reversed(checkpoint_dirs(run_dir)):
         problem = verify(path)
-        if problem is not None:
-            warn(f"fastrft: checkpoint {path} is damaged ({problem}); falling back to the previous one")
-            continue
-        payload = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
-        return round_, payload
+        if problem is None:
+            try:
+                payload = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+                return round_, payload
+            except Exception as e:  # noqa: BLE001 - whole on disk but unreadable (another torch, a bug)
+                problem = f"state.pt cannot be loaded: {e.__class__.__name__}: {e}"
+        warn(f"fastrft: checkpoint {path} is damaged ({problem}); skipped")
     return None
 
 
@@ -171,6 +173,7 @@ def export_run(run_dir: str | os.PathLike[str], out: str | os.PathLike[str]) -> 
     the source model's tokenizer and generation files) that ``transformers`` loads as is."""
     from safetensors.torch import save_file
 
+    from fastrft.models.config import with_architecture
     from fastrft.models.loader import resolve_model_dir
 
     run_dir, out = Path(run_dir), Path(out)
@@ -183,7 +186,7 @@ def export_run(run_dir: str | os.PathLike[str], out: str | os.PathLike[str]) -> 
                            "rounds and at the end of a run)")
     round_, payload = found
     source = resolve_model_dir(json.loads(cfg_file.read_text())["model"]["model"])
-    hf_config = json.loads((source / "config.json").read_text())
+    hf_config = with_architecture(json.loads((source / "config.json").read_text()))
     state = payload["model"]
     if hf_config.get("tie_word_embeddings", False):
         state = {k: v for k, v in state.items() if k != "lm_head.weight"}

@@ -153,8 +153,13 @@ def main(argv: list[str] | None = None) -> int:
     except FastRFTError as e:
         print(f"fastrft: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("fastrft: interrupted; every completed round is in the run's metrics.jsonl", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        from fastrft.interrupt import RunInterrupted
+
+        if isinstance(e, RunInterrupted):
+            print(f"fastrft: {e}; rerun the same command to continue", file=sys.stderr)
+            return e.exit_code
+        print("fastrft: aborted; rerun the same command to continue from the last checkpoint", file=sys.stderr)
         return 130
 
 
@@ -173,7 +178,8 @@ def _ladder(args) -> int:
 
         on_cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
         profile = "cpu-mini" if on_cpu and model == DEFAULT_MODEL else "paper"
-        print(f"fastrft ladder: profile {profile} ({presets.PROFILES[profile][0]})", file=sys.stderr)
+        print(f"fastrft ladder: profile {profile} (chosen by --profile auto; flags override its sizing, and "
+              "ladder.md states the settings every run used)", file=sys.stderr)
     layers = [x.strip() for x in args.layers.split(",") if x.strip()]
     pairs = ladder.plan(base.to_dict(), flags, layers, args.seeds, profile, Path(out))
     settings = {"layers": [p.name for p in dict.fromkeys(x.preset for x in pairs)], "seeds": args.seeds,

@@ -17,7 +17,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-from fastrft.algo import ADVANTAGES, AGGREGATIONS, KL_ESTIMATORS, PGLossSpec
+# Only torch-free imports here: the CLI's --help is generated from these classes (see fastrft._lazy).
+from fastrft.algo.choices import ADVANTAGE_NAMES, AGGREGATIONS, KL_ESTIMATOR_NAMES
 from fastrft.errors import ConfigError
 from fastrft.models.embedded import DEFAULT_MODEL
 
@@ -99,6 +100,10 @@ class DataConfig:
     max_prompt_tokens: int = opt(512, "longest accepted prompt, in tokens")
     data_seed: int = opt(0, "seed of synthetic problems and test subsets; kept apart from --seed so that "
                             "seeds of a multi-seed study see the same data")
+    reward: str | None = opt(None, "reward that scores every example, in training and evaluation: a registered "
+                                   "name (arithmetic | gsm8k | math) or your own 'module.path:function', "
+                                   "f(response: str, answer: str) -> float in [0, 1], importable from "
+                                   "PYTHONPATH; none = the dataset's own")
 
     def __post_init__(self):
         from fastrft.data import DATASETS, LEVELS
@@ -117,6 +122,13 @@ class DataConfig:
         _require(self.difficulty_samples >= 1, "difficulty_samples", "must be >= 1")
         _require(self.difficulty_candidates >= 1, "difficulty_candidates", "must be >= 1")
         _require(self.difficulty_count >= 1, "difficulty_count", "must be >= 1")
+        if self.reward is not None:
+            from fastrft import rewards
+
+            try:
+                rewards.get(self.reward)  # imports and checks a module:function now, before a model loads
+            except ConfigError as e:
+                raise ConfigError(f"reward ({flag('reward')}) {e}") from None
         if self.dataset == "arithmetic":
             for name in ("train_file", "test_file"):
                 _require(getattr(self, name) is None, name,
@@ -153,7 +165,7 @@ class RolloutConfig:
 
 @dataclass(frozen=True)
 class AlgoConfig:
-    advantage: str = opt("none", "advantage estimator: " + " | ".join(ADVANTAGES))
+    advantage: str = opt("none", "advantage estimator: " + " | ".join(ADVANTAGE_NAMES))
     reward_fail: float = opt(0.0, "reward of an incorrect response")
     reward_success: float = opt(1.0, "reward of a correct response")
     fail_truncated: bool = opt(False, "score a response cut off at --max-new-tokens as incorrect (it never "
@@ -162,7 +174,7 @@ class AlgoConfig:
     clip_high: float = opt(0.2, "PPO clip epsilon above 1")
     dual_clip: float | None = opt(None, "dual-clip constant c > 1 for negative advantages (none = off)")
     kl_coef: float = opt(0.001, "KL coefficient against the frozen initial policy (0 = no reference model)")
-    kl_estimator: str = opt("k3", "KL estimator: " + " | ".join(KL_ESTIMATORS))
+    kl_estimator: str = opt("k3", "KL estimator: " + " | ".join(KL_ESTIMATOR_NAMES))
     entropy_coef: float = opt(0.0, "entropy bonus coefficient")
     aggregation: str = opt("token-mean", "loss aggregation: " + " | ".join(AGGREGATIONS))
     adv_eps: float = opt(1e-6, "epsilon added to the baseline std (grpo, window, extra_samples)")
@@ -175,15 +187,15 @@ class AlgoConfig:
     skip_zero_signal: bool = opt(True, "skip the backward pass of rounds that carry no gradient signal")
 
     def __post_init__(self):
-        _require(self.advantage in ADVANTAGES, "advantage",
-                 f"must be one of {', '.join(ADVANTAGES)}, got {self.advantage!r}")
+        _require(self.advantage in ADVANTAGE_NAMES, "advantage",
+                 f"must be one of {', '.join(ADVANTAGE_NAMES)}, got {self.advantage!r}")
         _require(0 <= self.clip_low < 1, "clip_low", f"must be in [0, 1), got {self.clip_low}")
         _require(self.clip_high >= 0, "clip_high", f"must be >= 0, got {self.clip_high}")
         _require(self.dual_clip is None or self.dual_clip > 1, "dual_clip",
                  f"must be > 1 (typically 3) or none, got {self.dual_clip}")
         _require(self.kl_coef >= 0, "kl_coef", f"must be >= 0, got {self.kl_coef}")
-        _require(self.kl_estimator in KL_ESTIMATORS, "kl_estimator",
-                 f"must be one of {', '.join(KL_ESTIMATORS)}, got {self.kl_estimator!r}")
+        _require(self.kl_estimator in KL_ESTIMATOR_NAMES, "kl_estimator",
+                 f"must be one of {', '.join(KL_ESTIMATOR_NAMES)}, got {self.kl_estimator!r}")
         _require(self.entropy_coef >= 0, "entropy_coef", f"must be >= 0, got {self.entropy_coef}")
         _require(self.aggregation in AGGREGATIONS, "aggregation",
                  f"must be one of {', '.join(AGGREGATIONS)}, got {self.aggregation!r}")
@@ -196,6 +208,8 @@ class AlgoConfig:
         _require(self.mini_batches >= 1, "mini_batches", f"must be >= 1, got {self.mini_batches}")
 
     def loss_spec(self, max_len: int) -> PGLossSpec:
+        from fastrft.algo.loss import PGLossSpec
+
         return PGLossSpec(clip_low=self.clip_low, clip_high=self.clip_high, dual_clip=self.dual_clip,
                           kl_coef=self.kl_coef, kl_estimator=self.kl_estimator, entropy_coef=self.entropy_coef,
                           aggregation=self.aggregation, max_len=max_len)
@@ -282,8 +296,11 @@ class RunConfig:
     keep_checkpoints: int = opt(2, "how many of the latest checkpoints are kept")
     tensorboard: bool = opt(False, "also write TensorBoard event files under <run dir>/tb (needs the "
                                    "tensorboard package)")
+    threads: int = opt(0, "torch CPU threads for this run; 0 = torch's default (one per core). On a machine "
+                          "shared with other work, 1 often decodes faster: measured 5x on a loaded 2-core machine")
 
     def __post_init__(self):
+        _require(self.threads >= 0, "threads", f"must be >= 0 (0 = torch's default), got {self.threads}")
         _require(self.rounds >= 0, "rounds", f"must be >= 0, got {self.rounds}")
         _require(self.save_every >= 0, "save_every", f"must be >= 0, got {self.save_every}")
         _require(self.keep_checkpoints >= 1, "keep_checkpoints", f"must be >= 1, got {self.keep_checkpoints}")
@@ -303,6 +320,8 @@ class TrainConfig:
     run: RunConfig = field(default_factory=RunConfig)
 
     def __post_init__(self):
+        from fastrft.algo.advantage import ADVANTAGES
+
         est = ADVANTAGES[self.algo.advantage]
         if est.needs_group and self.rollout.group_size < 2:
             raise ConfigError(

@@ -46,11 +46,13 @@ def _score(name_or_none: str | None, example: Example, text: str) -> float:
 
 
 def evaluate(engine, train: EvalSet, test: EvalSet, *, train_samples: int, temperature: float,
-             max_new_tokens: int, greedy: bool, seed: int, extra_rewards: tuple[str, ...] = ()) -> dict[str, float]:
+             max_new_tokens: int, greedy: bool, seed: int, extra_rewards: tuple[str, ...] = (),
+             progress=None) -> dict[str, float]:
     """Run one evaluation through ``engine`` (a :class:`fastrft.engine.Engine` with a tokenizer); returns a
     flat dict of metrics (floats), e.g. train_pass1, test_pass1, test_greedy, train_pass@k for k in
-    1, 2, 4, ... <= train_samples, and <metric>_<reward> for each extra reward."""
-    gen = dict(max_new_tokens=max_new_tokens)
+    1, 2, 4, ... <= train_samples, and <metric>_<reward> for each extra reward. ``progress`` is called
+    with the number of sequences finished after every engine step (:func:`eval_sequences` in all)."""
+    gen = dict(max_new_tokens=max_new_tokens, progress=progress)
     generate = engine.generate
     out: dict[str, float] = {}
     names: tuple[str | None, ...] = (None, *extra_rewards)
@@ -77,6 +79,11 @@ def evaluate(engine, train: EvalSet, test: EvalSet, *, train_samples: int, tempe
             greedy_out = [g[0] for g in generate(test.prompt_ids, n=1, temperature=0.0, **gen)]
             out["test_greedy"] = _mean([_score(None, ex, c.text) for ex, c in zip(test.examples, greedy_out)])
     return out
+
+
+def eval_sequences(train: EvalSet, test: EvalSet, *, train_samples: int, greedy: bool) -> int:
+    """How many sequences one :func:`evaluate` call generates (the total of its progress bar)."""
+    return len(train.examples) * train_samples + len(test.examples) * (2 if greedy else 1)
 
 
 class BaseEvalCache:

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from fastrft import presets
 from fastrft.config import GROUPS, TrainConfig, build_group
 from fastrft.errors import ConfigError
-from fastrft.report import MIN_EFFECT, baseline, dynamics_table, ladder_table, plot_ladder, read_metrics
+from fastrft.report import MIN_EFFECT, baseline, dynamics_table, ladder_table, plot_ladder, plural, read_metrics
 
 
 @dataclass(frozen=True)
@@ -93,7 +93,8 @@ def run_ladder(pairs: list[Pair], out: Path, settings: dict[str, Any], *, force:
                               "to continue it with these settings")
     meta.write_text(json.dumps(settings, indent=2))
     todo = [p for p in pairs if not _complete(p.out)]
-    print(f"fastrft ladder: {len(pairs)} runs ({len(pairs) - len(todo)} already complete) in {out}", file=sys.stderr)
+    print(f"fastrft ladder: {plural(len(pairs), 'run')} ({len(pairs) - len(todo)} already complete) in {out}",
+          file=sys.stderr)
     overall = tqdm(total=len(pairs), initial=len(pairs) - len(todo), desc="ladder", unit="run", file=sys.stderr,
                    dynamic_ncols=True, position=0)
     try:
@@ -115,32 +116,120 @@ def run_ladder(pairs: list[Pair], out: Path, settings: dict[str, Any], *, force:
 
 
 def collect(pairs: list[Pair]) -> list[dict[str, Any]]:
-    """Per preset: its choice and, per finished seed, the metrics records and the summary."""
+    """Per preset: its choice, worded with the values its runs used, and, per finished seed, the metrics
+    records and the summary."""
     layers: dict[str, dict[str, Any]] = {}
     for pair in pairs:
+        choice = pair.preset.choice_text(pair.config.to_dict())
         entry = layers.setdefault(pair.preset.name, {"name": pair.preset.name, "layer": pair.preset.layer,
-                                                     "choice": pair.preset.choice, "runs": []})
+                                                     "choice": choice, "runs": []})
         if _complete(pair.out):
             entry["runs"].append({"seed": pair.seed, "records": read_metrics(pair.out / "metrics.jsonl"),
                                   "summary": json.loads((pair.out / "summary.json").read_text())})
     return list(layers.values())
 
 
+#: The settings ladder.md's header states, each worded from a resolved config: the values the runs used.
+SETTINGS = (
+    lambda c: plural(c.run.rounds, "round"),
+    lambda c: ("evaluation every round" if c.eval.eval_every == 1 else
+               f"evaluation every {c.eval.eval_every} rounds" if c.eval.eval_every else "evaluation at the start "
+               "and the end"),
+    lambda c: f"lr {c.optim.lr:g}" + ("" if c.optim.schedule == "constant" else f" ({c.optim.schedule})"),
+    lambda c: f"responses ≤ {c.rollout.max_new_tokens} tokens",
+    lambda c: f"G = {c.rollout.group_size}",
+    lambda c: f"T = {c.rollout.temperature:g}",
+    lambda c: f"KL {c.algo.kl_coef:g} ({c.algo.kl_estimator})" if c.algo.kl_coef else "no KL",
+    lambda c: f"train Pass@1 from {plural(c.eval.train_samples, 'sample')}",
+    lambda c: (f"test Pass@1 on {plural(c.eval.test_size, 'problem')}" if c.eval.test_size else
+               "test Pass@1 on the whole test split"),
+)
+
+
+def settings_text(pairs: list[Pair]) -> str:
+    """The settings every run used, in words; one that differs between presets is given per preset."""
+    configs: dict[str, TrainConfig] = {}
+    for pair in pairs:  # the seeds of a preset differ only in the seed
+        configs.setdefault(pair.preset.name, pair.config)
+    common, per_preset = [], []
+    for words in SETTINGS:
+        groups: dict[str, list[str]] = {}
+        for name, cfg in configs.items():
+            groups.setdefault(words(cfg), []).append(name)
+        if len(groups) == 1:
+            common.append(next(iter(groups)))
+        else:
+            per_preset.append("; ".join(f"{text} ({', '.join(names)})" for text, names in groups.items()))
+    return "Every run: " + ", ".join(common) + "." + "".join(f" By preset: {x}." for x in per_preset)
+
+
+def flags_text(pairs: list[Pair], settings: dict[str, Any]) -> str:
+    """The profile and the flags given on the command line (ladder.json's "flags"), each flag with the
+    value it replaced and where that came from: a flag wins over the profile and the presets."""
+    profile = settings.get("profile")
+    if profile is None:
+        return ""
+    prof = presets.PROFILES[profile][1] if profile in presets.PROFILES else {}
+    base = settings.get("base") or TrainConfig().to_dict()
+    chosen = list(dict.fromkeys(p.preset for p in pairs))
+    given = [_flag(field, value) + _replaced(chosen, base, (profile, prof), section, field, value)
+             for section, fields in (settings.get("flags") or {}).items() for field, value in fields.items()
+             if (section, field) != ("run", "progress")]  # a display switch, not a setting of the study
+    if not given:
+        return f"Profile `{profile}`; no setting given on the command line."
+    return f"Profile `{profile}`; given on the command line, over the profile and the presets: {', '.join(given)}."
+
+
+def _replaced(chosen: list[presets.Preset], base: dict[str, dict[str, Any]], profile: tuple[str, dict], section: str,
+              field: str, value: Any) -> str:
+    """' (instead of 60 from profile cpu-mini)': what a flag replaced, per preset where presets differ."""
+    name, prof = profile
+    was: dict[str, list[str]] = {}
+    for p in chosen:
+        old = presets.overlay(base, presets.L0_FIELDS, prof, p.overrides)[section].get(field)
+        if _value(old) == _value(value):
+            continue
+        source = (p.name if field in p.overrides.get(section, {}) else f"profile {name}"
+                  if field in prof.get(section, {}) else "L0" if field in presets.L0_FIELDS.get(section, {})
+                  else "the base config")
+        was.setdefault(f"{_value(old)} from {source}", []).append(p.name)
+    parts = [w if len(ps) == len(chosen) else f"{w} for {', '.join(ps)}" for w, ps in was.items()]
+    return f" (instead of {'; '.join(parts)})" if parts else ""
+
+
+def _value(v: Any) -> str:
+    if isinstance(v, (list, tuple)):
+        return ",".join(map(str, v))
+    return "none" if v is None else f"{v:g}" if isinstance(v, float) else str(v)  # as the flags spell it
+
+
+def _flag(field: str, value: Any) -> str:
+    name = field.replace("_", "-")
+    if isinstance(value, bool):
+        return f"--{name}" if value else f"--no-{name}"
+    return f"--{name} {_value(value)}"
+
+
 def report(pairs: list[Pair], out: Path) -> dict[str, Any]:
+    """Write ladder.md (a header stating the settings the runs used, the comparison and the dynamics
+    tables) and curves.png from the finished pairs; return {"table", "figure"}."""
     layers = collect(pairs)
     table = ladder_table(layers)
     base = baseline(layers)["name"] if layers else "L0-minimal"
     cfg = pairs[0].config
     try:
-        profile = json.loads((out / "ladder.json").read_text())["profile"]
-    except (OSError, json.JSONDecodeError, KeyError):
-        profile = None
-    sizing = (f"Profile `{profile}`: {presets.PROFILES[profile][0]}. The 'choice' column describes each preset "
-              "against the paper's settings; the profile's sizing applies to every row.\n\n"
-              if profile in presets.PROFILES else "")
-    header = (f"# Ladder: {cfg.model.model} on {cfg.data.dataset}\n\n{sizing}"
-              f"{len(pairs)} runs: {len(layers)} presets x {len({p.seed for p in pairs})} seeds, {cfg.run.rounds} rounds "
-              f"each. Pass@1 columns are mean ± std over seeds; 'best test' is the maximum of the seed-mean test "
+        settings = json.loads((out / "ladder.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        settings = {}
+    finished = sum(len(x["runs"]) for x in layers)
+    runs = plural(len(pairs), "run") + ("" if finished == len(pairs) else f" ({finished} finished)")
+    study = (f"{runs}: {plural(len(layers), 'preset')} x {plural(len({p.seed for p in pairs}), 'seed')}. "
+             f"{settings_text(pairs)}")
+    flags = flags_text(pairs, settings)  # empty for a study without ladder.json
+    header = (f"# Ladder: {cfg.model.model} on {cfg.data.dataset}\n\n{study}\n\n"
+              + (f"{flags}\n\n" if flags else "")
+              + f"The 'choice' column words each preset's design choice with the values its runs used. Pass@1 "
+              f"columns are mean ± std over seeds; 'best test' is the maximum of the seed-mean test "
               f"curve and its round; 'to 0.9' is the first evaluated round with train Pass@1 >= 0.9, averaged over "
               f"the seeds that reached it (how many did, in brackets). 'train/test vs' columns: the preset's Pass@1 "
               f"averaged over its evaluations after round 0 (the area under the curve, mean over seeds) minus "

@@ -6,13 +6,18 @@ defaults are. A profile rescales a study to a machine (learning rate, response b
 size, rounds) without touching any design choice; flags given on the command line override both.
 
 Resolution order, lowest first: TrainConfig defaults (or a --config file) < profile < preset < flags.
+
+A preset's ``choice`` is a template over the config (``{rollout.group_size}``), so that a table states the
+values a run used, whatever the profile or a flag changed: :meth:`Preset.choice_text`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
+from fastrft.config import TrainConfig
 from fastrft.errors import ConfigError
 
 
@@ -20,8 +25,27 @@ from fastrft.errors import ConfigError
 class Preset:
     name: str
     layer: str
-    choice: str  # the design choice, in words
+    choice: str  # the design choice, in words; {section.field} and the names of _derived() are filled in
     overrides: dict[str, dict[str, Any]]
+
+    def choice_text(self, values: dict[str, dict[str, Any]]) -> str:
+        """The choice with the numbers of ``values`` (a resolved config as sections of fields, e.g.
+        ``TrainConfig.to_dict()``): the settings the runs used, never ones they did not."""
+        sections = {s: SimpleNamespace(**fields) for s, fields in values.items()}
+        return self.choice.format_map({**sections, **_derived(values)})
+
+
+def _derived(values: dict[str, dict[str, Any]]) -> dict[str, str]:
+    """Words for the choices that span fields (the choice templates name them {examples}, {clip}, {kl})."""
+    data, algo = values["data"], values["algo"]
+    if data["examples_per_round"]:
+        examples = f"{data['examples_per_round']} examples per round"
+    else:
+        n = data["difficulty_count"] if data["difficulty"] else len(data["example_index"])
+        examples = "1 example" if n == 1 else f"{n} examples"
+    clip = f"{algo['clip_low']:g}" + ("" if algo["clip_high"] == algo["clip_low"] else f"/{algo['clip_high']:g}")
+    kl = f"KL {algo['kl_coef']:g} ({algo['kl_estimator']})" if algo["kl_coef"] else "no KL"
+    return {"examples": examples, "clip": clip, "kl": kl}
 
 
 # The minimalist layer, spelled out (equal to the defaults; written here so the table reads on its own).
@@ -33,18 +57,23 @@ L0_FIELDS: dict[str, dict[str, Any]] = {
     "optim": {"lr": 1e-6},
 }
 
+# The learning rate is left out of the choices on purpose: a profile sizes it for the machine (see PROFILES),
+# and the study's header states the value used.
 _TABLE = [
-    Preset("L0-minimal", "L0", "1 example, G = 1, reward {0,1} as the signal, clip 0.2, KL 0.001 (k3), lr 1e-6", {}),
-    Preset("L1-advantage", "L1", "+ advantage: mean/std over the example's last 8 rewards (window baseline)",
-           {"algo": {"advantage": "window", "window": 8}}),
-    Preset("L1-advantage-extra", "L1", "+ advantage: mean/std of 4 extra samples not trained on",
+    Preset("L0-minimal", "L0", "{examples}, G = {rollout.group_size}, reward {{{algo.reward_fail:g},"
+           "{algo.reward_success:g}}} as the signal, clip {clip}, {kl}", {}),
+    Preset("L1-advantage", "L1", "+ advantage: mean/std over the example's last {algo.window} rewards (window "
+           "baseline)", {"algo": {"advantage": "window", "window": 8}}),
+    Preset("L1-advantage-extra", "L1", "+ advantage: mean/std of {algo.extra_samples} extra samples not trained on",
            {"algo": {"advantage": "extra_samples", "extra_samples": 4}}),
-    *[Preset(f"L2-rollouts-{g}", "L2", f"G = {g} rollouts per round", {"rollout": {"group_size": g}})
+    *[Preset(f"L2-rollouts-{g}", "L2", "G = {rollout.group_size} rollouts per round", {"rollout": {"group_size": g}})
       for g in (2, 4, 8, 16)],
-    Preset("L3-negative-reward", "L3", "reward {-1,+1}: failures are pushed down", {"algo": {"reward_fail": -1.0}}),
-    Preset("L4-hard-example", "L4", "an example the base model never solves (0 of 8 samples)",
+    Preset("L3-negative-reward", "L3", "reward {{{algo.reward_fail:g},+{algo.reward_success:g}}}: failures are "
+           "pushed down", {"algo": {"reward_fail": -1.0}}),
+    Preset("L4-hard-example", "L4", "an example the base model never solves (0 of {data.difficulty_samples} samples)",
            {"data": {"difficulty": "hard"}}),
-    Preset("L5-batch", "L5", "8 examples per round drawn from the training pool", {"data": {"examples_per_round": 8}}),
+    Preset("L5-batch", "L5", "{data.examples_per_round} examples per round drawn from the training pool",
+           {"data": {"examples_per_round": 8}}),
 ]
 
 PRESETS: dict[str, Preset] = {p.name: p for p in _TABLE}
@@ -95,11 +124,12 @@ def overlay(values: dict[str, dict[str, Any]], *layers: dict[str, dict[str, Any]
 
 
 def describe() -> str:
-    """The table ``fastrft presets`` prints."""
+    """The table ``fastrft presets`` prints, each choice worded with the paper's values."""
+    paper = overlay(TrainConfig().to_dict(), L0_FIELDS)
     rows = ["| preset | layer | what it changes from L0-minimal | fields |", "|---|---|---|---|"]
     for p in _TABLE:
         fields = ", ".join(f"{s}.{k}={v}" for s, kv in p.overrides.items() for k, v in kv.items()) or "–"
-        rows.append(f"| {p.name} | {p.layer} | {p.choice} | {fields} |")
+        rows.append(f"| {p.name} | {p.layer} | {p.choice_text(overlay(paper, p.overrides))} | {fields} |")
     aliases = ", ".join(f"{a} = {t}" for a, t in ALIASES.items())
     profiles = "\n".join(f"- {n}: {d}" for n, (d, _) in PROFILES.items())
     return "\n".join(rows) + f"\n\nShort names: {aliases}.\n\nProfiles (--profile), machine sizing only:\n{profiles}"

@@ -26,6 +26,7 @@ import copy
 import json
 import random
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -43,14 +44,15 @@ from fastrft.data import dedupe_against, encode_prompt, load_dataset
 from fastrft.data import selection
 from fastrft.engine import Engine, EngineConfig, request_seed
 from fastrft.errors import ConfigError
-from fastrft.evaluate import BaseEvalCache, EvalSet, base_eval_key, evaluate
+from fastrft.evaluate import BaseEvalCache, EvalSet, base_eval_key, eval_sequences, evaluate
+from fastrft.interrupt import RunInterrupted, StopRequest
 from fastrft.kernels import fused_linear_pg_loss, linear_logprob
 from fastrft.models import load_model, load_tokenizer
 from fastrft.report import MetricsLog, before_after_table, plot_curves, read_metrics
 
 
 #: Config fields that change nothing a run computes; a resume may differ in them freely.
-RESUME_IGNORED = {("run", "progress"), ("run", "tensorboard"), ("run", "keep_checkpoints")}
+RESUME_IGNORED = {("run", "progress"), ("run", "tensorboard"), ("run", "keep_checkpoints"), ("run", "threads")}
 
 
 @dataclass
@@ -62,10 +64,12 @@ class RunState:
     skipped: int = 0  # rounds without gradient signal
     history: dict[str, list[float]] = field(default_factory=dict)  # window baseline: example id -> rewards
     wall: float = 0.0  # seconds spent in run() up to the last checkpoint, over all sessions of the run
+    # The evaluation of this round was abandoned by a stop request: the resumed run measures it first.
+    pending_eval: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"round": self.round, "updates": self.updates, "skipped": self.skipped, "history": self.history,
-                "wall": self.wall}
+                "wall": self.wall, "pending_eval": self.pending_eval}
 
 
 class Trainer:
@@ -75,7 +79,11 @@ class Trainer:
         self.cfg = config
         self._base_evals = BaseEvalCache(base_eval_cache) if base_eval_cache else None
         self.out_dir = self._out_dir()
+        _check_writable(self.out_dir)
         existing = self._check_existing(force)
+        self._force = force
+        if config.run.threads:
+            torch.set_num_threads(config.run.threads)
         torch.manual_seed(config.run.seed)
         self.device = _resolve_device(config.model.device)
         self.tokenizer = load_tokenizer(config.model.model)
@@ -99,11 +107,15 @@ class Trainer:
         self._prompt_cache: dict[int, list[int]] = {}
         self._load_data()
         self._select_examples()  # may estimate difficulty, whose cache is the only file written before here
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        if existing in (None, "forced"):
-            if existing == "forced":
-                (self.out_dir / "config.json").rename(self.out_dir / f"config.before-{datetime.now():%Y%m%d-%H%M%S}.json")
-            (self.out_dir / "config.json").write_text(config.to_json())
+        try:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            if existing in (None, "forced"):
+                if existing == "forced":
+                    (self.out_dir / "config.json").rename(self.out_dir / f"config.before-{_stamp()}.json")
+                (self.out_dir / "config.json").write_text(config.to_json())
+        except OSError as e:
+            raise ConfigError(f"out (--out) {self.out_dir}: cannot write there ({e.strerror}); choose a writable "
+                              "directory") from None
         self.resumed_from: int | None = None
         if existing in ("resume", "forced") and not self.complete:
             self._restore()
@@ -150,8 +162,8 @@ class Trainer:
 
     def _load_data(self) -> None:
         d = self.cfg.data
-        split = load_dataset(d.dataset, "train", path=d.train_file, level=d.level, seed=d.data_seed)
-        test = load_dataset(d.dataset, "test", path=d.test_file, level=d.level, seed=d.data_seed)
+        split = load_dataset(d.dataset, "train", path=d.train_file, level=d.level, seed=d.data_seed, reward=d.reward)
+        test = load_dataset(d.dataset, "test", path=d.test_file, level=d.level, seed=d.data_seed, reward=d.reward)
         if d.difficulty is None and not d.examples_per_round:
             bad = [i for i in d.example_index if i >= len(split)]
             if bad:
@@ -201,7 +213,7 @@ class Trainer:
         key = {"model": str(self.cfg.model.model), "dtype": self.cfg.model.dtype, "dataset": d.dataset,
                "level": d.level, "k": d.difficulty_samples, "max_new_tokens": ro.max_new_tokens,
                "max_prompt_tokens": d.max_prompt_tokens, "fail_truncated": a.fail_truncated, "temperature": 1.0,
-               "seed": d.data_seed}
+               "seed": d.data_seed, **({"reward": d.reward} if d.reward else {})}
         cache = selection.DifficultyCache(d.difficulty_cache or self.out_dir / "difficulty.json", key)
         missing = cache.missing(cands)
         if missing:
@@ -234,13 +246,17 @@ class Trainer:
         return rewards.score(ex.reward, completion.text, ex.answer)
 
     def _restore(self) -> None:
-        """Continue from the newest whole checkpoint; with none, start over (and cut the logs back)."""
+        """Continue from the newest whole checkpoint. With none, start over only if nothing was recorded
+        yet, or with --force, which keeps the old records beside the new ones: records are never dropped
+        without the user asking."""
         ckpt.clean_partial(self.out_dir)
-        found = ckpt.load_latest(self.out_dir)
+        damaged: list[str] = []
+        found = ckpt.load_latest(self.out_dir, warn=damaged.append)
         if found is None:
-            for name in ("metrics.jsonl", "rollouts.jsonl"):
-                ckpt.truncate(self.out_dir / name, 0)
+            self._start_over(damaged)
             return
+        for msg in damaged:
+            print(msg, file=sys.stderr)
         round_, payload = found
         ids = [x.id for x in self.train_set.examples]
         if payload["train_examples"] != ids:
@@ -250,11 +266,31 @@ class Trainer:
         self.optimizer.load_state_dict(payload["optimizer"])
         s = payload["state"]
         self.state = RunState(round=s["round"], updates=s["updates"], skipped=s["skipped"],
-                              history={k: list(v) for k, v in s["history"].items()}, wall=s.get("wall", 0.0))
+                              history={k: list(v) for k, v in s["history"].items()}, wall=s.get("wall", 0.0),
+                              pending_eval=s.get("pending_eval"))
         ckpt.truncate(self.out_dir / "metrics.jsonl", payload["metrics_bytes"])
         ckpt.truncate(self.out_dir / "rollouts.jsonl", payload["rollouts_bytes"])
         ckpt.set_rng_state(payload["rng"])
         self.resumed_from = round_
+
+    def _start_over(self, damaged: list[str]) -> None:
+        logs = [self.out_dir / name for name in ("metrics.jsonl", "rollouts.jsonl")]
+        records = sum(_count_lines(p) for p in logs)
+        if records and not self._force:
+            found = (f"{len(damaged)} checkpoint(s), every one damaged ({'; '.join(damaged)})" if damaged
+                     else "no checkpoint (the run was killed before its first one)")
+            raise ConfigError(f"out (--out) {self.out_dir} holds {records} recorded lines in metrics.jsonl and "
+                              f"rollouts.jsonl but {found}, so the run cannot continue from them; nothing was "
+                              "changed. Pass --force to start it over (the old records are kept as "
+                              "*.before-<time>.jsonl), or use a new --out.")
+        stamp = _stamp()
+        for p in logs:
+            if _count_lines(p):
+                kept = p.with_name(f"{p.stem}.before-{stamp}{p.suffix}")
+                p.rename(kept)
+                print(f"fastrft: starting {self.out_dir} over; its old records are in {kept}", file=sys.stderr)
+            elif p.exists():
+                p.unlink()
 
     def save(self) -> Path:
         """Checkpoint the end of round ``state.round``; the prefix cache is dropped so that an uninterrupted
@@ -296,23 +332,27 @@ class Trainer:
                    disable=not cfg.run.progress, file=sys.stderr, dynamic_ncols=True)
         if self.resumed_from is not None:
             bar.write(f"[resume] {self.out_dir}: continuing after round {self.resumed_from}", file=sys.stderr)
+        stop = StopRequest(describe=lambda: f"round {self.state.round + 1}")
         try:
-            if self.state.round == 0:
-                self._evaluate(0, log, bar)
-                # Whether round 0 was measured or read from the shared cache, round 1 starts from the same
-                # engine state (an empty prefix cache), so sharing changes nothing a run computes.
-                self.engine.reset_prefix_cache()
-            for r in range(first, cfg.run.rounds + 1):
-                metrics = self.round(r)
-                self.state.round = r
-                log.write(metrics)
-                self._tb_write(metrics, r)
-                bar.update(1)
-                bar.set_postfix(reward=f"{metrics['reward_mean']:.2f}", skipped=self.state.skipped)
-                if r == cfg.run.rounds or (cfg.eval.eval_every and r % cfg.eval.eval_every == 0):
-                    self._evaluate(r, log, bar)
-                if r == cfg.run.rounds or (cfg.run.save_every and r % cfg.run.save_every == 0):
-                    self.save()
+            with stop:
+                if self.state.pending_eval is not None:  # stopped during this evaluation last time
+                    self._after_round(self.state.pending_eval, log, bar, stop)
+                elif self.resumed_from is None:
+                    if self._evaluate(0, log, bar, stop) is None:
+                        self._stop(stop)
+                    # Whether round 0 was measured or read from the shared cache, round 1 starts from the
+                    # same engine state (an empty prefix cache), so sharing changes nothing a run computes.
+                    self.engine.reset_prefix_cache()
+                for r in range(first, cfg.run.rounds + 1):
+                    if stop.requested:
+                        self._stop(stop)
+                    metrics = self.round(r)
+                    self.state.round = r
+                    log.write(metrics)
+                    self._tb_write(metrics, r)
+                    bar.update(1)
+                    bar.set_postfix(self._postfix(metrics), refresh=False)
+                    self._after_round(r, log, bar, stop)
         finally:
             bar.close()
             log.close()
@@ -321,6 +361,42 @@ class Trainer:
             if self._tb is not None:
                 self._tb.close()
         return self._summarise(self._wall0 + time.monotonic() - self._t0)
+
+    def _after_round(self, r: int, log: MetricsLog, bar, stop: StopRequest) -> None:
+        """Evaluate and checkpoint round ``r`` when due. A stop request during the evaluation abandons
+        it and checkpoints round ``r`` with the evaluation pending (the resumed run measures it first)."""
+        cfg = self.cfg
+        self.state.pending_eval = None
+        if r == cfg.run.rounds or (cfg.eval.eval_every and r % cfg.eval.eval_every == 0):
+            if self._evaluate(r, log, bar, stop) is None:
+                self.state.pending_eval = r
+                self._stop(stop)
+        if r == cfg.run.rounds or (cfg.run.save_every and r % cfg.run.save_every == 0):
+            self.save()
+
+    def _stop(self, stop: StopRequest) -> None:
+        """Checkpoint the last completed round (unless that checkpoint exists) and raise RunInterrupted."""
+        path = None
+        if self.state.round > 0:
+            saved = dict(ckpt.checkpoint_dirs(self.out_dir))
+            if self.state.pending_eval is not None or self.state.round not in saved:
+                path = self.save()
+            else:
+                path = saved[self.state.round]
+        raise RunInterrupted(stop.requested, self.state.round, None if path is None else str(path))
+
+    def _postfix(self, metrics: dict[str, Any]) -> dict[str, str]:
+        """The progress bar's per-round line: reward, then loss, KL and entropy of the update."""
+        out = {"reward": f"{metrics['reward_mean']:.2f}"}
+        if metrics.get("skipped"):
+            out["loss"] = "skip"
+        else:
+            out["loss"] = f"{metrics['loss']:.4g}"
+            if self.spec.needs_ref:
+                out["kl"] = f"{metrics['kl_mean']:.3g}"
+            out["entropy"] = f"{metrics['entropy_mean']:.3g}"
+        out["skipped"] = str(self.state.skipped)
+        return out
 
     def round(self, r: int) -> dict[str, Any]:
         cfg, t0 = self.cfg, time.monotonic()
@@ -482,7 +558,8 @@ class Trainer:
         hidden = model.forward_packed(batch.input_ids, batch.cu_seqlens)
         return hidden.index_select(0, batch.target_pos), model.lm_head_weight
 
-    def _evaluate(self, r: int, log: MetricsLog, bar) -> dict[str, float]:
+    def _evaluate(self, r: int, log: MetricsLog, bar, stop: StopRequest | None = None) -> dict[str, float] | None:
+        """Evaluate after round ``r`` and log it; None if a stop request abandoned it (nothing logged)."""
         e, t0 = self.cfg.eval, time.monotonic()
         shared = key = None
         if r == 0 and self.state.updates == 0 and self._base_evals is not None:
@@ -492,11 +569,20 @@ class Trainer:
             result = shared["result"]
         else:
             self.policy.eval()
-            result = evaluate(self.engine, self.train_set, self.test_set, train_samples=e.train_samples,
-                              temperature=e.eval_temperature,
-                              max_new_tokens=e.eval_max_new_tokens or self.cfg.rollout.max_new_tokens,
-                              greedy=e.greedy, seed=request_seed(self.cfg.run.seed, r, 1),
-                              extra_rewards=e.extra_rewards)
+            # Every evaluation starts from an empty prefix cache, so that its numbers do not depend on
+            # whether the run was resumed just before it (a checkpoint empties the cache).
+            self.engine.reset_prefix_cache()
+            total = eval_sequences(self.train_set, self.test_set, train_samples=e.train_samples, greedy=e.greedy)
+            with tqdm(total=total, desc=f"eval round {r}", unit="seq", leave=False, file=sys.stderr,
+                      disable=not self.cfg.run.progress, dynamic_ncols=True) as ebar:
+                measure = lambda: evaluate(  # noqa: E731
+                    self.engine, self.train_set, self.test_set, train_samples=e.train_samples,
+                    temperature=e.eval_temperature, max_new_tokens=e.eval_max_new_tokens or self.cfg.rollout.max_new_tokens,
+                    greedy=e.greedy, seed=request_seed(self.cfg.run.seed, r, 1), extra_rewards=e.extra_rewards,
+                    progress=ebar.update)
+                result = stop.run_abandonable(measure) if stop is not None else measure()
+            if result is None:
+                return None
             if key is not None:
                 self._base_evals.put(key, result, self.cfg.run.name)
         record = {"kind": "eval", "round": r, **result, "time_eval": time.monotonic() - t0}
@@ -547,12 +633,15 @@ class Trainer:
 def config_diff(stored: dict[str, Any], requested: dict[str, Any]) -> str:
     """The fields that differ between two config dicts (RESUME_IGNORED left out), one per line."""
     lines = []
+    # A field added after a run was written is absent from its config.json: it ran with the default.
+    defaults = TrainConfig().to_dict()
     for section in sorted(set(stored) | set(requested)):
         a, b = stored.get(section, {}), requested.get(section, {})
         for name in sorted(set(a) | set(b)):
             if (section, name) in RESUME_IGNORED:
                 continue
-            va, vb = a.get(name, "<absent>"), b.get(name, "<absent>")
+            default = defaults.get(section, {}).get(name, "<absent>")
+            va, vb = a.get(name, default), b.get(name, default)
             if isinstance(va, list):
                 va = tuple(va)
             if isinstance(vb, list):
@@ -584,6 +673,35 @@ def _tensorboard(out_dir: Path):
         raise ConfigError("tensorboard (--tensorboard) needs the tensorboard package: pip install tensorboard "
                           "(or install fastrft with its [tensorboard] extra)") from None
     return SummaryWriter(str(out_dir / "tb"))
+
+
+def _check_writable(out: Path) -> None:
+    """Refuse an --out that is a file or cannot be written, before anything loads or is written."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"out (--out) {out} is a file, not a directory; pass a directory (it is created if "
+                          "missing)")
+    probe = out
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ConfigError(f"out (--out) {out}: {probe} is a file, not a directory; choose another path")
+    try:
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as e:
+        raise ConfigError(f"out (--out) {out}: cannot write into {probe} ({e.strerror}); choose a writable "
+                          "directory") from None
+
+
+def _count_lines(path: Path) -> int:
+    if not path.exists():
+        return 0
+    with open(path, "rb") as f:
+        return sum(1 for line in f if line.strip())
+
+
+def _stamp() -> str:
+    return f"{datetime.now():%Y%m%d-%H%M%S}"
 
 
 def _resolve_device(name: str) -> torch.device:

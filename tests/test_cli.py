@@ -92,3 +92,15 @@ def test_malformed_dataset_line_is_reported_with_file_and_line(tiny_llama, tmp_p
     err = capsys.readouterr().err
     assert "my_train.jsonl line 2" in err and "'answer'" in err and "####" in err
     assert not out.exists()
+
+
+def test_help_is_fast_because_it_imports_no_torch():
+    """`fastrft --help` is generated from the config classes alone: importing torch takes seconds."""
+    code = ("import sys\nfrom fastrft.cli import main\n"
+            "for argv in (['--help'], ['train', '--help'], ['ladder', '--help']):\n"
+            "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
+            "assert 'torch' not in sys.modules, 'torch was imported'\n"
+            "assert 'transformers' not in sys.modules, 'transformers was imported'\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "--max-new-tokens" in proc.stdout and "--threads" in proc.stdout and "--reward" in proc.stdout

@@ -34,6 +34,7 @@ INVALID = [
     (DataConfig, "max_prompt_tokens", 0),
     (DataConfig, "train_file", "train.jsonl"),  # not allowed with the default (synthetic arithmetic) dataset
     (DataConfig, "test_file", "test.jsonl"),
+    (DataConfig, "reward", "no_such_reward"), (DataConfig, "reward", "no_such_module_xyz:exact"),
     (RolloutConfig, "group_size", 0), (RolloutConfig, "group_size", 257),
     (RolloutConfig, "temperature", 0.0), (RolloutConfig, "temperature", -1.0),
     (RolloutConfig, "top_p", 0.0), (RolloutConfig, "top_p", 1.5),
@@ -49,7 +50,7 @@ INVALID = [
     (EvalConfig, "eval_every", -1), (EvalConfig, "train_samples", 0), (EvalConfig, "test_size", 0),
     (EvalConfig, "eval_temperature", 0.0), (EvalConfig, "eval_max_new_tokens", 0),
     (EvalConfig, "extra_rewards", ("no_such_reward",)),
-    (RunConfig, "rounds", -1),
+    (RunConfig, "rounds", -1), (RunConfig, "threads", -1),
 ]  # fmt: skip
 
 
@@ -67,15 +68,16 @@ def test_invalid_table_covers_every_validated_field():
     covered = {(cls, name) for cls, name, _ in INVALID}
     validated = {(ModelConfig, "dtype"), (ModelConfig, "device"), (DataConfig, "dataset"), (DataConfig, "level"),
                  (DataConfig, "example_index"), (DataConfig, "max_prompt_tokens"), (DataConfig, "train_file"),
-                 (DataConfig, "test_file"), (RolloutConfig, "group_size"), (RolloutConfig, "temperature"),
-                 (RolloutConfig, "top_p"), (RolloutConfig, "top_k"), (RolloutConfig, "max_new_tokens"),
-                 (RolloutConfig, "max_batch_size"), (AlgoConfig, "advantage"), (AlgoConfig, "clip_low"),
+                 (DataConfig, "test_file"), (DataConfig, "reward"), (RolloutConfig, "group_size"),
+                 (RolloutConfig, "temperature"), (RolloutConfig, "top_p"), (RolloutConfig, "top_k"),
+                 (RolloutConfig, "max_new_tokens"), (RolloutConfig, "max_batch_size"), (AlgoConfig, "advantage"), (AlgoConfig, "clip_low"),
                  (AlgoConfig, "clip_high"), (AlgoConfig, "dual_clip"), (AlgoConfig, "kl_coef"),
                  (AlgoConfig, "kl_estimator"), (AlgoConfig, "aggregation"), (AlgoConfig, "reward_success"),
                  (OptimConfig, "lr"), (OptimConfig, "weight_decay"), (OptimConfig, "beta1"), (OptimConfig, "beta2"),
                  (OptimConfig, "grad_clip"), (OptimConfig, "warmup_rounds"), (EvalConfig, "eval_every"),
                  (EvalConfig, "train_samples"), (EvalConfig, "test_size"), (EvalConfig, "eval_temperature"),
-                 (EvalConfig, "eval_max_new_tokens"), (EvalConfig, "extra_rewards"), (RunConfig, "rounds")}
+                 (EvalConfig, "eval_max_new_tokens"), (EvalConfig, "extra_rewards"), (RunConfig, "rounds"),
+                 (RunConfig, "threads")}
     assert covered == validated
     # and every (class, field) pair exists
     for cls, name in validated:
@@ -91,7 +93,8 @@ def test_invalid_table_covers_every_validated_field():
     (AlgoConfig, dict(reward_fail=-1.0, reward_success=-1.0 + 1e-9)),
     (OptimConfig, dict(beta1=0.0, beta2=0.0, grad_clip=0.0, weight_decay=0.0)),
     (EvalConfig, dict(eval_every=0, test_size=1, eval_max_new_tokens=1, extra_rewards=("gsm8k", "math"))),
-    (RunConfig, dict(rounds=0)),
+    (DataConfig, dict(reward="math")),
+    (RunConfig, dict(rounds=0, threads=1)),
 ])  # fmt: skip
 def test_boundary_values_accepted(cls, kwargs):
     cfg = cls(**kwargs)
@@ -393,3 +396,28 @@ def test_group_and_eval_samples_must_fit_one_decode_batch():
     with pytest.raises(ConfigError, match=r"train_samples \(--train-samples\) 32 exceeds max_batch_size"):
         TrainConfig(rollout=RolloutConfig(max_batch_size=16), eval=EvalConfig(train_samples=32))
     RolloutConfig(group_size=128, max_batch_size=128)  # accepted
+
+
+# -------------------------------------------------------------------------------- reward and threads
+
+
+def test_reward_flag_takes_a_registered_name_or_module_function(tmp_path, monkeypatch, no_training):
+    (tmp_path / "cfg_test_reward.py").write_text("def exact(response, answer):\n    return 1.0\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert main(["train", "--reward", "cfg_test_reward:exact", "--threads", "1"]) == 0
+    assert main(["train", "--reward", "gsm8k"]) == 0
+    assert [(c.data.reward, c.run.threads) for c in no_training] == [("cfg_test_reward:exact", 1), ("gsm8k", 0)]
+    assert TrainConfig().data.reward is None and TrainConfig().run.threads == 0
+    # a config.json written by the run reads back the same
+    assert TrainConfig.from_dict(json.loads(no_training[0].to_json())) == no_training[0]
+
+
+@pytest.mark.parametrize(("value", "must_mention"), [
+    ("no_such_reward", "'module.path:function'"),
+    ("no_such_module_xyz:exact", "module 'no_such_module_xyz' cannot be imported"),
+])  # fmt: skip
+def test_main_bad_reward_is_one_line(capsys, no_training, value, must_mention):
+    assert main(["train", "--reward", value]) == 2
+    line = _one_line_error(capsys)
+    assert "reward (--reward)" in line and must_mention in line
+    assert no_training == []

@@ -216,6 +216,33 @@ def test_ladder_runs_writes_table_and_figure_and_resumes(tiny_llama, tmp_path, c
     assert (tmp_path / "o.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_ladder_md_states_what_ran_not_the_profile(tiny_llama, tmp_path, capsys):
+    """A tiny study under the cpu-mini profile with --rounds and --lr: the header, the choice column and
+    the counts describe the runs, not the profile's text (60 rounds, lr 2e-5) or the paper's (lr 1e-6)."""
+    out = tmp_path / "study"
+    args = ["ladder", "--layers", "L0,L2", "--seeds", "1", "--profile", "cpu-mini", "--model", str(tiny_llama),
+            "--rounds", "2", "--max-new-tokens", "2", "--eval-every", "1", "--test-size", "4", "--train-samples", "4",
+            "--lr", "3e-3", "--out", str(out), "--no-progress"]
+    assert main(args) == 0
+    assert "fastrft ladder: 2 runs (0 already complete)" in capsys.readouterr().err
+    text = (out / "ladder.md").read_text()
+    header = text.split("| preset |")[0]
+    assert "2 runs: 2 presets x 1 seed." in header
+    assert "Every run: 2 rounds, evaluation every round, lr 0.003, responses ≤ 2 tokens," in header
+    assert "test Pass@1 on 4 problems" in header and "train Pass@1 from 4 samples" in header
+    assert "By preset: G = 1 (L0-minimal); G = 4 (L2-rollouts-4)." in header
+    assert "--rounds 2 (instead of 60 from profile cpu-mini)" in header
+    assert "--lr 0.003 (instead of 2e-05 from profile cpu-mini)" in header
+    assert "--max-new-tokens 2 (instead of 96 from profile cpu-mini)" in header and "progress" not in header
+    for stale in ("60 rounds", "every 15", "2e-5", "1e-6", "1e-06", "96 tokens", "1 seeds", "1 presets"):
+        assert stale not in header, stale
+    table = text.split("## Training dynamics")[0]
+    rows = {line.split("|")[1].strip(): line.split("|")[2].strip() for line in table.splitlines()
+            if line.startswith("| L")}
+    assert rows["L0-minimal"] == "1 example, G = 1, reward {0,1} as the signal, clip 0.2, KL 0.001 (k3)"
+    assert rows["L2-rollouts-4"] == "G = 4 rollouts per round"
+
+
 def test_a_corrupt_base_evaluation_cache_is_named_not_used(tiny_llama, tmp_path, capsys):
     out = tmp_path / "study"
     out.mkdir()

@@ -291,3 +291,142 @@ def test_doctests(module) -> None:
     result = doctest.testmod(module)
     assert result.attempted > 0
     assert result.failed == 0
+
+
+# ------------------------------------------------------------------------- custom "module:function"
+
+CUSTOM_MODULE = '''
+def exact(response: str, answer: str) -> float:
+    return float(response.strip() == answer)
+
+def with_default(response, answer, strict=True):
+    return 1.0
+
+def is_right(response, answer):
+    return response == answer  # a bool is a number too
+
+class Scorer:
+    def __call__(self, response, answer):
+        return 0.5
+
+scorer = Scorer()
+NOT_A_FUNCTION = 3
+
+def three_args(response, answer, extra):
+    return 1.0
+
+def keyword_only(*, response, answer):
+    return 1.0
+
+def no_args():
+    return 1.0
+
+def returns_text(response, answer):
+    return "yes"
+
+def returns_nan(response, answer):
+    return float("nan")
+
+def returns_two(response, answer):
+    return 2.0
+
+def returns_none(response, answer):
+    pass
+'''
+
+MOD = "fastrft_test_custom_rewards"
+
+
+@pytest.fixture
+def custom_module(tmp_path, monkeypatch) -> str:
+    """A user's reward module on sys.path, imported afresh by each test."""
+    (tmp_path / f"{MOD}.py").write_text(CUSTOM_MODULE)
+    (tmp_path / "fastrft_test_broken_rewards.py").write_text("import fastrft_no_such_dependency\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(rewards.custom, "_LOADED", {})
+    for name in (MOD, "fastrft_test_broken_rewards"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    return MOD
+
+
+def test_custom_reward_is_scored(custom_module) -> None:
+    assert score(f"{MOD}:exact", " 11\n", "11") == 1.0
+    assert score(f"{MOD}:exact", "12", "11") == 0.0
+    assert score(f"{MOD}:with_default", "", "") == 1.0
+    assert score(f"{MOD}:scorer", "", "") == 0.5  # any callable object, scores in [0, 1]
+    result = score(f"{MOD}:is_right", "7", "7")
+    assert type(result) is float and result == 1.0
+    fn = get(f"{MOD}:exact")
+    assert fn is sys.modules[MOD].exact and get(f"{MOD}:exact") is fn  # imported once, then cached
+    assert f"{MOD}:exact" not in names()  # custom rewards are not registered
+
+
+BAD_CUSTOM = [
+    ("fastrft_no_such_module:exact",
+     ["module 'fastrft_no_such_module' cannot be imported", "No module named 'fastrft_no_such_module'",
+      "PYTHONPATH"]),
+    ("fastrft_test_broken_rewards:exact",  # the module exists; a module it imports does not
+     ["module 'fastrft_test_broken_rewards' cannot be imported", "No module named 'fastrft_no_such_dependency'"]),
+    (f"{MOD}:missing", ["has no attribute 'missing'", "exact", f"write {MOD}:<function name>"]),
+    (f"{MOD}:NOT_A_FUNCTION", ["not callable", "type int", "response: str, answer: str"]),
+    (f"{MOD}:three_args", ["(response, answer, extra)", "missing a required argument: 'extra'",
+                           "cannot be called as f(response, answer)"]),
+    (f"{MOD}:keyword_only", ["cannot be called as f(response, answer)", "response: str, answer: str"]),
+    (f"{MOD}:no_args", ["cannot be called as f(response, answer)", "too many positional arguments"]),
+    (f"{MOD}:", ["is not 'module.path:function'", "mypkg.rewards:exact_match"]),
+    (":exact", ["is not 'module.path:function'"]),
+    (f"{MOD}:exact:more", ["is not 'module.path:function'"]),
+    ("rewards/mine.py:exact", ["names a file", "mine:exact", "PYTHONPATH"]),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("spec", "must_mention"), BAD_CUSTOM, ids=[s for s, _ in BAD_CUSTOM])
+def test_bad_custom_reward_is_a_config_error(custom_module, spec, must_mention) -> None:
+    from fastrft.config import DataConfig
+
+    with pytest.raises(ConfigError) as info:
+        get(spec)
+    for needle in [repr(spec), *must_mention]:
+        assert needle in str(info.value)
+    # Built into a config, the same error names the field and its flag, on one line.
+    with pytest.raises(ConfigError) as info:
+        DataConfig(reward=spec)
+    message = str(info.value)
+    assert message.startswith(f"reward (--reward) {spec!r}") and "\n" not in message
+    assert all(needle in message for needle in must_mention)
+
+
+def test_module_in_working_directory_gets_a_pythonpath_hint(tmp_path, monkeypatch) -> None:
+    # The `fastrft` console script does not search the working directory; the message says how to.
+    (tmp_path / "fastrft_test_cwd_rewards.py").write_text(CUSTOM_MODULE)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", ".", str(tmp_path))])
+    with pytest.raises(ConfigError, match=r"current directory.*PYTHONPATH=\."):
+        get("fastrft_test_cwd_rewards:exact")
+
+
+@pytest.mark.parametrize("fn", ["returns_text", "returns_nan", "returns_two", "returns_none"])
+def test_reward_return_value_is_checked(custom_module, fn) -> None:
+    spec = f"{MOD}:{fn}"
+    get(spec)  # the signature is fine; only what it returns is wrong
+    with pytest.raises(FastRFTError) as info:
+        score(spec, "#### 7", "7")
+    assert not isinstance(info.value, ConfigError)
+    assert repr(spec) in str(info.value) and "must return a float in [0, 1]" in str(info.value)
+
+
+def test_load_dataset_sets_the_reward(custom_module) -> None:
+    from fastrft.data import load_dataset, prompt_text
+
+    spec = f"{MOD}:exact"
+    plain = load_dataset("arithmetic", "train", size=5)
+    custom = load_dataset("arithmetic", "train", size=5, reward=spec)
+    assert {ex.reward for ex in plain} == {"arithmetic"} and {ex.reward for ex in custom} == {spec}
+    assert [(ex.id, ex.question, ex.answer, dict(ex.meta)) for ex in custom] == \
+           [(ex.id, ex.question, ex.answer, dict(ex.meta)) for ex in plain]
+    assert score(custom[0].reward, custom[0].answer, custom[0].answer) == 1.0
+    # The prompt keeps the dataset's answer-format instruction.
+    assert prompt_text(custom[0]) == prompt_text(plain[0]) == prompt_text(plain[0], "arithmetic")
+    assert {ex.reward for ex in load_dataset("gsm8k", "test", size=3, reward="math")} == {"math"}
+    with pytest.raises(ConfigError, match="no_such_reward"):
+        load_dataset("arithmetic", "test", reward="no_such_reward")

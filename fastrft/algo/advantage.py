@@ -21,6 +21,7 @@ from typing import Callable
 
 import torch
 
+from fastrft.algo.choices import ADVANTAGE_NAMES
 from fastrft.errors import ConfigError
 
 
@@ -67,6 +68,7 @@ ADVANTAGES: dict[str, Estimator] = {
     "extra_samples": Estimator(_external, False, "mean/std of M extra samples not trained on (works with G = 1)",
                                "extra"),
 }
+assert tuple(ADVANTAGES) == ADVANTAGE_NAMES, "fastrft.algo.choices lists the estimators the config accepts"
 
 
 def check_advantage(name: str) -> Estimator:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from fastrft.algo.choices import AGGREGATIONS, KL_ESTIMATOR_NAMES
 from fastrft.errors import ConfigError
 
 
@@ -38,7 +39,7 @@ def _k3(logp, ref):
 
 
 KL_ESTIMATORS = {"k1": _k1, "k2": _k2, "k3": _k3}
-AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+assert tuple(KL_ESTIMATORS) == KL_ESTIMATOR_NAMES, "fastrft.algo.choices lists the KL estimators the config accepts"
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,8 @@ class Example:
         answer: The reference *final* answer (GSM8K: the text after the last ``####``, stripped;
             MATH: the ``answer`` field; arithmetic: the integer as a string).
         reward: Name of the reward function that scores completions for it
-            (``"gsm8k"``, ``"math"`` or ``"arithmetic"``).
+            (``"gsm8k"``, ``"math"`` or ``"arithmetic"``, or a user's ``"module.path:function"``
+            when ``load_dataset(..., reward=...)``, i.e. ``--reward``, replaced the dataset's own).
         meta: Extra read-only information (``{"level": ..., "type": ...}`` for MATH,
             ``{"solution": ...}`` for GSM8K, ``{"level": ...}`` for arithmetic).
 

@@ -35,7 +35,8 @@ def prompt_text(example: Example, dataset: str | None = None) -> str:
     Args:
         example (Example): The problem.
         dataset (str | None): ``"gsm8k"``, ``"math"`` or ``"arithmetic"``; ``None`` uses
-            ``example.reward``, which names the same family.
+            ``example.reward``, which names the same family, or, when ``--reward`` replaced it with
+            a function of the user's, the family its id starts with (``"gsm8k/train/17"``).
 
     Returns:
         str: ``example.question + PROMPT_SUFFIXES[dataset]``.
@@ -43,7 +44,9 @@ def prompt_text(example: Example, dataset: str | None = None) -> str:
     Raises:
         ConfigError: Unknown dataset.
     """
-    return example.question + _suffix(dataset or example.reward)
+    if not dataset:
+        dataset = example.reward if example.reward in PROMPT_SUFFIXES else example.id.split("/", 1)[0]
+    return example.question + _suffix(dataset)
 
 
 def has_chat_template(tokenizer: Any) -> bool:

@@ -6,6 +6,7 @@ trainer works offline; a user file in any supported format can replace either.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib.resources
 import os
@@ -52,7 +53,8 @@ def _check_choice(value: str, choices: tuple[str, ...], what: str) -> None:
 
 
 def load_dataset(name: str, split: str, *, path: str | os.PathLike[str] | None = None,
-                 level: str = "add1", seed: int = 0, size: int | None = None) -> list[Example]:
+                 level: str = "add1", seed: int = 0, size: int | None = None,
+                 reward: str | None = None) -> list[Example]:
     """Load one split of a dataset as a fresh list of examples.
 
     Args:
@@ -67,14 +69,27 @@ def load_dataset(name: str, split: str, *, path: str | os.PathLike[str] | None =
         size (int | None): Arithmetic: the split size (see
             :func:`~fastrft.data.arithmetic.arithmetic_problems`). GSM8K/MATH: keep only the first
             ``size`` examples in file order. ``None`` keeps everything / uses the defaults.
+        reward (str | None): The reward every example is scored with (``Example.reward``): a registered
+            name or ``"module.path:function"`` (``--reward``). ``None`` keeps the dataset's own.
 
     Returns:
         list[Example]: A new list on every call, so callers may shuffle or filter it freely.
 
     Raises:
-        ConfigError: Unknown dataset, split or level; a path given for ``arithmetic``; a bad size.
+        ConfigError: Unknown dataset, split or level; a path given for ``arithmetic``; a bad size; a
+            reward that cannot be resolved.
         DataError: The file is missing or malformed.
     """
+    examples = _load(name, split, path=path, level=level, seed=seed, size=size)
+    if reward is None:
+        return examples
+    from fastrft import rewards
+
+    rewards.get(reward)  # an unusable reward fails here, not at the first scored response
+    return [dataclasses.replace(ex, reward=reward) for ex in examples]
+
+
+def _load(name: str, split: str, *, path, level: str, seed: int, size: int | None) -> list[Example]:
     _check_choice(name, DATASETS, "dataset")
     _check_choice(split, SPLITS, "split")
     if name == "arithmetic":

@@ -89,14 +89,20 @@ class Engine:
     @torch.no_grad()
     def generate(self, prompt_ids: list[list[int]], *, n: int = 1, max_new_tokens: int | list[int] = 256,
                  temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0,
-                 eos_token_ids=None) -> list[list[Completion]]:
+                 eos_token_ids=None, progress=None) -> list[list[Completion]]:
         """Same contract as :func:`fastrft.generate`: P lists of n Completions, seeded per request.
-        max_new_tokens may also be a list with one budget per prompt."""
+        max_new_tokens may also be a list with one budget per prompt. ``progress``, if given, is called
+        after every engine step with the number of sequences that finished in it."""
         groups = self.submit(prompt_ids, n=n, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                              top_k=top_k, seed=seed, eos_token_ids=eos_token_ids)
         try:
+            done = 0
             while self._unfinished(groups):
                 self.step()
+                if progress is not None:
+                    now = sum(s.finish_reason is not None for g in groups for s in g)
+                    progress(now - done)
+                    done = now
         except BaseException:
             self.abort()  # an interrupted call must not leave its sequences holding KV blocks
             raise

@@ -1,12 +1,13 @@
-"""Native decoders (Llama, Qwen2, Qwen3, OLMo-2) and their loaders. Knows nothing about RL."""
+"""Native decoders (Llama, Qwen2, Qwen3, OLMo-2) and their loaders. Knows nothing about RL.
 
-from fastrft.models.config import FAMILIES, ArchConfig
-from fastrft.models.decoder import CausalLM, packed_positions
-from fastrft.models.embedded import DEFAULT_MODEL
-from fastrft.models.kv_cache import KVCache
-from fastrft.models.loader import load_model, resolve_dtype
-from fastrft.models.paged import PagedMeta
-from fastrft.models.tokenizer import load_tokenizer
+Names are imported on first use (see fastrft._lazy), so that reading a default does not import torch."""
 
-__all__ = ["FAMILIES", "ArchConfig", "CausalLM", "KVCache", "DEFAULT_MODEL", "load_model", "load_tokenizer",
-           "packed_positions", "resolve_dtype", "PagedMeta"]
+from fastrft._lazy import lazy_exports
+
+_EXPORTS = {"FAMILIES": "fastrft.models.config", "ArchConfig": "fastrft.models.config",
+            "CausalLM": "fastrft.models.decoder", "packed_positions": "fastrft.models.decoder",
+            "DEFAULT_MODEL": "fastrft.models.embedded", "KVCache": "fastrft.models.kv_cache",
+            "load_model": "fastrft.models.loader", "resolve_dtype": "fastrft.models.loader",
+            "PagedMeta": "fastrft.models.paged", "load_tokenizer": "fastrft.models.tokenizer"}
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+__all__ = list(_EXPORTS)

@@ -26,14 +26,27 @@ class Family:
     qk_norm: str
     post_norm: bool  # OLMo-2 normalises each sublayer's output instead of its input
     default_eps: float = 1e-6  # transformers' default when the checkpoint omits rms_norm_eps
+    # The transformers class of the family, written to config.json's "architectures" by an export: TRL's
+    # and vLLM's loaders pick their model class from that field.
+    architecture: str = ""
 
 
 FAMILIES: dict[str, Family] = {
-    "llama": Family(qkv_bias=None, o_bias=None, qk_norm="none", post_norm=False),
-    "qwen2": Family(qkv_bias=True, o_bias=False, qk_norm="none", post_norm=False),
-    "qwen3": Family(qkv_bias=None, o_bias=None, qk_norm="head", post_norm=False),
-    "olmo2": Family(qkv_bias=None, o_bias=None, qk_norm="full", post_norm=True, default_eps=1e-5),
+    "llama": Family(qkv_bias=None, o_bias=None, qk_norm="none", post_norm=False, architecture="LlamaForCausalLM"),
+    "qwen2": Family(qkv_bias=True, o_bias=False, qk_norm="none", post_norm=False, architecture="Qwen2ForCausalLM"),
+    "qwen3": Family(qkv_bias=None, o_bias=None, qk_norm="head", post_norm=False, architecture="Qwen3ForCausalLM"),
+    "olmo2": Family(qkv_bias=None, o_bias=None, qk_norm="full", post_norm=True, default_eps=1e-5,
+                    architecture="Olmo2ForCausalLM"),
 }
+
+
+def with_architecture(hf: dict[str, Any]) -> dict[str, Any]:
+    """``hf`` (a config.json dict) with "architectures" set from its model_type when it is missing or null,
+    as GGUF conversion leaves it."""
+    family = FAMILIES.get(hf.get("model_type", ""))
+    if not hf.get("architectures") and family is not None:
+        hf = {**hf, "architectures": [family.architecture]}
+    return hf
 
 ROPE_TYPES = ("default", "linear", "llama3")
 

@@ -63,6 +63,7 @@ def ensure_converted(alias: str) -> Path:
     """Return the HF-format directory of ``alias``, converting its GGUF file on first use."""
     target = cache_dir(alias)
     if (target / "config.json").exists() and (target / "model.safetensors").exists():
+        _add_architecture(target / "config.json")
         return target
     source = gguf_path(alias)
     for module in ("gguf", "accelerate"):
@@ -87,10 +88,24 @@ def ensure_converted(alias: str) -> Path:
     return target
 
 
+def _add_architecture(config_file: Path) -> None:
+    """Caches converted before "architectures" was written get it now (atomically, once)."""
+    from fastrft.models.config import with_architecture
+
+    hf = json.loads(config_file.read_text())
+    fixed = with_architecture(hf)
+    if fixed is not hf:
+        tmp = config_file.with_name(f".config.json.{os.getpid()}")
+        tmp.write_text(json.dumps(fixed, indent=2, sort_keys=True))
+        os.replace(tmp, config_file)
+
+
 def _convert(source: Path, out: Path) -> None:
     import torch
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fastrft.models.config import with_architecture
 
     tokenizer = AutoTokenizer.from_pretrained(str(source.parent), gguf_file=source.name)
     hf_model = AutoModelForCausalLM.from_pretrained(str(source.parent), gguf_file=source.name, dtype=torch.float32)
@@ -101,6 +116,7 @@ def _convert(source: Path, out: Path) -> None:
     for key in ("quantization_config", "_name_or_path", "_model_name_or_path"):
         config.pop(key, None)
     config["dtype"] = "float32"
+    config = with_architecture(config)
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
     gen = {"bos_token_id": config.get("bos_token_id"), "eos_token_id": config.get("eos_token_id"),
            "pad_token_id": config.get("pad_token_id")}

@@ -45,6 +45,9 @@ def resolve_model_dir(path_or_alias: str | Path) -> Path:
         hint = "; it is neither a directory nor a known alias (" + ", ".join(sorted(embedded.ALIASES)) + ")"
         raise ModelLoadError(f"model {name!r} not found{hint}. Pass a local HF-format directory "
                              "(config.json + *.safetensors + tokenizer files); hub names are not downloaded.")
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(f"{path / 'config.json'}: not found; a model directory needs a config.json (plus "
+                             "*.safetensors and tokenizer files): pass the directory that holds them")
     return path
 
 

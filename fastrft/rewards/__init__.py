@@ -6,7 +6,8 @@ that this project studies treats each sampled response as an arm with a Bernoull
 credit (for formatting, for "close" numbers) would change the problem being measured.
 
 Rewards register themselves by name with :func:`register`; the trainer looks them up with :func:`get`
-(or scores directly with :func:`score`) so that a config file only has to carry a string.
+(or scores directly with :func:`score`) so that a config file only has to carry a string. That string
+may also name a user's own function, ``"module.path:function"`` (see :mod:`fastrft.rewards.custom`).
 
 >>> from fastrft.rewards import names, score
 >>> names()
@@ -19,11 +20,14 @@ Rewards register themselves by name with :func:`register`; the trainer looks the
 
 from __future__ import annotations
 
+import math
+import numbers
+import reprlib
 from typing import Callable
 
-from fastrft.errors import ConfigError
-
-RewardFn = Callable[[str, str], float]
+from fastrft.errors import ConfigError, FastRFTError
+from fastrft.rewards import custom
+from fastrft.rewards.custom import RewardFn
 
 _REGISTRY: dict[str, RewardFn] = {}
 
@@ -56,20 +60,35 @@ def names() -> list[str]:
 
 
 def get(name: str) -> RewardFn:
-    """The reward function registered as ``name``.
+    """The reward function registered as ``name``, or the function ``"module.path:function"`` names
+    (imported and checked once, then cached).
 
-    Raises :class:`~fastrft.errors.ConfigError` for an unknown name, listing the valid ones, because the
-    name normally comes straight from a CLI flag or config file that the user has to fix.
+    Raises :class:`~fastrft.errors.ConfigError` for an unknown name, listing the valid ones, or for a
+    ``module:function`` that cannot be used, saying why, because the name normally comes straight from
+    a CLI flag or config file that the user has to fix.
     """
-    try:
+    if isinstance(name, str) and name in _REGISTRY:
         return _REGISTRY[name]
-    except (KeyError, TypeError):
-        raise ConfigError(f"unknown reward {name!r}; choose one of: {', '.join(names())}") from None
+    if custom.is_custom(name):
+        return custom.load(name)
+    raise ConfigError(f"unknown reward {name!r}; choose one of: {', '.join(names())}, or write "
+                      f"'module.path:function' for your own {custom.SIGNATURE}")
 
 
 def score(name: str, response: str, answer: str) -> float:
-    """Score ``response`` against the reference final ``answer`` with reward ``name``: 1.0 or 0.0."""
-    return float(get(name)(response, answer))
+    """Score ``response`` against the reference final ``answer`` with reward ``name`` (a registered name
+    or ``"module.path:function"``): a float in [0, 1], 1.0 for correct.
+
+    A reward that returns anything else (not a number, NaN, outside [0, 1]) raises
+    :class:`~fastrft.errors.FastRFTError` naming it: the trainer maps scores linearly onto
+    (--reward-fail, --reward-success) and counts them for Pass@k, so a stray value would corrupt both.
+    """
+    value = get(name)(response, answer)
+    if isinstance(value, numbers.Real) and not math.isnan(value) and 0 <= value <= 1:
+        return float(value)
+    raise FastRFTError(f"reward {name!r} returned {reprlib.repr(value)} ({type(value).__name__}) for the response "
+                       f"{reprlib.repr(response)} and answer {answer!r}; a reward must return a float in [0, 1] "
+                       "(1.0 = correct)")
 
 
 # The reward modules import ``register`` from this package, so they must be imported after it is
@@ -81,6 +100,7 @@ from fastrft.rewards.hendrycks_math import extract_boxed, math_reward  # noqa: E
 __all__ = [
     "RewardFn",
     "arithmetic_reward",
+    "custom",
     "extract_boxed",
     "extract_hash_answer",
     "extract_last_number",

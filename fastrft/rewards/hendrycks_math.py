@@ -35,8 +35,10 @@ except ImportError:  # math-verify is a dependency, but the fallback keeps the r
 
 
 # Seconds allowed for each math-verify parse and each comparison (signal.alarm takes whole seconds).
-# Legitimate MATH answers parse and compare in well under a second; this only cuts off pathological ones.
-TIMEOUT_SECONDS: int = 3
+# Legitimate MATH answers parse and compare in well under a second on an idle machine, but the first
+# parse also builds the LaTeX grammar, and on a loaded 2-core machine 3 s was measured to cut off a
+# plain \frac{a}{b^{2}}; this only has to stop pathological answers.
+TIMEOUT_SECONDS: int = 10
 
 _BOX_RE = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
 

@@ -1,0 +1,113 @@
+"""An interrupted run keeps its rounds: SIGTERM (a scheduler's preemption) or Ctrl-C finishes the round,
+writes a checkpoint of it and exits; the rerun continues there and ends with the same records as a run
+that was never interrupted, wall-clock fields aside."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from fastrft.checkpoint import checkpoint_dirs
+from fastrft.cli import main
+from fastrft.report import read_metrics
+
+
+def _deterministic(records):
+    return [{k: v for k, v in r.items() if not (k.startswith("time_") or k.endswith("_per_s"))} for r in records]
+
+
+def _args(model, out):
+    # --save-every 0: the only checkpoint a run writes by itself is its last, so any resume point before
+    # the end comes from the stop request. KL, a window baseline and AdamW moments carry state.
+    return ["train", "--model", str(model), "--out", str(out), "--rounds", "10", "--save-every", "0",
+            "--group-size", "2", "--advantage", "window", "--window", "4", "--kl-coef", "0.01", "--lr", "3e-3",
+            "--max-new-tokens", "3", "--eval-every", "4", "--test-size", "3", "--train-samples", "2",
+            "--log-samples", "2", "--no-progress", "--seed", "5"]
+
+
+def _env():
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONHASHSEED="0")
+    return env
+
+
+def _rounds(path):
+    if not path.exists():
+        return 0
+    return sum(1 for line in path.read_text().splitlines() if '"kind": "round"' in line)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_llama, tmp_path_factory):
+    out = tmp_path_factory.mktemp("interrupt") / "ref"
+    subprocess.run([sys.executable, "-m", "fastrft", *_args(tiny_llama, out)], check=True, env=_env(),
+                   capture_output=True, timeout=600)
+    return out
+
+
+def _same_as(reference, out):
+    a, b = read_metrics(reference / "metrics.jsonl"), read_metrics(out / "metrics.jsonl")
+    assert [r["round"] for r in b if r["kind"] == "round"] == list(range(1, 11))
+    assert _deterministic(a) == _deterministic(b)
+    assert (reference / "rollouts.jsonl").read_text() == (out / "rollouts.jsonl").read_text()
+
+
+def test_sigterm_checkpoints_and_the_rerun_continues(tiny_llama, tmp_path, reference):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "fastrft", *_args(tiny_llama, out)]
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None and _rounds(out / "metrics.jsonl") < 3:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGTERM)
+    err = proc.communicate(timeout=300)[1]
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "SIGTERM received" in err and "rerun the same command to continue" in err
+    assert "Traceback" not in err
+    done = _rounds(out / "metrics.jsonl")
+    assert 3 <= done < 10, "the run finished before it could be stopped"
+    assert [r for r, _ in checkpoint_dirs(out)] == [done]  # the last completed round, and only it
+
+    rerun = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"continuing after round {done}" in rerun.stderr
+    _same_as(reference, out)
+
+
+def test_stop_during_an_evaluation_resumes_with_that_evaluation(tiny_llama, tmp_path, reference, monkeypatch,
+                                                                capsys):
+    """A stop request during an evaluation abandons it; the checkpoint marks it pending, and the rerun
+    measures it first: the records equal the uninterrupted run's."""
+    import torch
+
+    import fastrft.trainer as trainer_mod
+
+    torch.set_num_threads(1)  # as in the reference subprocess: summation order, hence the bits, follow it
+    handler_before = signal.getsignal(signal.SIGTERM)
+    real, calls = trainer_mod.evaluate, []
+
+    def evaluate_then_stop(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # the evaluation after round 4
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.5)  # the handler runs here and abandons the evaluation
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_mod, "evaluate", evaluate_then_stop)
+    out = tmp_path / "run"
+    assert main(_args(tiny_llama, out)) == 128 + signal.SIGTERM
+    err = capsys.readouterr().err
+    assert "abandoning the evaluation" in err and "after round 4" in err
+    records = read_metrics(out / "metrics.jsonl")
+    assert [r["round"] for r in records if r["kind"] == "eval"] == [0]  # round 4's was abandoned
+    assert [r for r, _ in checkpoint_dirs(out)] == [4]
+    assert signal.getsignal(signal.SIGTERM) is handler_before  # the run put the old handler back
+
+    monkeypatch.setattr(trainer_mod, "evaluate", real)
+    assert main(_args(tiny_llama, out)) == 0
+    _same_as(reference, out)
