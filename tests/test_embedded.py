@@ -30,6 +30,9 @@ def test_conversion_writes_cache_and_reloads_fast(smollm2):
     model, _ = smollm2
     target = embedded.cache_dir(ALIAS)
     assert (target / "config.json").exists() and (target / "model.safetensors").exists()
+    import json
+
+    assert json.loads((target / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
     assert model.config.model_type == "llama" and model.config.num_layers == 30
     assert model.config.tie_word_embeddings and model.config.vocab_size == 49152
     assert 2 in model.eos_token_ids  # <|im_end|>
