@@ -157,9 +157,10 @@ def main(argv: list[str] | None = None) -> int:
         from fastrft.interrupt import RunInterrupted
 
         if isinstance(e, RunInterrupted):
-            print(f"fastrft: {e}; rerun the same command to continue", file=sys.stderr)
+            print(f"fastrft: {e}", file=sys.stderr)
             return e.exit_code
-        print("fastrft: aborted; rerun the same command to continue from the last checkpoint", file=sys.stderr)
+        print(f"fastrft: {e or 'aborted; rerun the same command to continue from the last checkpoint'}",
+              file=sys.stderr)
         return 130
 
 

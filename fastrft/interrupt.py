@@ -20,10 +20,11 @@ class RunInterrupted(KeyboardInterrupt):
     """A run stopped by a signal after writing a checkpoint of round ``round``; rerunning resumes it.
     A KeyboardInterrupt, so code that already handles Ctrl-C keeps working."""
 
-    def __init__(self, signum: int, round_: int, checkpoint: str | None):
+    def __init__(self, signum: int, round_: int, checkpoint: str | None, resume: str = "rerun the same command"):
         self.signum, self.round, self.checkpoint = signum, round_, checkpoint
         where = f"checkpoint {checkpoint}" if checkpoint else "no checkpoint (nothing was completed)"
-        super().__init__(f"stopped by {signal.Signals(signum).name} after round {round_}; {where}")
+        super().__init__(f"stopped by {signal.Signals(signum).name} after round {round_}; {where}; {resume} to "
+                         "continue")
 
     @property
     def exit_code(self) -> int:

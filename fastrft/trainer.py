@@ -353,6 +353,10 @@ class Trainer:
                     bar.update(1)
                     bar.set_postfix(self._postfix(metrics), refresh=False)
                     self._after_round(r, log, bar, stop)
+        except KeyboardInterrupt as e:
+            if isinstance(e, RunInterrupted):
+                raise
+            raise KeyboardInterrupt(f"aborted; {self._resume_hint()} to continue from the last checkpoint") from None
         finally:
             bar.close()
             log.close()
@@ -383,7 +387,11 @@ class Trainer:
                 path = self.save()
             else:
                 path = saved[self.state.round]
-        raise RunInterrupted(stop.requested, self.state.round, None if path is None else str(path))
+        raise RunInterrupted(stop.requested, self.state.round, None if path is None else str(path), self._resume_hint())
+
+    def _resume_hint(self) -> str:
+        # Without --out the run directory has a timestamp, so the same command would start a new run.
+        return "rerun the same command" if self.cfg.run.out else f"rerun the same command with --out {self.out_dir}"
 
     def _postfix(self, metrics: dict[str, Any]) -> dict[str, str]:
         """The progress bar's per-round line: reward, then loss, KL and entropy of the update."""

@@ -111,3 +111,24 @@ def test_stop_during_an_evaluation_resumes_with_that_evaluation(tiny_llama, tmp_
     monkeypatch.setattr(trainer_mod, "evaluate", real)
     assert main(_args(tiny_llama, out)) == 0
     _same_as(reference, out)
+
+
+def test_without_out_the_message_names_the_directory(tiny_llama, tmp_path, monkeypatch, capsys):
+    """The default run directory carries a timestamp: the message must say which --out continues it."""
+    monkeypatch.chdir(tmp_path)
+    args = [a for a in _args(tiny_llama, "unused") if a not in ("--out", "unused")]
+    import fastrft.trainer as trainer_mod
+
+    real = trainer_mod.Trainer.round
+
+    def round_then_stop(self, r):
+        if r == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(self, r)
+
+    monkeypatch.setattr(trainer_mod.Trainer, "round", round_then_stop)
+    assert main(args) == 128 + signal.SIGINT
+    err = capsys.readouterr().err
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert f"with --out {run_dir.relative_to(tmp_path)} to continue" in err
+    assert [r for r, _ in checkpoint_dirs(run_dir)] == [2]  # round 2 finished before the stop
