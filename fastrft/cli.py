@@ -113,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     export = sub.add_parser("export", help="write a run's newest checkpoint as an HF-format model directory")
     export.add_argument("run_dir")
     export.add_argument("--out", required=True, help="new directory for config.json, model.safetensors, tokenizer")
-    demo = sub.add_parser("demo", help="the minimalist layer on SmolLM2-135M-Instruct, CPU-sized (~5 min)")
+    demo = sub.add_parser("demo", help="the minimalist layer on SmolLM2-135M-Instruct, sized for 2 CPU cores (2-3 min "
+                                      "of compute)")
     add_config_flags(demo)
     plot = sub.add_parser("plot", help="redraw a run's curves.png and print its table; with several run "
                                        "directories, overlay them")

@@ -297,7 +297,7 @@ class RunConfig:
     tensorboard: bool = opt(False, "also write TensorBoard event files under <run dir>/tb (needs the "
                                    "tensorboard package)")
     threads: int = opt(0, "torch CPU threads for this run; 0 = torch's default (one per core). On a machine "
-                          "shared with other work, 1 often decodes faster: measured 5x on a loaded 2-core machine")
+                          "shared with other work, or for each of several jobs side by side, 1 is often faster")
 
     def __post_init__(self):
         _require(self.threads >= 0, "threads", f"must be >= 0 (0 = torch's default), got {self.threads}")

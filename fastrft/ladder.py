@@ -132,9 +132,9 @@ def collect(pairs: list[Pair]) -> list[dict[str, Any]]:
 #: The settings ladder.md's header states, each worded from a resolved config: the values the runs used.
 SETTINGS = (
     lambda c: plural(c.run.rounds, "round"),
-    lambda c: ("evaluation every round" if c.eval.eval_every == 1 else
-               f"evaluation every {c.eval.eval_every} rounds" if c.eval.eval_every else "evaluation at the start "
-               "and the end"),
+    lambda c: ("evaluation at the start and the end" if not c.eval.eval_every or c.eval.eval_every >= c.run.rounds
+               else "evaluation every round" if c.eval.eval_every == 1 else
+               f"evaluation every {c.eval.eval_every} rounds and at the end"),
     lambda c: f"lr {c.optim.lr:g}" + ("" if c.optim.schedule == "constant" else f" ({c.optim.schedule})"),
     lambda c: f"responses ≤ {c.rollout.max_new_tokens} tokens",
     lambda c: f"G = {c.rollout.group_size}",

@@ -338,3 +338,15 @@ def test_dynamics_table_reads_the_rounds():
                      "8 ± 1",         # largest norms 9 and 7
                      "23 ± 1",        # last 5 rounds: 24 and 22 tokens
                      "1 ± 0"]
+
+
+def test_settings_text_says_when_evaluations_happen(tmp_path):
+    """An interval at or beyond the run's length evaluates only at the start and the end: say so."""
+    from fastrft.ladder import plan, settings_text
+
+    base = TrainConfig().to_dict()
+    for every, rounds, words in ((15, 2, "evaluation at the start and the end"), (0, 5, "evaluation at the start "
+                                 "and the end"), (5, 20, "evaluation every 5 rounds and at the end")):
+        flags = {"eval": {"eval_every": every}, "run": {"rounds": rounds}}
+        pairs = plan(base, flags, ["L0"], 1, "cpu-mini", tmp_path)
+        assert f"{rounds} rounds, {words}," in settings_text(pairs)
