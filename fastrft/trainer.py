@@ -26,10 +26,8 @@ import copy
 import json
 import random
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +35,7 @@ import torch
 from tqdm.auto import tqdm
 
 from fastrft import checkpoint as ckpt
-from fastrft import rewards
+from fastrft import rewards, rundir
 from fastrft.algo import ADVANTAGES, group_advantages, map_reward, pack
 from fastrft.config import TrainConfig
 from fastrft.data import dedupe_against, encode_prompt, load_dataset
@@ -49,10 +47,6 @@ from fastrft.interrupt import RunInterrupted, StopRequest
 from fastrft.kernels import fused_linear_pg_loss, linear_logprob
 from fastrft.models import load_model, load_tokenizer
 from fastrft.report import MetricsLog, before_after_table, plot_curves, read_metrics
-
-
-#: Config fields that change nothing a run computes; a resume may differ in them freely.
-RESUME_IGNORED = {("run", "progress"), ("run", "tensorboard"), ("run", "keep_checkpoints"), ("run", "threads")}
 
 
 @dataclass
@@ -79,8 +73,8 @@ class Trainer:
         self.cfg = config
         self._base_evals = BaseEvalCache(base_eval_cache) if base_eval_cache else None
         self.out_dir = self._out_dir()
-        _check_writable(self.out_dir)
-        existing = self._check_existing(force)
+        rundir.check_writable(self.out_dir)
+        existing = rundir.existing_run(self.out_dir, config.to_dict(), force)
         self._force = force
         if config.run.threads:
             torch.set_num_threads(config.run.threads)
@@ -111,7 +105,7 @@ class Trainer:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             if existing in (None, "forced"):
                 if existing == "forced":
-                    (self.out_dir / "config.json").rename(self.out_dir / f"config.before-{_stamp()}.json")
+                    (self.out_dir / "config.json").rename(self.out_dir / f"config.before-{rundir.stamp()}.json")
                 (self.out_dir / "config.json").write_text(config.to_json())
         except OSError as e:
             raise ConfigError(f"out (--out) {self.out_dir}: cannot write there ({e.strerror}); choose a writable "
@@ -124,37 +118,7 @@ class Trainer:
     # ---------------------------------------------------------------- set-up
     def _out_dir(self) -> Path:
         run = self.cfg.run
-        return Path(run.out) if run.out else Path("runs") / f"{run.name}-{datetime.now():%Y%m%d-%H%M%S}"
-
-    def _check_existing(self, force: bool) -> str | None:
-        """None: a new run. "resume": the directory holds this run, unfinished. "complete": finished.
-        "forced": it holds another config and --force was given. A differing config is refused with
-        its diff otherwise."""
-        cfg_file = self.out_dir / "config.json"
-        if not cfg_file.exists():
-            if (self.out_dir / "metrics.jsonl").exists():
-                raise ConfigError(f"out (--out) {self.out_dir} holds a metrics.jsonl but no config.json; choose a new "
-                                  "directory so nothing recorded there is overwritten")
-            return None
-        try:
-            stored = json.loads(cfg_file.read_text())
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{cfg_file}: not valid JSON ({e}); choose a new --out") from None
-        diff = config_diff(stored, self.cfg.to_dict())
-        if diff:
-            if not force:
-                raise ConfigError(f"out (--out) {self.out_dir} holds a run with another config; refusing to resume "
-                                  f"into it. Differences (stored -> requested):\n{diff}\nUse a new --out, or pass "
-                                  "--force to resume it with the requested config (the old config.json is kept).")
-            return "forced"
-        summary = self.out_dir / "summary.json"
-        if summary.exists():
-            try:
-                if json.loads(summary.read_text()).get("complete"):
-                    return "complete"
-            except json.JSONDecodeError:
-                pass
-        return "resume"
+        return Path(run.out) if run.out else Path("runs") / f"{run.name}-{rundir.stamp()}"
 
     def _encode(self, ex) -> list[int]:
         d = self.cfg.data
@@ -253,7 +217,7 @@ class Trainer:
         damaged: list[str] = []
         found = ckpt.load_latest(self.out_dir, warn=damaged.append)
         if found is None:
-            self._start_over(damaged)
+            rundir.start_over(self.out_dir, damaged, self._force)
             return
         for msg in damaged:
             print(msg, file=sys.stderr)
@@ -272,25 +236,6 @@ class Trainer:
         ckpt.truncate(self.out_dir / "rollouts.jsonl", payload["rollouts_bytes"])
         ckpt.set_rng_state(payload["rng"])
         self.resumed_from = round_
-
-    def _start_over(self, damaged: list[str]) -> None:
-        logs = [self.out_dir / name for name in ("metrics.jsonl", "rollouts.jsonl")]
-        records = sum(_count_lines(p) for p in logs)
-        if records and not self._force:
-            found = (f"{len(damaged)} checkpoint(s), every one damaged ({'; '.join(damaged)})" if damaged
-                     else "no checkpoint (the run was killed before its first one)")
-            raise ConfigError(f"out (--out) {self.out_dir} holds {records} recorded lines in metrics.jsonl and "
-                              f"rollouts.jsonl but {found}, so the run cannot continue from them; nothing was "
-                              "changed. Pass --force to start it over (the old records are kept as "
-                              "*.before-<time>.jsonl), or use a new --out.")
-        stamp = _stamp()
-        for p in logs:
-            if _count_lines(p):
-                kept = p.with_name(f"{p.stem}.before-{stamp}{p.suffix}")
-                p.rename(kept)
-                print(f"fastrft: starting {self.out_dir} over; its old records are in {kept}", file=sys.stderr)
-            elif p.exists():
-                p.unlink()
 
     def save(self) -> Path:
         """Checkpoint the end of round ``state.round``; the prefix cache is dropped so that an uninterrupted
@@ -638,27 +583,6 @@ class Trainer:
         return summary
 
 
-def config_diff(stored: dict[str, Any], requested: dict[str, Any]) -> str:
-    """The fields that differ between two config dicts (RESUME_IGNORED left out), one per line."""
-    lines = []
-    # A field added after a run was written is absent from its config.json: it ran with the default.
-    defaults = TrainConfig().to_dict()
-    for section in sorted(set(stored) | set(requested)):
-        a, b = stored.get(section, {}), requested.get(section, {})
-        for name in sorted(set(a) | set(b)):
-            if (section, name) in RESUME_IGNORED:
-                continue
-            default = defaults.get(section, {}).get(name, "<absent>")
-            va, vb = a.get(name, default), b.get(name, default)
-            if isinstance(va, list):
-                va = tuple(va)
-            if isinstance(vb, list):
-                vb = tuple(vb)
-            if va != vb:
-                lines.append(f"  {section}.{name}: {va!r} -> {vb!r}")
-    return "\n".join(lines)
-
-
 def _split(order: list[int], parts: int) -> list[list[int]]:
     """``order`` cut into ``parts`` contiguous nearly equal pieces (empty ones dropped)."""
     n = len(order)
@@ -681,35 +605,6 @@ def _tensorboard(out_dir: Path):
         raise ConfigError("tensorboard (--tensorboard) needs the tensorboard package: pip install tensorboard "
                           "(or install fastrft with its [tensorboard] extra)") from None
     return SummaryWriter(str(out_dir / "tb"))
-
-
-def _check_writable(out: Path) -> None:
-    """Refuse an --out that is a file or cannot be written, before anything loads or is written."""
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"out (--out) {out} is a file, not a directory; pass a directory (it is created if "
-                          "missing)")
-    probe = out
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir():
-        raise ConfigError(f"out (--out) {out}: {probe} is a file, not a directory; choose another path")
-    try:
-        with tempfile.TemporaryFile(dir=probe):
-            pass
-    except OSError as e:
-        raise ConfigError(f"out (--out) {out}: cannot write into {probe} ({e.strerror}); choose a writable "
-                          "directory") from None
-
-
-def _count_lines(path: Path) -> int:
-    if not path.exists():
-        return 0
-    with open(path, "rb") as f:
-        return sum(1 for line in f if line.strip())
-
-
-def _stamp() -> str:
-    return f"{datetime.now():%Y%m%d-%H%M%S}"
 
 
 def _resolve_device(name: str) -> torch.device:

@@ -1,0 +1,127 @@
+"""The run directory: whether ``--out`` can be written, what it already holds, and how a run that
+cannot resume starts over without dropping what it recorded.
+
+A run directory holds config.json, metrics.jsonl, rollouts.jsonl, checkpoints/ and summary.json (see
+the README). Rerunning into it resumes the run; these functions decide how, before the trainer loads
+anything, and refuse with one line whenever the alternative would overwrite or drop records.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from fastrft.errors import ConfigError
+
+#: Config fields that change nothing a run computes; a resume may differ in them freely.
+RESUME_IGNORED = {("run", "progress"), ("run", "tensorboard"), ("run", "keep_checkpoints"), ("run", "threads")}
+
+
+def check_writable(out: Path) -> None:
+    """Refuse an --out that is a file or cannot be written, before anything loads or is written."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"out (--out) {out} is a file, not a directory; pass a directory (it is created if "
+                          "missing)")
+    probe = out
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ConfigError(f"out (--out) {out}: {probe} is a file, not a directory; choose another path")
+    try:
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as e:
+        raise ConfigError(f"out (--out) {out}: cannot write into {probe} ({e.strerror}); choose a writable "
+                          "directory") from None
+
+
+def existing_run(out_dir: Path, requested: dict[str, Any], force: bool) -> str | None:
+    """None: a new run. "resume": the directory holds this run, unfinished. "complete": finished.
+    "forced": it holds another config and --force was given. A differing config is refused with
+    its diff otherwise."""
+    cfg_file = out_dir / "config.json"
+    if not cfg_file.exists():
+        if (out_dir / "metrics.jsonl").exists():
+            raise ConfigError(f"out (--out) {out_dir} holds a metrics.jsonl but no config.json; choose a new "
+                              "directory so nothing recorded there is overwritten")
+        return None
+    try:
+        stored = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{cfg_file}: not valid JSON ({e}); choose a new --out") from None
+    diff = config_diff(stored, requested)
+    if diff:
+        if not force:
+            raise ConfigError(f"out (--out) {out_dir} holds a run with another config; refusing to resume "
+                              f"into it. Differences (stored -> requested):\n{diff}\nUse a new --out, or pass "
+                              "--force to resume it with the requested config (the old config.json is kept).")
+        return "forced"
+    summary = out_dir / "summary.json"
+    if summary.exists():
+        try:
+            if json.loads(summary.read_text()).get("complete"):
+                return "complete"
+        except json.JSONDecodeError:
+            pass
+    return "resume"
+
+
+def config_diff(stored: dict[str, Any], requested: dict[str, Any]) -> str:
+    """The fields that differ between two config dicts (RESUME_IGNORED left out), one per line."""
+    lines = []
+    from fastrft.config import TrainConfig
+
+    # A field added after a run was written is absent from its config.json: it ran with the default.
+    defaults = TrainConfig().to_dict()
+    for section in sorted(set(stored) | set(requested)):
+        a, b = stored.get(section, {}), requested.get(section, {})
+        for name in sorted(set(a) | set(b)):
+            if (section, name) in RESUME_IGNORED:
+                continue
+            default = defaults.get(section, {}).get(name, "<absent>")
+            va, vb = a.get(name, default), b.get(name, default)
+            if isinstance(va, list):
+                va = tuple(va)
+            if isinstance(vb, list):
+                vb = tuple(vb)
+            if va != vb:
+                lines.append(f"  {section}.{name}: {va!r} -> {vb!r}")
+    return "\n".join(lines)
+
+
+def start_over(out_dir: Path, damaged: list[str], force: bool) -> None:
+    """No usable checkpoint: start afresh if nothing was recorded, or with ``force``, keeping the old records
+    beside the new ones as *.before-<time>.jsonl; otherwise refuse, saying what was found."""
+    logs = [out_dir / name for name in ("metrics.jsonl", "rollouts.jsonl")]
+    records = sum(_count_lines(p) for p in logs)
+    if records and not force:
+        found = (f"{len(damaged)} checkpoint(s), every one damaged ({'; '.join(damaged)})" if damaged
+                 else "no checkpoint (the run was killed before its first one)")
+        raise ConfigError(f"out (--out) {out_dir} holds {records} recorded lines in metrics.jsonl and "
+                          f"rollouts.jsonl but {found}, so the run cannot continue from them; nothing was "
+                          "changed. Pass --force to start it over (the old records are kept as "
+                          "*.before-<time>.jsonl), or use a new --out.")
+    when = stamp()
+    for p in logs:
+        if _count_lines(p):
+            kept = p.with_name(f"{p.stem}.before-{when}{p.suffix}")
+            p.rename(kept)
+            print(f"fastrft: starting {out_dir} over; its old records are in {kept}", file=sys.stderr)
+        elif p.exists():
+            p.unlink()
+
+
+def _count_lines(path: Path) -> int:
+    if not path.exists():
+        return 0
+    with open(path, "rb") as f:
+        return sum(1 for line in f if line.strip())
+
+
+def stamp() -> str:
+    """A timestamp for the names of files kept aside (config.before-<time>.json and the like)."""
+    return f"{datetime.now():%Y%m%d-%H%M%S}"
