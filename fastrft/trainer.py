@@ -284,7 +284,7 @@ class Trainer:
                     self._after_round(self.state.pending_eval, log, bar, stop)
                 elif self.resumed_from is None:
                     if self._evaluate(0, log, bar, stop) is None:
-                        self._stop(stop)
+                        self._stop(stop, save=False)  # nothing was recorded: the rerun starts afresh
                     # Whether round 0 was measured or read from the shared cache, round 1 starts from the
                     # same engine state (an empty prefix cache), so sharing changes nothing a run computes.
                     self.engine.reset_prefix_cache()
@@ -323,10 +323,11 @@ class Trainer:
         if r == cfg.run.rounds or (cfg.run.save_every and r % cfg.run.save_every == 0):
             self.save()
 
-    def _stop(self, stop: StopRequest) -> None:
-        """Checkpoint the last completed round (unless that checkpoint exists) and raise RunInterrupted."""
+    def _stop(self, stop: StopRequest, save: bool = True) -> None:
+        """Checkpoint the last completed round (unless that checkpoint exists; round 0 = the base model's
+        evaluation done) and raise RunInterrupted."""
         path = None
-        if self.state.round > 0:
+        if save:
             saved = dict(ckpt.checkpoint_dirs(self.out_dir))
             if self.state.pending_eval is not None or self.state.round not in saved:
                 path = self.save()

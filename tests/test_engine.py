@@ -186,3 +186,31 @@ def test_per_prompt_response_budgets(qwen):
             assert c.token_ids == c_ref.token_ids[:len(c.token_ids)]
     with pytest.raises(ConfigError, match="4 entries for 2 prompts"):
         _engine(qwen).generate(PROMPTS[:2], max_new_tokens=[1, 2, 3, 4])
+
+
+def test_progress_counts_every_finished_sequence_once(qwen):
+    """The evaluation's progress bar: the hook sees each sequence finish exactly once, as it finishes,
+    and the samples are those of a call without the hook."""
+    kw = dict(n=3, max_new_tokens=12, temperature=1.0, seed=4)
+    seen = []
+    got = _engine(qwen).generate(PROMPTS, progress=seen.append, **kw)
+    assert sum(seen) == 3 * len(PROMPTS) and all(x >= 0 for x in seen)
+    assert len(seen) > 1 and seen[0] < 3 * len(PROMPTS)  # reported step by step, not once at the end
+    assert _ids(got) == _ids(_engine(qwen).generate(PROMPTS, **kw))
+
+
+def test_eval_sequences_is_the_progress_total(qwen):
+    from fastrft.data import arithmetic_problems
+    from fastrft.evaluate import EvalSet, eval_sequences, evaluate
+    from conftest import make_tokenizer
+
+    tok = make_tokenizer()
+    exs = arithmetic_problems("add1", "test")[:3]
+    enc = lambda xs: EvalSet(xs, [tok.encode("<bos>" + x.question)[:20] for x in xs])  # noqa: E731
+    train, test = enc(exs[:1]), enc(exs[1:])
+    engine = Engine(qwen, tok, EngineConfig(kv_cache_memory=64 * 2**20))
+    for greedy in (False, True):
+        seen = []
+        evaluate(engine, train, test, train_samples=4, temperature=1.0, max_new_tokens=5, greedy=greedy, seed=0,
+                 progress=seen.append)
+        assert sum(seen) == eval_sequences(train, test, train_samples=4, greedy=greedy) == 4 + 2 * (1 + greedy)

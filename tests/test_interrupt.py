@@ -132,3 +132,55 @@ def test_without_out_the_message_names_the_directory(tiny_llama, tmp_path, monke
     (run_dir,) = (tmp_path / "runs").iterdir()
     assert f"with --out {run_dir.relative_to(tmp_path)} to continue" in err
     assert [r for r, _ in checkpoint_dirs(run_dir)] == [2]  # round 2 finished before the stop
+
+
+def test_stop_right_after_the_base_evaluation_checkpoints_round_0(tiny_llama, tmp_path, reference, monkeypatch,
+                                                                   capsys):
+    """Its record is written, so the stop keeps it in a round-0 checkpoint and the rerun goes on from there
+    (it neither refuses for want of a checkpoint nor measures round 0 twice)."""
+    import torch
+
+    import fastrft.trainer as trainer_mod
+
+    torch.set_num_threads(1)
+    real = trainer_mod.Trainer._tb_write
+
+    def log_then_stop(self, record, step, prefix="train/"):
+        real(self, record, step, prefix)
+        if record.get("kind") == "eval" and step == 0:  # the evaluation is logged: round 1 never starts
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(trainer_mod.Trainer, "_tb_write", log_then_stop)
+    out = tmp_path / "run"
+    assert main(_args(tiny_llama, out)) == 128 + signal.SIGTERM
+    assert "after round 0" in capsys.readouterr().err
+    assert [r for r, _ in checkpoint_dirs(out)] == [0]
+    assert [(r["kind"], r["round"]) for r in read_metrics(out / "metrics.jsonl")] == [("eval", 0)]
+    monkeypatch.setattr(trainer_mod.Trainer, "_tb_write", real)
+    assert main(_args(tiny_llama, out)) == 0
+    _same_as(reference, out)
+
+
+def test_stop_during_the_base_evaluation_leaves_nothing_to_resume(tiny_llama, tmp_path, reference, monkeypatch,
+                                                                 capsys):
+    """Nothing was recorded, so there is no checkpoint and the rerun simply starts the run."""
+    import torch
+
+    import fastrft.trainer as trainer_mod
+
+    torch.set_num_threads(1)
+    real = trainer_mod.evaluate
+
+    def stop_inside(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.5)  # the handler runs here and abandons the evaluation
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_mod, "evaluate", stop_inside)
+    out = tmp_path / "run"
+    assert main(_args(tiny_llama, out)) == 128 + signal.SIGTERM
+    assert "no checkpoint (nothing was completed)" in capsys.readouterr().err
+    assert checkpoint_dirs(out) == [] and read_metrics(out / "metrics.jsonl") == []
+    monkeypatch.setattr(trainer_mod, "evaluate", real)
+    assert main(_args(tiny_llama, out)) == 0
+    _same_as(reference, out)
