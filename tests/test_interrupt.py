@@ -50,6 +50,20 @@ def reference(tiny_llama, tmp_path_factory):
     return out
 
 
+def _stopped_in_call(evaluate, n):
+    """``evaluate`` that sends this process SIGTERM at the start of its n-th call."""
+    calls = []
+
+    def wrapped(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == n:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.5)  # the handler runs here and abandons the evaluation
+        return evaluate(*args, **kwargs)
+
+    return wrapped
+
+
 def _same_as(reference, out):
     a, b = read_metrics(reference / "metrics.jsonl"), read_metrics(out / "metrics.jsonl")
     assert [r["round"] for r in b if r["kind"] == "round"] == list(range(1, 11))
@@ -89,16 +103,8 @@ def test_stop_during_an_evaluation_resumes_with_that_evaluation(tiny_llama, tmp_
 
     torch.set_num_threads(1)  # as in the reference subprocess: summation order, hence the bits, follow it
     handler_before = signal.getsignal(signal.SIGTERM)
-    real, calls = trainer_mod.evaluate, []
-
-    def evaluate_then_stop(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:  # the evaluation after round 4
-            os.kill(os.getpid(), signal.SIGTERM)
-            time.sleep(0.5)  # the handler runs here and abandons the evaluation
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(trainer_mod, "evaluate", evaluate_then_stop)
+    real = trainer_mod.evaluate
+    monkeypatch.setattr(trainer_mod, "evaluate", _stopped_in_call(real, 2))  # the evaluation after round 4
     out = tmp_path / "run"
     assert main(_args(tiny_llama, out)) == 128 + signal.SIGTERM
     err = capsys.readouterr().err
@@ -170,13 +176,7 @@ def test_stop_during_the_base_evaluation_leaves_nothing_to_resume(tiny_llama, tm
 
     torch.set_num_threads(1)
     real = trainer_mod.evaluate
-
-    def stop_inside(*args, **kwargs):
-        os.kill(os.getpid(), signal.SIGTERM)
-        time.sleep(0.5)  # the handler runs here and abandons the evaluation
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(trainer_mod, "evaluate", stop_inside)
+    monkeypatch.setattr(trainer_mod, "evaluate", _stopped_in_call(real, 1))
     out = tmp_path / "run"
     assert main(_args(tiny_llama, out)) == 128 + signal.SIGTERM
     assert "no checkpoint (nothing was completed)" in capsys.readouterr().err
