@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _ladder(args) -> int:
-    from fastrft import ladder, presets
+    from fastrft import ladder
     from fastrft.models.embedded import DEFAULT_MODEL
 
     base = load_config_file(args.config) if args.config else TrainConfig()
