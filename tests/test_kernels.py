@@ -55,13 +55,13 @@ SHAPES = [(37, 48, 1003), (1, 16, 17), (64, 96, 515), (130, 40, 2049), (33, 24, 
 
 @pytest.mark.parametrize("n,h,v", SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("temperature,splits", [(1.0, None), (0.7, 3), (1.3, 1)])
-def test_forward_backward_against_float64(n, h, v, dtype, temperature, splits):
+@pytest.mark.parametrize("temperature,splits,chunk", [(1.0, None, None), (0.7, 3, 16), (1.3, 1, 50)])
+def test_forward_backward_against_float64(n, h, v, dtype, temperature, splits, chunk):
     hidden, weight, targets = _inputs(n, h, v, dtype, seed=n + v)
     g = torch.Generator().manual_seed(1)
     g_logp, g_ent = torch.randn(n, generator=g).to(DEVICE), torch.randn(n, generator=g).to(DEVICE)
     out = _run(lambda *a, **k: linear_logprob(*a, **k, with_entropy=True, temperature=temperature, backend="triton",
-                                              splits=splits), hidden, weight, targets, g_logp, g_ent)
+                                              splits=splits, chunk=chunk), hidden, weight, targets, g_logp, g_ent)
     ref = _run(_reference(hidden, weight, targets, temperature), hidden.double(), weight.double(), targets, g_logp,
                g_ent)
     logp, ent, dh, dw = out
@@ -198,6 +198,23 @@ def test_auto_backend_uses_reference_on_cpu_and_matches_triton():
         tri = linear_logprob(hidden, weight, targets, with_entropy=True, backend="triton")
         for a, b in zip(auto, tri):
             torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("chunk", [None, 13])
+def test_cpu_path_forward_backward_against_float64(dtype, chunk):
+    """The PyTorch path (backend "reference", what CPU tensors run) is the same chunk loop with torch
+    matmuls: fp32 accumulation, so fp32 tolerances; bf16 gradients carry their own rounding."""
+    n, h, v = 45, 24, 777
+    hidden, weight, targets = _inputs(n, h, v, dtype, seed=21)
+    g = torch.Generator().manual_seed(2)
+    g_logp, g_ent = torch.randn(n, generator=g).to(DEVICE), torch.randn(n, generator=g).to(DEVICE)
+    out = _run(lambda *a, **k: linear_logprob(*a, **k, with_entropy=True, temperature=0.9, backend="reference",
+                                              chunk=chunk), hidden, weight, targets, g_logp, g_ent)
+    ref = _run(_reference(hidden, weight, targets, 0.9), hidden.double(), weight.double(), targets, g_logp, g_ent)
+    assert (out[0].double() - ref[0]).abs().max() <= 2e-5 and (out[1].double() - ref[1]).abs().max() <= 2e-5
+    grad_tol = 2e-5 if dtype == torch.float32 else 2 * EPS[dtype]
+    assert _rel(out[2], ref[2]) <= grad_tol and _rel(out[3], ref[3]) <= grad_tol
 
 
 def test_many_rows_no_grid_overflow():

@@ -587,3 +587,19 @@ def test_unknown_advantage_raises_config_error(name):
     assert "advantage" in msg
     for valid in ("none", "grpo", "dr_grpo", "rloo"):
         assert valid in msg
+
+
+@pytest.mark.parametrize("aggregation", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum",
+                                         "seq-mean-token-sum-norm"])
+def test_aggregation_is_linear_with_layout_weights(aggregation):
+    """sum(w * t) == aggregate(t) for arbitrary t: what lets the fused loss form its gradient per chunk."""
+    from fastrft.algo.loss import aggregate, aggregation_weights
+
+    spec = PGLossSpec(aggregation=aggregation, max_len=9)
+    g = torch.Generator().manual_seed(0)
+    seq_ids = torch.tensor([3, 3, 3, 7, 1, 1, 1, 1, 5, 5])  # ragged, unsorted labels
+    w = aggregation_weights(seq_ids, spec, torch.float64)
+    for _ in range(3):
+        t = torch.randn(10, generator=g, dtype=torch.float64)
+        assert float((w * t).sum()) == pytest.approx(float(aggregate(t, seq_ids, spec)), abs=1e-12)
+    assert aggregation_weights(seq_ids[:0], spec).numel() == 0

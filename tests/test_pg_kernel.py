@@ -56,14 +56,17 @@ def _loss_and_grads(fn, hidden, weight, upstream, **kw):
 @pytest.mark.parametrize("name", list(SPECS))
 @pytest.mark.parametrize("on_policy", [True, False])
 @pytest.mark.parametrize("temperature", [1.0, 0.8])
-def test_every_variant_matches_float64_reference(name, on_policy, temperature):
+@pytest.mark.parametrize("backend,chunk", [("triton", None), ("triton", 16), ("reference", 7)])
+def test_every_variant_matches_float64_reference(name, on_policy, temperature, backend, chunk):
+    """The gradient formed in the forward, chunk by chunk (41 rows: one chunk, or 16+16+9, or 7 x 5 + 6
+    on the PyTorch path), against autograd through float64 logits."""
     hidden, weight, targets, adv, seq_ids, old, ref = _batch(seed=len(name))
     spec = SPECS[name]
     kw = dict(targets=targets, advantages=adv, seq_ids=seq_ids, old_logp=None if on_policy else old,
               ref_logp=ref if spec.needs_ref else None, spec=spec, temperature=temperature)
     upstream = 1.7  # a random-looking scalar upstream gradient: the loss is scaled, not just differentiated
-    got = _loss_and_grads(lambda h, w, **k: fused_linear_pg_loss(h, w, backend="triton", **k), hidden, weight,
-                          upstream, **kw)
+    got = _loss_and_grads(lambda h, w, **k: fused_linear_pg_loss(h, w, backend=backend, chunk=chunk, **k), hidden,
+                          weight, upstream, **kw)
     want = _loss_and_grads(fused_linear_pg_loss_reference, hidden.double(), weight.double(), upstream, **kw)
     # fp32 accumulation in the kernel vs float64: log-probs agree to ~1e-6, so the O(1) loss to ~1e-6 and
     # the gradients to ~1e-6 of their largest entry; 2e-5 leaves a 10x margin.
@@ -90,6 +93,65 @@ def test_half_precision_inputs(dtype):
     assert abs(float(got[0] - want[0])) <= 1e-4
     for g_got, g_want in ((got[2], want[2]), (got[3], want[3])):
         assert (g_got - g_want).abs().max() <= 2 * eps * g_want.abs().max()
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_only_one_operand_needs_grad_and_no_grad_mode(backend):
+    """Gradient-in-forward skips the GEMM nobody asked for, and without autograd the loss is the plain
+    forward pass: same value, no graph."""
+    hidden, weight, targets, adv, seq_ids, old, ref = _batch(seed=8)
+    spec = SPECS["kl-k3-entropy"]
+    kw = dict(old_logp=old, ref_logp=ref, spec=spec, backend=backend, chunk=16)
+    want = _loss_and_grads(fused_linear_pg_loss_reference, hidden.double(), weight.double(), 1.0, targets=targets,
+                           advantages=adv, seq_ids=seq_ids, old_logp=old, ref_logp=ref, spec=spec)
+    h = hidden.clone().requires_grad_()
+    loss, _ = fused_linear_pg_loss(h, weight, targets, adv, seq_ids, **kw)
+    loss.backward()
+    assert (h.grad.double() - want[2]).abs().max() <= 2e-5 * want[2].abs().max()
+    w = weight.clone().requires_grad_()
+    loss, _ = fused_linear_pg_loss(hidden, w, targets, adv, seq_ids, **kw)
+    loss.backward()
+    assert (w.grad.double() - want[3]).abs().max() <= 2e-5 * want[3].abs().max()
+    with torch.no_grad():
+        plain, _ = fused_linear_pg_loss(hidden.clone().requires_grad_(), weight, targets, adv, seq_ids, **kw)
+    assert plain.grad_fn is None and abs(float(plain) - float(want[0])) <= 2e-5
+
+
+def test_second_backward_is_refused_with_a_clear_error():
+    hidden, weight, targets, adv, seq_ids, _, _ = _batch(seed=9)
+    h = hidden.clone().requires_grad_()
+    loss, _ = fused_linear_pg_loss(h, weight, targets, adv, seq_ids, spec=PGLossSpec(), backend="triton")
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="one backward only"):
+        loss.backward()
+
+
+def test_no_tensor_of_size_n_times_v():
+    """Memory stays flat in N: with 8 chunks, no buffer the loss allocates is larger than one chunk's fp32
+    logits (C x V x 4 bytes) or the fp32 dW, while N x V would be 8 times the former."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Largest(TorchDispatchMode):
+        nbytes = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in (out if isinstance(out, (tuple, list)) else (out,)):
+                if isinstance(t, torch.Tensor):
+                    Largest.nbytes = max(Largest.nbytes, t.untyped_storage().nbytes())
+            return out
+
+    n, h, v, chunk = 256, 16, 999, 32
+    hidden, weight, targets, adv, seq_ids, _, _ = _batch(n=n, h=h, v=v, seed=10)
+    hidden.requires_grad_()
+    weight.requires_grad_()
+    for backend in ("triton", "reference"):
+        Largest.nbytes = 0
+        with Largest():
+            loss, _ = fused_linear_pg_loss(hidden, weight, targets, adv, seq_ids, spec=PGLossSpec(entropy_coef=0.1),
+                                           backend=backend, chunk=chunk)
+            loss.backward()
+        assert 4 * chunk * v <= Largest.nbytes <= 4 * max(chunk * v, v * h, n * h), backend
 
 
 def test_sequence_without_signal_gets_exactly_zero_gradient():

@@ -99,6 +99,51 @@ def aggregate(per_token: torch.Tensor, seq_ids: torch.Tensor, spec: PGLossSpec) 
     return (sums / counts).mean()  # seq-mean-token-mean
 
 
+def aggregation_weights(seq_ids: torch.Tensor, spec: PGLossSpec, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Per-token weights w (N,) with sum(w * t) == aggregate(t, seq_ids, spec) for every t.
+
+    Every aggregation is linear in the per-token values with weights fixed by the batch layout alone, so
+    dL/dt_i = w_i and each token's gradient coefficient is local to its row: this is what lets the fused
+    LM-head loss form the gradient in the same pass that finds the row's log-sum-exp.
+    """
+    n = seq_ids.shape[0]
+    if n == 0:
+        return torch.zeros(0, dtype=dtype, device=seq_ids.device)
+    if spec.aggregation == "token-mean":
+        return torch.full((n,), 1.0 / n, dtype=dtype, device=seq_ids.device)
+    labels, dense = torch.unique(seq_ids, return_inverse=True)
+    num_seqs = labels.numel()
+    if spec.aggregation == "seq-mean-token-sum-norm":
+        return torch.full((n,), 1.0 / (num_seqs * spec.max_len), dtype=dtype, device=seq_ids.device)
+    if spec.aggregation == "seq-mean-token-sum":
+        return torch.full((n,), 1.0 / num_seqs, dtype=dtype, device=seq_ids.device)
+    counts = torch.bincount(dense, minlength=num_seqs).to(dtype)
+    return 1.0 / (num_seqs * counts[dense])  # seq-mean-token-mean
+
+
+def token_terms(logp: torch.Tensor, advantages: torch.Tensor, *, old_logp: torch.Tensor | None = None,
+                ref_logp: torch.Tensor | None = None, entropy: torch.Tensor | None = None, spec: PGLossSpec):
+    """The per-token loss t (N,) before aggregation, with the ratio and the KL estimate (or None).
+
+    Each t_i depends on row i alone (its logp, entropy, old/ref log-probs and advantage).
+    """
+    adv = advantages.to(logp.dtype)
+    log_ratio = logp - (logp.detach() if old_logp is None else old_logp.to(logp.dtype))
+    ratio = torch.exp(log_ratio)
+    clipped = ratio.clamp(1 - spec.clip_low, 1 + spec.clip_high)
+    per_token = torch.maximum(-adv * ratio, -adv * clipped)
+    if spec.dual_clip is not None:
+        per_token = torch.where(adv < 0, torch.minimum(per_token, -adv * spec.dual_clip), per_token)
+    kl = None
+    if ref_logp is not None:
+        kl = KL_ESTIMATORS[spec.kl_estimator](logp, ref_logp.to(logp.dtype))
+        if spec.kl_coef:
+            per_token = per_token + spec.kl_coef * kl
+    if spec.entropy_coef:
+        per_token = per_token - spec.entropy_coef * entropy.to(logp.dtype)
+    return per_token, ratio, kl
+
+
 def pg_loss(logp: torch.Tensor, advantages: torch.Tensor, seq_ids: torch.Tensor, *,
             old_logp: torch.Tensor | None = None, ref_logp: torch.Tensor | None = None,
             entropy: torch.Tensor | None = None, spec: PGLossSpec) -> tuple[torch.Tensor, dict[str, float]]:
@@ -121,20 +166,9 @@ def pg_loss(logp: torch.Tensor, advantages: torch.Tensor, seq_ids: torch.Tensor,
     if spec.needs_entropy and entropy is None:
         raise ValueError("pg_loss: spec.entropy_coef != 0 needs entropy")
 
+    per_token, ratio, kl = token_terms(logp, advantages, old_logp=old_logp, ref_logp=ref_logp, entropy=entropy,
+                                       spec=spec)
     adv = advantages.to(logp.dtype)
-    log_ratio = logp - (logp.detach() if old_logp is None else old_logp.to(logp.dtype))
-    ratio = torch.exp(log_ratio)
-    clipped = ratio.clamp(1 - spec.clip_low, 1 + spec.clip_high)
-    per_token = torch.maximum(-adv * ratio, -adv * clipped)
-    if spec.dual_clip is not None:
-        per_token = torch.where(adv < 0, torch.minimum(per_token, -adv * spec.dual_clip), per_token)
-    kl = None
-    if ref_logp is not None:
-        kl = KL_ESTIMATORS[spec.kl_estimator](logp, ref_logp.to(logp.dtype))
-        if spec.kl_coef:
-            per_token = per_token + spec.kl_coef * kl
-    if spec.entropy_coef:
-        per_token = per_token - spec.entropy_coef * entropy.to(logp.dtype)
     loss = aggregate(per_token, seq_ids, spec)
 
     with torch.no_grad():

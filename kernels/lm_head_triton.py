@@ -1,0 +1,378 @@
+"""Triton kernels of the LM-head log-prob / loss, their tile table and their launchers.
+
+One chunk of C rows at a time (the driver is :func:`fastrft.kernels.linear_logprob.lm_head_chunks`):
+
+1. ``_logits_stats_kernel``: a program owns BLOCK_N rows and one contiguous split of the vocabulary; it
+   forms each logits tile as a GEMM over H with fp32 accumulation, keeps per row an online max m, a
+   rescaled sum s = sum exp(z - m), the target's logit and e = sum exp(z - m) * z, and (STORE_Z) writes
+   the fp32 tile z = h.W^T / T into the chunk's workspace. A tiny combine over splits gives lse, logp,
+   mu = E_p[z] and the entropy lse - mu.
+2. ``_dz_kernel``: elementwise over the workspace, with per-row coefficients g_logp, g_ent:
+   dz = (g_logp * (onehot(target) - p) - g_ent * p * (z - mu)) / T, p = exp(z - lse), written in the
+   dtype the gradient GEMMs read (bf16 for bf16 inputs, as cuBLAS's own backward does; fp32 for fp32 and
+   fp16 inputs: fp16's 5-bit exponent would flush the vocabulary tail p_j * g ~ 1e-9 to zero).
+3. ``_dh_kernel``: dH[rows] = dz @ W, one program per (BLOCK_M x BLOCK_N) output tile, fp32 accumulation
+   over the whole vocabulary, cast once when stored.
+4. ``_dw_kernel``: dW += dz^T @ h, one program per (BLOCK_M x BLOCK_N) tile of the fp32 dW buffer, which
+   it reads once, accumulates over the chunk's rows, and writes once.
+
+Every output tile has exactly one owner: no atomics anywhere. Tiles come from :data:`TILES`, one entry
+per (kernel, dtype, shape class); :func:`compile_cases` hands the same entries to the Hopper compile
+gate (:mod:`fastrft.kernels.aot`). Under TRITON_INTERPRET=1 (tests on CPU) the interpreter computes bf16
+``tl.dot`` wrongly, so bf16 tiles are upcast to fp32 there (constexpr UPCAST) and larger tiles keep it fast.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAVE_TRITON = True
+except ImportError:  # CPU-only installs run the PyTorch path
+    HAVE_TRITON = False
+
+# ----------------------------------------------------------------------------------------- tile table
+# (kernel, dtype, shape class) -> tile. Shape classes split on the hidden size H. The GEMM tiles are the
+# usual Hopper starting points (128x128 outputs, 64-deep K steps, 8 warps, 3 stages for 16-bit operands;
+# fp32 and fp16 operands run fp32 dots, so their tiles are halved to stay in registers). Every entry
+# passes the sm_90a compile gate (tests/test_compile_gate.py) with no spills.
+_FWD_16 = dict(BLOCK_N=64, BLOCK_V=128, BLOCK_H=64, num_warps=8, num_stages=3)
+_FWD_32 = dict(BLOCK_N=64, BLOCK_V=64, BLOCK_H=32, num_warps=4, num_stages=2)
+_DZ = dict(BLOCK_N=16, BLOCK_V=256, num_warps=4, num_stages=1)
+_GEMM_16 = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
+_GEMM_32 = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=2)
+SHAPE_CLASSES = ("h<=1024", "h>1024")
+TILES = {}
+for _cls in SHAPE_CLASSES:
+    TILES.update({
+        ("logits_stats", "bf16", _cls): _FWD_16, ("logits_stats", "fp16", _cls): _FWD_16,
+        ("logits_stats", "fp32", _cls): _FWD_32,
+        ("dz", "bf16", _cls): _DZ, ("dz", "fp16", _cls): _DZ, ("dz", "fp32", _cls): _DZ,
+        ("dh", "bf16", _cls): _GEMM_16, ("dh", "fp16", _cls): _GEMM_32, ("dh", "fp32", _cls): _GEMM_32,
+        ("dw", "bf16", _cls): _GEMM_16, ("dw", "fp16", _cls): _GEMM_32, ("dw", "fp32", _cls): _GEMM_32,
+    })
+# The interpreter runs programs one by one in Python: few, large tiles keep the tests fast.
+_INTERPRETER_TILES = {"logits_stats": dict(BLOCK_N=64, BLOCK_V=128, BLOCK_H=64, num_warps=4, num_stages=1),
+                      "dz": dict(BLOCK_N=64, BLOCK_V=256, num_warps=4, num_stages=1),
+                      "dh": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, GROUP_M=4, num_warps=4, num_stages=1),
+                      "dw": dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=4, num_warps=4, num_stages=1)}
+_DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def shape_class(hidden_size: int) -> str:
+    return "h<=1024" if hidden_size <= 1024 else "h>1024"
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def tile(kernel: str, dtype: torch.dtype, hidden_size: int, device: torch.device) -> dict:
+    if device.type != "cuda":
+        return _INTERPRETER_TILES[kernel]
+    return TILES[(kernel, _DTYPE_NAMES[dtype], shape_class(hidden_size))]
+
+
+def flags(dtype: torch.dtype) -> dict:
+    """UPCAST: bf16 tiles go through fp32 (the interpreter's bf16 dot is wrong). IEEE: exact fp32 dots for
+    fp32 inputs (not TF32)."""
+    return dict(UPCAST=interpreting() and dtype == torch.bfloat16, IEEE=dtype == torch.float32)
+
+
+def dz_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the gradient GEMMs read dz in: the input dtype for bf16 on a GPU, else fp32."""
+    return torch.bfloat16 if dtype == torch.bfloat16 and not interpreting() else torch.float32
+
+
+# ----------------------------------------------------------------------------------------- kernels
+if HAVE_TRITON:
+
+    @triton.jit
+    def _dot(a, b, acc, IEEE: tl.constexpr):
+        if IEEE:
+            return tl.dot(a, b, acc, input_precision="ieee")
+        return tl.dot(a, b, acc)
+
+    @triton.jit
+    def _logits_stats_kernel(h_ptr, w_ptr, tgt_ptr, part_ptr, z_ptr, N, V, H, stride_hn, stride_hh, stride_wv,
+                             stride_wh, stride_zn, inv_temp, v_per_split, BLOCK_N: tl.constexpr,
+                             BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, WITH_ENTROPY: tl.constexpr,
+                             STORE_Z: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+        pid_n = tl.program_id(0)
+        pid_s = tl.program_id(1)
+        splits = tl.num_programs(1)
+        rows = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok = rows < N
+        tgt = tl.load(tgt_ptr + rows, mask=row_ok, other=0)
+        m = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
+        s = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        zt = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        e = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        v_lo = pid_s.to(tl.int64) * v_per_split
+        v_hi = tl.minimum(v_lo + v_per_split, V)
+        for v0 in range(v_lo, v_hi, BLOCK_V):
+            # Loop variables are not int64 in every Triton backend (the interpreter yields int32), so the
+            # index vectors are widened explicitly before they meet a stride.
+            cols = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)
+            col_ok = cols < v_hi
+            acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+            for h0 in range(0, H, BLOCK_H):
+                hk = (h0 + tl.arange(0, BLOCK_H)).to(tl.int64)
+                hk_ok = hk < H
+                a = tl.load(h_ptr + rows[:, None] * stride_hn + hk[None, :] * stride_hh,
+                            mask=row_ok[:, None] & hk_ok[None, :], other=0.0)
+                b = tl.load(w_ptr + cols[None, :] * stride_wv + hk[:, None] * stride_wh,
+                            mask=col_ok[None, :] & hk_ok[:, None], other=0.0)
+                if UPCAST:
+                    a = a.to(tl.float32)
+                    b = b.to(tl.float32)
+                acc = _dot(a, b, acc, IEEE)
+            z = acc * inv_temp
+            if STORE_Z:
+                tl.store(z_ptr + rows[:, None] * stride_zn + cols[None, :], z,
+                         mask=row_ok[:, None] & col_ok[None, :])
+            z = tl.where(col_ok[None, :], z, float("-inf"))
+            # Every tile holds at least one valid column (splits are non-empty), so m_new is finite.
+            m_new = tl.maximum(m, tl.max(z, axis=1))
+            alpha = tl.exp(m - m_new)
+            p = tl.exp(z - m_new[:, None])
+            s = s * alpha + tl.sum(p, axis=1)
+            if WITH_ENTROPY:
+                e = e * alpha + tl.sum(p * tl.where(col_ok[None, :], z, 0.0), axis=1)  # 0 * -inf would be NaN
+            zt += tl.sum(tl.where(cols[None, :] == tgt[:, None], z, 0.0), axis=1)
+            m = m_new
+        base = pid_s.to(tl.int64) * N + rows
+        stride_k = splits.to(tl.int64) * N
+        tl.store(part_ptr + base, m, mask=row_ok)
+        tl.store(part_ptr + stride_k + base, s, mask=row_ok)
+        tl.store(part_ptr + 2 * stride_k + base, zt, mask=row_ok)
+        if WITH_ENTROPY:
+            tl.store(part_ptr + 3 * stride_k + base, e, mask=row_ok)
+
+    @triton.jit
+    def _dz_kernel(z_ptr, dz_ptr, tgt_ptr, lse_ptr, mu_ptr, glp_ptr, gent_ptr, N, V, stride_zn, stride_dzn,
+                   inv_temp, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, HAS_ENT_GRAD: tl.constexpr):
+        # A flat grid (no 65,535 limit on a second axis); in place when dz_ptr aliases z_ptr (each element
+        # is read and written by the same program, read first).
+        pid = tl.program_id(0).to(tl.int64)
+        v_blocks = tl.cdiv(V, BLOCK_V)
+        rows = (pid // v_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
+        cols = (pid % v_blocks) * BLOCK_V + tl.arange(0, BLOCK_V)
+        row_ok = rows < N
+        mask = row_ok[:, None] & (cols[None, :] < V)
+        z = tl.load(z_ptr + rows[:, None] * stride_zn + cols[None, :], mask=mask, other=0.0)
+        lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+        g = tl.load(glp_ptr + rows, mask=row_ok, other=0.0)
+        tgt = tl.load(tgt_ptr + rows, mask=row_ok, other=-1)
+        p = tl.exp(z - lse[:, None])
+        dz = g[:, None] * (tl.where(cols[None, :] == tgt[:, None], 1.0, 0.0) - p)
+        if HAS_ENT_GRAD:
+            ge = tl.load(gent_ptr + rows, mask=row_ok, other=0.0)
+            mu = tl.load(mu_ptr + rows, mask=row_ok, other=0.0)
+            dz -= ge[:, None] * p * (z - mu[:, None])
+        tl.store(dz_ptr + rows[:, None] * stride_dzn + cols[None, :], (dz * inv_temp).to(dz_ptr.dtype.element_ty),
+                 mask=mask)
+
+    @triton.jit
+    def _tile_ids(M, N_OUT, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+        # Grouped ordering: GROUP_M consecutive programs share one column block of the second operand
+        # while it is hot in L2.
+        pid = tl.program_id(0)
+        m_blocks = tl.cdiv(M, BLOCK_M)
+        n_blocks = tl.cdiv(N_OUT, BLOCK_N)
+        per_group = GROUP_M * n_blocks
+        first_m = (pid // per_group) * GROUP_M
+        group_m = tl.minimum(m_blocks - first_m, GROUP_M)
+        pid_m = first_m + (pid % per_group) % group_m
+        pid_n = (pid % per_group) // group_m
+        return pid_m.to(tl.int64), pid_n.to(tl.int64)
+
+    @triton.jit
+    def _dh_kernel(dz_ptr, w_ptr, dh_ptr, C, V, H, stride_dzn, stride_wv, stride_wh, stride_dhn, stride_dhh,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                   UPCAST: tl.constexpr, IEEE: tl.constexpr, DOT_FP32: tl.constexpr):
+        """dH[C, H] = dz[C, V] @ W[V, H]; fp32 accumulation over all of V, one cast at the store."""
+        pid_m, pid_n = _tile_ids(C, H, BLOCK_M, BLOCK_N, GROUP_M)
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        hs = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok = rows < C
+        h_ok = hs < H
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, V, BLOCK_K):
+            ks = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
+            k_ok = ks < V
+            a = tl.load(dz_ptr + rows[:, None] * stride_dzn + ks[None, :], mask=row_ok[:, None] & k_ok[None, :],
+                        other=0.0)
+            b = tl.load(w_ptr + ks[:, None] * stride_wv + hs[None, :] * stride_wh, mask=k_ok[:, None] & h_ok[None, :],
+                        other=0.0)
+            if UPCAST or DOT_FP32:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = _dot(a, b, acc, IEEE)
+        tl.store(dh_ptr + rows[:, None] * stride_dhn + hs[None, :] * stride_dhh, acc.to(dh_ptr.dtype.element_ty),
+                 mask=row_ok[:, None] & h_ok[None, :])
+
+    @triton.jit
+    def _dw_kernel(dz_ptr, h_ptr, dw_ptr, C, V, H, stride_dzn, stride_hn, stride_hh, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, ACCUMULATE: tl.constexpr,
+                   UPCAST: tl.constexpr, IEEE: tl.constexpr, DOT_FP32: tl.constexpr):
+        """dW[V, H] (+)= dz[C, V]^T @ h[C, H] into a contiguous fp32 buffer: read once, written once."""
+        pid_m, pid_n = _tile_ids(V, H, BLOCK_M, BLOCK_N, GROUP_M)
+        cols = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        hs = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_ok = cols < V
+        h_ok = hs < H
+        out = dw_ptr + cols[:, None] * H + hs[None, :]
+        out_mask = col_ok[:, None] & h_ok[None, :]
+        if ACCUMULATE:
+            acc = tl.load(out, mask=out_mask, other=0.0)
+        else:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, C, BLOCK_K):
+            ks = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
+            k_ok = ks < C
+            a = tl.load(dz_ptr + ks[None, :] * stride_dzn + cols[:, None], mask=col_ok[:, None] & k_ok[None, :],
+                        other=0.0)
+            b = tl.load(h_ptr + ks[:, None] * stride_hn + hs[None, :] * stride_hh, mask=k_ok[:, None] & h_ok[None, :],
+                        other=0.0)
+            if UPCAST or DOT_FP32:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = _dot(a, b, acc, IEEE)
+        tl.store(out, acc, mask=out_mask)
+
+
+# ----------------------------------------------------------------------------------------- launchers
+def check_launch(device: torch.device) -> None:
+    if not HAVE_TRITON:
+        raise RuntimeError("the Triton backend needs the triton package (pip install triton); "
+                           "use backend='reference' or CPU tensors")
+    if device.type != "cuda" and not interpreting():
+        raise RuntimeError("the Triton backend needs CUDA tensors, or TRITON_INTERPRET=1 set before "
+                           "fastrft.kernels is imported (CPU interpreter, for tests)")
+
+
+def _num_splits(n_blocks: int, v_blocks: int, device: torch.device, splits: int | None) -> int:
+    if splits is None:
+        # Enough programs to fill the GPU even when N is small; one split when N alone fills it.
+        target = 4 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
+        splits = -(-target // max(n_blocks, 1))
+    return max(1, min(splits, v_blocks, 65535))
+
+
+def logits_stats(hidden, weight, targets, temperature: float, with_entropy: bool, z_out=None,
+                 splits: int | None = None):
+    """(logp, lse, entropy, mu), each (N,) fp32 (entropy and mu None without ``with_entropy``); with
+    ``z_out`` (N, V) fp32 the logits h.W^T / T are also written there."""
+    check_launch(hidden.device)
+    n, h = hidden.shape
+    v = weight.shape[0]
+    cfg = dict(tile("logits_stats", hidden.dtype, h, hidden.device))
+    warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+    n_blocks = triton.cdiv(n, cfg["BLOCK_N"])
+    v_blocks = triton.cdiv(v, cfg["BLOCK_V"])
+    num_splits = _num_splits(n_blocks, v_blocks, hidden.device, splits)
+    v_per_split = triton.cdiv(v_blocks, num_splits) * cfg["BLOCK_V"]
+    num_splits = triton.cdiv(v, v_per_split)  # every split non-empty
+    part = torch.empty((4, num_splits, n), dtype=torch.float32, device=hidden.device)
+    store = z_out is not None
+    _logits_stats_kernel[(n_blocks, num_splits)](
+        hidden, weight, targets, part, z_out if store else part, n, v, h, hidden.stride(0), hidden.stride(1),
+        weight.stride(0), weight.stride(1), z_out.stride(0) if store else 0, 1.0 / temperature, v_per_split,
+        WITH_ENTROPY=with_entropy, STORE_Z=store, num_warps=warps, num_stages=stages, **cfg, **flags(hidden.dtype))
+    m, s, zt, e = part.unbind(0)
+    top = m.max(dim=0).values
+    scale = torch.exp(m - top)
+    total = (s * scale).sum(0)
+    lse = top + torch.log(total)
+    logp = zt.sum(0) - lse
+    if not with_entropy:
+        return logp, lse, None, None
+    mu = (e * scale).sum(0) / total
+    return logp, lse, lse - mu, mu
+
+
+def form_dz(z, dz, targets, lse, mu, g_logp, g_ent, temperature: float, input_dtype: torch.dtype) -> None:
+    """dz (C, V) <- the logit gradient of the chunk whose fp32 logits are z (dz may be z itself)."""
+    c, v = z.shape
+    cfg = dict(tile("dz", input_dtype, 0, z.device))
+    warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+    grid = (triton.cdiv(c, cfg["BLOCK_N"]) * triton.cdiv(v, cfg["BLOCK_V"]),)
+    has_ent = g_ent is not None
+    _dz_kernel[grid](z, dz, targets, lse, mu if has_ent else lse, g_logp, g_ent if has_ent else g_logp, c, v,
+                     z.stride(0), dz.stride(0), 1.0 / temperature, HAS_ENT_GRAD=has_ent, num_warps=warps,
+                     num_stages=stages, **cfg)
+
+
+def grad_gemms(dz, hidden, weight, dh_out, dw_acc, accumulate: bool) -> None:
+    """dh_out (C, H) <- dz @ W (cast to its dtype) and dw_acc (V, H) fp32 (+)= dz^T @ hidden; either output
+    may be None."""
+    c, v = dz.shape
+    h = weight.shape[1]
+    fl = flags(hidden.dtype)
+    fl["DOT_FP32"] = dz.dtype == torch.float32 and hidden.dtype != torch.float32  # fp16 inputs: fp32 dz
+    if dh_out is not None:
+        cfg = dict(tile("dh", hidden.dtype, h, dz.device))
+        warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+        grid = (triton.cdiv(c, cfg["BLOCK_M"]) * triton.cdiv(h, cfg["BLOCK_N"]),)
+        _dh_kernel[grid](dz, weight, dh_out, c, v, h, dz.stride(0), weight.stride(0), weight.stride(1),
+                         dh_out.stride(0), dh_out.stride(1), num_warps=warps, num_stages=stages, **cfg, **fl)
+    if dw_acc is not None:
+        cfg = dict(tile("dw", hidden.dtype, h, dz.device))
+        warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+        grid = (triton.cdiv(v, cfg["BLOCK_M"]) * triton.cdiv(h, cfg["BLOCK_N"]),)
+        _dw_kernel[grid](dz, hidden, dw_acc, c, v, h, dz.stride(0), hidden.stride(0), hidden.stride(1),
+                         ACCUMULATE=accumulate, num_warps=warps, num_stages=stages, **cfg, **fl)
+
+
+# ----------------------------------------------------------------------------------------- compile gate
+def compile_cases(full: bool = False) -> list:
+    """Every TILES entry as the CUDA launchers produce it (UPCAST off), for the sm_90a compile gate."""
+    from fastrft.kernels.aot import CompileCase
+
+    cases = []
+    for (kernel, dt, cls), cfg in TILES.items():
+        cfg = dict(cfg)
+        warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+        p = f"*{dt}"
+        ieee = dt == "fp32"
+        dzt = "*bf16" if dt == "bf16" else "*fp32"
+        base = dict(UPCAST=False, IEEE=ieee)
+        if kernel == "logits_stats":
+            for store in (False, True):
+                for ent in (False, True):
+                    sig = dict(h_ptr=p, w_ptr=p, tgt_ptr="*i64", part_ptr="*fp32", z_ptr="*fp32", N="i32", V="i32",
+                               H="i32", stride_hn="i32", stride_hh="i32", stride_wv="i32", stride_wh="i32",
+                               stride_zn="i32", inv_temp="fp32", v_per_split="i32")
+                    cases.append(CompileCase(f"lm_head.logits_stats[{dt},{cls},store={store},entropy={ent}]",
+                                             _logits_stats_kernel, sig,
+                                             dict(cfg, WITH_ENTROPY=ent, STORE_Z=store, **base), warps, stages,
+                                             full_only=cls != "h>1024"))
+        elif kernel == "dz":
+            for ent in (False, True):
+                sig = dict(z_ptr="*fp32", dz_ptr=dzt, tgt_ptr="*i64", lse_ptr="*fp32", mu_ptr="*fp32",
+                           glp_ptr="*fp32", gent_ptr="*fp32", N="i32", V="i32", stride_zn="i32", stride_dzn="i32",
+                           inv_temp="fp32")
+                cases.append(CompileCase(f"lm_head.dz[{dt},{cls},entropy={ent}]", _dz_kernel, sig,
+                                         dict(cfg, HAS_ENT_GRAD=ent), warps, stages,
+                                         full_only=cls != "h>1024"))
+        else:
+            fl = dict(base, DOT_FP32=dt == "fp16")
+            if kernel == "dh":
+                sig = dict(dz_ptr=dzt, w_ptr=p, dh_ptr=p, C="i32", V="i32", H="i32", stride_dzn="i32",
+                           stride_wv="i32", stride_wh="i32", stride_dhn="i32", stride_dhh="i32")
+                cases.append(CompileCase(f"lm_head.dh[{dt},{cls}]", _dh_kernel, sig, dict(cfg, **fl), warps, stages,
+                                         full_only=cls != "h>1024"))
+            else:
+                for accumulate in (False, True):
+                    sig = dict(dz_ptr=dzt, h_ptr=p, dw_ptr="*fp32", C="i32", V="i32", H="i32", stride_dzn="i32",
+                               stride_hn="i32", stride_hh="i32")
+                    cases.append(CompileCase(f"lm_head.dw[{dt},{cls},accumulate={accumulate}]", _dw_kernel, sig,
+                                             dict(cfg, ACCUMULATE=accumulate, **fl), warps, stages,
+                                             full_only=cls != "h>1024"))
+    return [c for c in cases if full or not c.full_only]
