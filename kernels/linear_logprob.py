@@ -246,6 +246,11 @@ def check_inputs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tens
             raise ValueError(f"targets must lie in [0, V={weight.shape[0]}); found {bad}")
 
 
+def check_chunk(chunk) -> None:
+    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
+        raise ValueError(f"chunk must be a positive number of rows or None (the default size); got {chunk!r}")
+
+
 def resolve_backend(backend: str, device: torch.device) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend {backend!r} is unknown; choose one of: {', '.join(BACKENDS)}")
@@ -267,6 +272,7 @@ def linear_logprob(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
     the rows per chunk of the backward (default :func:`default_chunk`).
     """
     check_inputs(hidden, weight, targets, temperature)
+    check_chunk(chunk)
     targets = targets.long().contiguous()
     use_triton = resolve_backend(backend, hidden.device) == "triton"
     if use_triton:

@@ -182,6 +182,7 @@ def test_int64_offsets_beyond_2_31_elements(operand):
     (dict(hidden=torch.randn(3, 2, 4)), r"hidden must be \(N, H\)"),
     (dict(temperature=0.0), "temperature must be > 0"),
     (dict(backend="cuda"), "backend 'cuda' is unknown"),
+    (dict(chunk=0), "chunk must be a positive number of rows"),
 ])
 def test_refused_inputs(bad, match):
     args = dict(hidden=torch.randn(3, 8), weight=torch.randn(50, 8), targets=torch.tensor([0, 1, 2]),
