@@ -28,7 +28,10 @@ from typing import Callable
 import torch
 
 from fastrft.kernels import lm_head_triton as tri
-from fastrft.kernels.lm_head_triton import HAVE_TRITON, compile_cases  # noqa: F401  (re-exported: the compile gate reads it)
+from fastrft.kernels.lm_head_triton import HAVE_TRITON, compile_cases  # re-exported: the compile gate reads it
+
+__all__ = ["BACKENDS", "HAVE_TRITON", "LinearLogprobFunction", "check_chunk", "check_inputs", "compile_cases",
+           "default_chunk", "linear_logprob", "linear_logprob_reference", "lm_head_chunks", "resolve_backend"]
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 BACKENDS = ("auto", "triton", "reference")
