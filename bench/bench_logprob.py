@@ -2,6 +2,7 @@
 
     python bench/bench_logprob.py                       # GPU: the issue's shapes in bf16
     python bench/bench_logprob.py --device cpu          # CPU: SmolLM2 shape, fp32, N 1024 and 4096
+    python bench/bench_logprob.py --in-process --budget 120 --out DIR   # as bench/gpu_suite.sh runs it
 
 Every provider computes the same loss: token-mean clipped surrogate, on-policy, one advantage per
 512-token sequence, no KL; each records its loss value so the table shows they agree. Providers:
@@ -15,13 +16,24 @@ Every provider computes the same loss: token-mean clipped surrogate, on-policy, 
 - ``liger``: Liger-Kernel's LigerFusedLinearGRPOLoss (loss_type "dapo" = token-mean), when importable.
 
 Effective TFLOP/s counts 6*N*H*V per forward + backward. Each case runs in a fresh process, so its
-peak memory is its own and an out-of-memory case is reported instead of ending the run. Numerics: the
+peak memory is its own and an out-of-memory case is reported instead of ending the run. With
+--in-process every case runs in this process instead (no process start, Triton's autotuning kept from
+case to case): on CUDA the peak is still the case's own (the allocator's peak statistics are reset before
+it) and an out-of-memory case is still reported; on CPU no peak is measured. After a CUDA error, which
+leaves the process's CUDA context unusable, the remaining cases run in fresh processes. Numerics: the
 max |logp - float64 reference| of the Triton kernel and of PyTorch's own low-precision path on 1,024 rows.
+
+Cases run smallest N first, all shapes and providers of one N before the next. With --budget, each case
+is estimated before it starts (from the same shape and provider at the previous N, scaled by N) and
+dropped when it would not fit, so the largest N is the first to go; a provider out of memory at one N
+is not run at larger ones. --out writes logprob.md, logprob.json and results.csv into a folder after
+every case.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 from pathlib import Path
@@ -29,9 +41,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from harness import Result, measure, peak_memory, report, result_from_dict, result_to_dict, run_isolated  # noqa: E402
+from harness import (Budget, Result, cuda_broken, measure, peak_memory, report, result_from_dict,  # noqa: E402
+                     result_to_dict, run_isolated, table, write_outputs)
 
-SHAPES = {"qwen2.5-1.5b": (1536, 151936), "llama-3.2-1b": (2048, 128256), "smollm2-135m": (576, 49152)}
+SHAPES = {"qwen2.5-1.5b": (1536, 151936), "llama-3.2-1b": (2048, 128256), "smollm2-135m": (576, 49152),
+          "tiny": (64, 1000)}
 PROVIDERS = ("cublas-3mm", "naive", "reference", "triton", "triton-entropy", "liger")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 SEQ_LEN = 512
@@ -109,19 +123,38 @@ def provider_step(provider: str, hidden, weight, targets, seq_ids, advantages):
     raise ValueError(f"unknown provider {provider!r}; choose from {', '.join(PROVIDERS)}")
 
 
-def worker(provider: str, shape: str, n: int, dtype: str, device: str, repeats: int) -> dict:
+def worker(provider: str, shape: str, n: int, dtype: str, device: str, repeats: int, in_process: bool = False) -> dict:
     h, v = SHAPES[shape]
     inputs = make_inputs(n, h, v, DTYPES[dtype], device)
     step = provider_step(provider, *inputs)
     loss = step()  # warm-up (compilation, autotuning) outside the measurements
-    peak = peak_memory(step, device)
+    # A process's RSS high-water mark is not one case's own once other cases ran in it.
+    peak = None if in_process and not device.startswith("cuda") else peak_memory(step, device)
     res = measure("logprob", provider, lambda: (step(), None)[1], device=device, repeats=repeats, warmup=0,
                   unit="TFLOP/s",
                   work=6.0 * n * h * v / 1e12, shape=dict(model=shape, N=n, H=h, V=v, dtype=dtype))
     res.peak_mib = peak
     floor = (v * h * 4 + n * h * 4) / 2**20
-    res.extra = {"loss": None if loss != loss else round(loss, 6), "peak/(VH4+NH4)": peak / floor}
+    res.extra = {"loss": None if loss != loss else round(loss, 6),
+                 "peak/(VH4+NH4)": None if peak is None else peak / floor}
     return result_to_dict(res)
+
+
+def run_case(in_process: bool, provider: str, shape: str, n: int, dtype: str, device: str, repeats: int,
+             timeout: float | None) -> dict:
+    """One case's result dict, or {"error": ...}: in a fresh process, or here with --in-process."""
+    if not in_process:
+        return run_isolated(__file__, ["--worker", provider, shape, str(n), dtype, device, str(repeats)],
+                            timeout=timeout)
+    try:
+        return worker(provider, shape, n, dtype, device, repeats, in_process=True)
+    except Exception as e:  # noqa: BLE001 - out of memory or a failing provider is the case's row
+        return {"error": ("out of memory: " if isinstance(e, torch.OutOfMemoryError) else "")
+                + (str(e).strip().splitlines() or [type(e).__name__])[0][:200]}
+    finally:
+        gc.collect()
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
 
 
 def numerics(shape: str, dtype: str, device: str, rows: int = 1024) -> dict:
@@ -148,6 +181,12 @@ def main() -> None:
     ap.add_argument("--providers", default=",".join(PROVIDERS))
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--quick", action="store_true", help="2 repeats instead of --repeats")
+    ap.add_argument("--smoke", action="store_true", help="tiny shape (H 64, V 1000), N 512, 1 repeat: an end-to-end "
+                                                         "check of the script, not a measurement")
+    ap.add_argument("--in-process", action="store_true", help="run the cases in this process, not one process each")
+    ap.add_argument("--budget", type=float, default=None, help="seconds for the whole run; cases that would not fit "
+                                                               "are dropped, largest N first")
+    ap.add_argument("--out", default=None, help="folder for logprob.md, logprob.json and results.csv")
     ap.add_argument("--worker", nargs=6, metavar=("PROVIDER", "SHAPE", "N", "DTYPE", "DEVICE", "REPEATS"),
                     help=argparse.SUPPRESS)
     ap.add_argument("--numerics-worker", nargs=3, metavar=("SHAPE", "DTYPE", "DEVICE"), help=argparse.SUPPRESS)
@@ -164,37 +203,95 @@ def main() -> None:
         args.repeats = 2
     gpu = args.device.startswith("cuda")
     dtype = args.dtype or ("bf16" if gpu else "fp32")
-    shapes = (args.shapes or ("qwen2.5-1.5b,llama-3.2-1b" if gpu else "smollm2-135m")).split(",")
-    ns = [int(x) for x in (args.n or ("4096,16384,65536" if gpu else "1024,4096")).split(",")]
+    default_shapes, default_ns = ("tiny", "512") if args.smoke else (
+        ("qwen2.5-1.5b,llama-3.2-1b", "4096,16384,65536") if gpu else ("smollm2-135m", "1024,4096"))
+    if args.smoke:
+        args.repeats = 1
+    shapes = (args.shapes or default_shapes).split(",")
+    ns = sorted(int(x) for x in (args.n or default_ns).split(","))
     providers = [p for p in args.providers.split(",") if p]
+    notes = []
     if not gpu:
         # Triton on CPU is the interpreter: a correctness tool, not something to time.
         providers = [p for p in providers if not p.startswith("triton")]
     try:
         import liger_kernel  # noqa: F401
     except ImportError:
+        if "liger" in providers:
+            notes.append("liger-kernel is not importable: its provider was skipped")
         providers = [p for p in providers if p != "liger"]
         print("(liger-kernel is not importable: its provider is skipped)", file=sys.stderr)
 
+    title = f"LM-head log-prob + PG loss, fwd+bwd, {dtype}"
+    columns = ("loss", "peak/(VH4+NH4)")
+    budget = Budget(args.budget)
+    order = {(s_, n_, p_): i for i, (s_, n_, p_) in enumerate((s_, n_, p_) for s_ in shapes for n_ in ns
+                                                               for p_ in providers)}
     results: list[Result] = []
-    for shape in shapes:
-        for n in ns:
+    last_step: dict[tuple[str, str], tuple[int, float]] = {}  # (shape, provider) -> (N, seconds per step)
+    out_of_memory: dict[tuple[str, str], int] = {}
+
+    def save():
+        if args.out:
+            rows = sorted(results, key=lambda r: order[(r.shape["model"], r.shape["N"], r.extra.get("provider"))])
+            write_outputs(args.out, "logprob", title, rows, table(rows, title, args.device, columns),
+                          device=args.device, dropped=budget.dropped, notes=notes)
+
+    for i, n in enumerate(ns):
+        for shape in shapes:
+            h, v = SHAPES[shape]
             for p in providers:
-                print(f"... {shape} N={n} {p}", file=sys.stderr, flush=True)
-                out = run_isolated(__file__, ["--worker", p, shape, str(n), dtype, args.device, str(args.repeats)])
+                case = f"{shape} N={n} {p}"
+                shape_info = dict(model=shape, N=n, H=h, V=v, dtype=dtype)
+                if (shape, p) in out_of_memory:
+                    results.append(Result("logprob", case, None, error=f"not run: out of memory at N="
+                                          f"{out_of_memory[(shape, p)]}", shape=shape_info, extra={"provider": p}))
+                    continue
+                estimate = None
+                if (shape, p) in last_step:  # warm-up + peak pass + repeats, scaled from the previous N
+                    n0, t0 = last_step[(shape, p)]
+                    estimate = t0 * n / n0 * (args.repeats + 2) + 2.0
+                if not budget.admit(case, estimate):
+                    continue
+                print(f"... {case}", file=sys.stderr, flush=True)
+                out = run_case(args.in_process, p, shape, n, dtype, args.device, args.repeats, budget.timeout())
+                if args.in_process and cuda_broken(out.get("error", "")):
+                    args.in_process = False  # the context is gone: the rest run in fresh processes
+                    notes.append(f"a CUDA error at {case}: the cases after it ran in fresh processes")
                 if out.get("error"):
-                    h, v = SHAPES[shape]
-                    results.append(Result("logprob", f"{shape} N={n} {p}", None, error=out["error"],
-                                          shape=dict(model=shape, N=n, H=h, V=v, dtype=dtype)))
+                    if "out of memory" in out["error"].lower():
+                        out_of_memory[(shape, p)] = n
+                    results.append(Result("logprob", case, None, error=out["error"], shape=shape_info,
+                                          extra={"provider": p}))
                 else:
                     r = result_from_dict(out)
-                    r.case = f"{shape} N={n} {p}"
+                    r.case = case
+                    r.extra["provider"] = p
                     results.append(r)
-    report(results, f"LM-head log-prob + PG loss, fwd+bwd, {dtype}", args.device,
-           columns=("loss", "peak/(VH4+NH4)"))
-    for shape in shapes:
-        num = run_isolated(__file__, ["--numerics-worker", shape, dtype, args.device])
-        print(f"numerics {shape} {dtype}: max |logp - float64| = {num}")
+                    last_step[(shape, p)] = (n, r.median_s)
+                save()
+        if i == 0:  # numerics once, after the smallest N: cheap, and the bf16 accuracy target needs it
+            for shape in shapes:
+                if not budget.admit(f"numerics {shape}"):
+                    continue
+                if args.in_process:
+                    try:
+                        num = numerics(shape, dtype, args.device)
+                    except Exception as e:  # noqa: BLE001
+                        num = {"error": str(e).strip().splitlines()[0][:200]}
+                else:
+                    num = run_isolated(__file__, ["--numerics-worker", shape, dtype, args.device],
+                                       timeout=budget.timeout())
+                shown = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in num.items())
+                notes.append(f"numerics {shape} {dtype}, 1,024 rows: max |logp - float64| = {shown}")
+                print(notes[-1], flush=True)
+            save()
+    results.sort(key=lambda r: order[(r.shape["model"], r.shape["N"], r.extra.get("provider"))])
+    report(results, title, args.device, columns=columns,
+           csv_path=Path(args.out) / "results.csv" if args.out else None)
+    for line in notes:
+        print(line)
+    save()
 
 
 if __name__ == "__main__":

@@ -5,8 +5,8 @@ Layout (per layer, allocated by the engine): ``k_cache`` and ``v_cache`` are sep
 ``block_tables[b, t // block_size] * block_size + t % block_size``, i.e. row ``slot`` of the
 (num_blocks * block_size, Hkv, D) view.
 
-``_store_kv_kernel``: one program per new token copies its Hkv*D values of K and V to row ``slot``;
-slot -1 (padding) writes nothing.
+``_store_kv_kernel``: program (t, h) copies kv heads [h * BLOCK_H, (h + 1) * BLOCK_H) of new token t, K and
+V, to row ``slot``; slot -1 (padding) writes nothing.
 
 ``_paged_attention_decode_kernel`` (flash-decoding): program (b, kv_head, split) owns the query heads of
 one GQA group and a contiguous range of ``tokens_per_split`` context positions (a multiple of
@@ -15,8 +15,8 @@ block table, and keeps an online softmax per query head in fp32 (running max m i
 l = sum 2^(s - m), unnormalised acc = sum 2^(s - m) v). Scores are a broadcast multiply + tl.sum, not
 tl.dot: a decode query is one row per head, and this keeps the interpreter (whose bf16 tl.dot is wrong)
 on the same code path as the GPU. A split past a short sequence's end runs no iteration and leaves
-m = -inf, l = 0, acc = 0. ``_paged_attention_combine_kernel`` merges the splits exactly:
-M = max_s m_s, out = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s (empty splits weigh 2^-inf = 0;
+m = -inf, l = 0, acc = 0. ``_paged_attention_combine_kernel`` (program (row, column block)) merges the
+splits exactly: M = max_s m_s, out = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s (empty splits weigh 2^-inf = 0;
 split 0 is never empty because context_lens >= 1). With one split the decode kernel normalises and
 writes the output itself.
 
@@ -25,6 +25,11 @@ shapes) depends on tensor shapes and device properties only, never on tensor val
 .tolist() or host copies. Value checks (context_lens range, block table entries, slots) need the values
 on the host, so they run only on CPU tensors or when ``validate=True`` is passed; on CUDA they are off
 by default. Out-of-range values on an unvalidated CUDA call are undefined behaviour, as in vLLM.
+
+Tiles: CUDA launches take their tile sizes and num_warps from :data:`TILES`, one table keyed by
+(kernel, dtype, shape class); :func:`compile_cases` lists every entry for the compile gate
+(``fastrft.kernels.aot``, ``tests/test_compile_gate.py``), which compiles them for sm_90a and refuses
+register spills. The interpreter keeps its own few-large-tiles choice.
 """
 
 from __future__ import annotations
@@ -60,7 +65,7 @@ if HAVE_TRITON:
                          stride_vh, stride_vd, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
         t = tl.program_id(0).to(tl.int64)
         slot = tl.load(slot_ptr + t).to(tl.int64)
-        h = tl.arange(0, BLOCK_H).to(tl.int64)
+        h = (tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)).to(tl.int64)
         d = tl.arange(0, BLOCK_D).to(tl.int64)
         mask = (h[:, None] < H) & (d[None, :] < D) & (slot >= 0)
         # A slot times the row size exceeds 2^31 elements in a large cache: all offsets are int64.
@@ -127,7 +132,7 @@ if HAVE_TRITON:
                                         BLOCK_D: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)  # b * HQ + q_head
         s = tl.arange(0, BLOCK_S)
-        d = tl.arange(0, BLOCK_D)
+        d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)  # columns [pid1 * BLOCK_D, +BLOCK_D) of the row
         s_ok = s < S
         d_ok = d < D
         m = tl.load(m_ptr + row * S + s, mask=s_ok, other=float("-inf"))
@@ -172,16 +177,104 @@ def default_num_splits(batch: int, num_kv_heads: int, max_blocks: int, block_siz
     return max(1, min(16, fill, by_len))
 
 
-def _store_triton(k, v, k_cache, v_cache, slot_mapping) -> None:
+# ----------------------------------------------------------------------------------------- CUDA tiles
+# The tile configurations of the CUDA launches, in ONE table: (kernel, dtype, shape class) -> config.
+# The launchers read it; compile_cases() enumerates every entry, and tests/test_compile_gate.py compiles
+# them for Hopper (sm_90a) and fails on any register spill or shared memory past 227 KiB. To tune a
+# tile, edit its entry here and rerun the gate (python -m fastrft.kernels.aot --full).
+#
+# Shape classes: head_dim class = the smallest of HEAD_DIM_CLASSES >= BLOCK_D (next_power_of_2(head_dim));
+# an entry's tile is checked at the class's largest shape, so smaller shapes of the class use fewer
+# registers. decode: (head_dim class, BLOCK_G = next_power_of_2(Hq // Hkv)); combine: (head_dim class,
+# split class >= BLOCK_S = next_power_of_2(num_splits)), BLOCK_D caps the columns one program merges (the
+# grid covers the rest; every column is the same reduction over the splits); store_kv: (head_dim class,),
+# BLOCK_H caps the kv heads one program copies (the grid covers the rest).
+#
+# decode's register footprint is the (BLOCK_G, BLOCK_N, BLOCK_D) fp32 score/value product plus the
+# (BLOCK_N, BLOCK_D) int64 addresses of the K/V tile. Measured with ptxas (triton 3.7.1, sm_90a): at most
+# 64 product elements and 32 addresses per thread stays spill-free with headroom (<= ~200 registers);
+# 128 product elements per thread (the old BLOCK_G=8, BLOCK_N=16, BLOCK_D=128 at 4 warps) spilled at
+# 255 registers. Past 8 warps a thread may hold only 65536 / threads registers (128 at 16 warps), hence
+# 8 warps at most here.
+HEAD_DIM_CLASSES = (64, 128, 256)
+GROUP_CLASSES = (1, 2, 4, 8, 16)
+SPLIT_CLASSES = (16, 64, 256)  # MAX_SPLITS = 256 bounds BLOCK_S
+DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+_DECODE_TILES = {  # (head_dim class, BLOCK_G) -> (BLOCK_N, num_warps); num_stages 3 (Triton's default)
+    (64, 1): (32, 4), (64, 2): (32, 4), (64, 4): (16, 4), (64, 8): (16, 4), (64, 16): (16, 8),
+    (128, 1): (32, 4), (128, 2): (32, 4), (128, 4): (16, 4), (128, 8): (16, 8), (128, 16): (8, 8),
+    (256, 1): (16, 4), (256, 2): (8, 4), (256, 4): (8, 4), (256, 8): (8, 8), (256, 16): (4, 8),
+}
+_COMBINE_TILES = {  # (head_dim class, split class) -> (BLOCK_D columns per program, num_warps)
+    (64, 16): (64, 4), (64, 64): (64, 4), (64, 256): (64, 8),
+    (128, 16): (128, 4), (128, 64): (128, 4), (128, 256): (64, 8),
+    (256, 16): (256, 4), (256, 64): (128, 4), (256, 256): (64, 8),
+}
+_STORE_TILES = {64: (32, 4), 128: (16, 4), 256: (8, 4)}  # head_dim class -> (BLOCK_H, num_warps)
+
+# The same tiles for every dtype today; an entry may be overridden per dtype when tuned on a GPU.
+TILES: dict[tuple, dict] = {}
+for _dt in DTYPE_NAMES.values():
+    for (_d, _g), (_n, _w) in _DECODE_TILES.items():
+        TILES[("decode", _dt, _d, _g)] = dict(BLOCK_N=_n, num_warps=_w, num_stages=3)
+    for (_d, _s), (_c, _w) in _COMBINE_TILES.items():
+        TILES[("combine", _dt, _d, _s)] = dict(BLOCK_D=_c, num_warps=_w, num_stages=3)
+    for _d, (_h, _w) in _STORE_TILES.items():
+        TILES[("store_kv", _dt, _d)] = dict(BLOCK_H=_h, num_warps=_w, num_stages=3)
+
+
+def _class_of(n: int, classes: tuple) -> int | None:
+    return next((c for c in classes if n <= c), None)
+
+
+def cuda_tile(kernel: str, dtype: torch.dtype, head_dim: int, other: int | None = None) -> dict | None:
+    """The table's configuration for a CUDA launch, or None when the shape lies outside every class
+    (head_dim > 256, a GQA group > 16). ``other``: the group size for "decode", num_splits for
+    "combine". Shapes only: safe inside CUDA-graph capture."""
+    block_d = triton.next_power_of_2(head_dim)
+    key = (kernel, DTYPE_NAMES.get(dtype), _class_of(block_d, HEAD_DIM_CLASSES))
+    if kernel == "decode":
+        key += (_class_of(triton.next_power_of_2(other), GROUP_CLASSES),)
+    elif kernel == "combine":
+        key += (_class_of(triton.next_power_of_2(other), SPLIT_CLASSES),)
+    return TILES.get(key)
+
+
+def _cuda_tile_or_raise(kernel: str, dtype: torch.dtype, head_dim: int, other: int | None = None) -> dict:
+    tile = cuda_tile(kernel, dtype, head_dim, other)
+    if tile is None:
+        what = f"head_dim={head_dim}" + (f", GQA group={other}" if kernel == "decode" else "")
+        raise ValueError(f"the Triton {kernel} kernel has no CUDA tile configuration for {what} (head_dim <= "
+                         f"{HEAD_DIM_CLASSES[-1]}, group <= {GROUP_CLASSES[-1]}); use backend='auto' or "
+                         f"'reference', or add an entry to fastrft.kernels.paged_attention.TILES and run the "
+                         f"compile gate (tests/test_compile_gate.py)")
+    return tile
+
+
+def _store_triton(k, v, k_cache, v_cache, slot_mapping, cuda_tiles: bool | None = None) -> None:
+    """cuda_tiles: take the tile from TILES (None: on CUDA tensors; tests pass True to run the CUDA
+    tiles through the interpreter)."""
     _launch_check(k.device)
     t, h, d = k.shape
     if t == 0:
         return
-    _store_kv_kernel[(t,)](k, v, k_cache, v_cache, slot_mapping, h, d, *k.stride(), *v.stride(),
-                           BLOCK_H=triton.next_power_of_2(h), BLOCK_D=triton.next_power_of_2(d), num_warps=4)
+    block_d = triton.next_power_of_2(d)
+    use_table = k.device.type == "cuda" if cuda_tiles is None else cuda_tiles
+    if use_table:
+        tile = _cuda_tile_or_raise("store_kv", k.dtype, d)
+        block_h, num_warps, num_stages = min(triton.next_power_of_2(h), tile["BLOCK_H"]), tile["num_warps"], \
+            tile["num_stages"]
+    else:
+        block_h, num_warps, num_stages = triton.next_power_of_2(h), 4, 1  # the interpreter: all heads at once
+    _store_kv_kernel[(t, triton.cdiv(h, block_h))](k, v, k_cache, v_cache, slot_mapping, h, d, *k.stride(), *v.stride(),
+                                                   BLOCK_H=block_h, BLOCK_D=block_d, num_warps=num_warps,
+                                                   num_stages=num_stages)
 
 
-def _decode_triton(q, k_cache, v_cache, block_tables, context_lens, scale: float, num_splits: int | None):
+def _decode_triton(q, k_cache, v_cache, block_tables, context_lens, scale: float, num_splits: int | None,
+                   cuda_tiles: bool | None = None):
+    """cuda_tiles: as for :func:`_store_triton`."""
     _launch_check(q.device)
     batch, hq, d = q.shape
     _, page, hkv, _ = k_cache.shape
@@ -197,13 +290,18 @@ def _decode_triton(q, k_cache, v_cache, block_tables, context_lens, scale: float
     num_splits = -(-max_blocks // blocks_per_split)  # no split lies wholly past the block table
     group = hq // hkv
     block_g, block_d = triton.next_power_of_2(group), triton.next_power_of_2(d)
-    if q.device.type == "cuda":
-        # The (BLOCK_G, BLOCK_N, BLOCK_D) fp32 product lives in registers: keep it near 8K elements
-        # (64 per thread at 4 warps). A starting point, not tuned on a GPU yet.
-        block_n, num_warps = max(16, min(128, 8192 // (block_g * block_d))), 4
-    else:
-        block_n, num_warps = 256, 1  # the interpreter: few, large tiles
     direct = num_splits == 1
+    use_table = q.device.type == "cuda" if cuda_tiles is None else cuda_tiles
+    if use_table:
+        tile = _cuda_tile_or_raise("decode", q.dtype, d, group)  # the compile-gated table above
+        block_n, num_warps, num_stages = tile["BLOCK_N"], tile["num_warps"], tile["num_stages"]
+        if not direct:
+            combine = _cuda_tile_or_raise("combine", q.dtype, d, num_splits)
+            combine_d, combine_warps, combine_stages = min(block_d, combine["BLOCK_D"]), combine["num_warps"], \
+                combine["num_stages"]
+    else:
+        block_n, num_warps, num_stages = 256, 1, 1  # the interpreter: few, large tiles
+        combine_d, combine_warps, combine_stages = block_d, 1, 1
     if direct:
         m = l = acc = out  # placeholders, never touched behind DIRECT
     else:
@@ -213,12 +311,103 @@ def _decode_triton(q, k_cache, v_cache, block_tables, context_lens, scale: float
     _paged_attention_decode_kernel[(batch, hkv, num_splits)](
         q, k_cache, v_cache, block_tables, context_lens, out, m, l, acc, scale * LOG2E, d, hq, hkv * d,
         *q.stride(), block_tables.stride(0), blocks_per_split * page, GROUP=group, PAGE=page, BLOCK_G=block_g,
-        BLOCK_N=block_n, BLOCK_D=block_d, DIRECT=direct, num_warps=num_warps)
+        BLOCK_N=block_n, BLOCK_D=block_d, DIRECT=direct, num_warps=num_warps, num_stages=num_stages)
     if not direct:
-        _paged_attention_combine_kernel[(batch * hq,)](m, l, acc, out, d, num_splits,
-                                                       BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=block_d,
-                                                       num_warps=num_warps)
+        _paged_attention_combine_kernel[(batch * hq, triton.cdiv(d, combine_d))](
+            m, l, acc, out, d, num_splits, BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=combine_d,
+            num_warps=combine_warps, num_stages=combine_stages)
     return out
+
+
+# ----------------------------------------------------------------------------------------- compile gate
+# Representative launches for compile_cases: the engine's default block size and a CUDA-graph block
+# table for max_model_len 4096 (256 columns of 16 tokens), q/k/v (T, heads, head_dim) contiguous as
+# the model's attention produces them.
+MODEL_SHAPES = {"qwen2.5-0.5b": (14, 2, 64), "qwen2.5-1.5b": (12, 2, 128), "llama-3.2-1b": (32, 8, 64)}
+ENGINE_PAGE = 16
+_TABLE_WIDTH = 256
+
+
+def _decode_case(dtype: str, hq: int, hkv: int, d: int, page: int, direct: bool, name: str, full_only: bool):
+    from fastrft.kernels.aot import CompileCase, int_args
+
+    group = hq // hkv
+    tile = TILES[("decode", dtype, _class_of(triton.next_power_of_2(d), HEAD_DIM_CLASSES),
+                  _class_of(triton.next_power_of_2(group), GROUP_CLASSES))]
+    ptr = "*" + dtype
+    stats = ptr if direct else "*fp32"  # DIRECT passes the output as placeholders for m, l and acc
+    blocks_per_split = _TABLE_WIDTH if direct else 16
+    ints, consts = int_args(D=d, HQ=hq, stride_row=hkv * d, stride_qb=hq * d, stride_qh=d, stride_qd=1,
+                            stride_btb=_TABLE_WIDTH, tokens_per_split=blocks_per_split * page)
+    sig = dict(q_ptr=ptr, kc_ptr=ptr, vc_ptr=ptr, bt_ptr="*i32", ctx_ptr="*i32", out_ptr=ptr, m_ptr=stats,
+               l_ptr=stats, acc_ptr=stats, qk_scale="fp32", **ints)
+    consts.update(GROUP=group, PAGE=page, BLOCK_G=triton.next_power_of_2(group), BLOCK_N=tile["BLOCK_N"],
+                  BLOCK_D=triton.next_power_of_2(d), DIRECT=direct)
+    return CompileCase(name, _paged_attention_decode_kernel, sig, consts, tile["num_warps"], tile["num_stages"],
+                       full_only=full_only)
+
+
+def _combine_case(dtype: str, d: int, splits: int, name: str, full_only: bool):
+    from fastrft.kernels.aot import CompileCase, int_args
+
+    tile = TILES[("combine", dtype, _class_of(triton.next_power_of_2(d), HEAD_DIM_CLASSES),
+                  _class_of(triton.next_power_of_2(splits), SPLIT_CLASSES))]
+    ints, consts = int_args(D=d, S=splits)
+    sig = dict(m_ptr="*fp32", l_ptr="*fp32", acc_ptr="*fp32", out_ptr="*" + dtype, **ints)
+    consts.update(BLOCK_S=triton.next_power_of_2(splits), BLOCK_D=min(triton.next_power_of_2(d), tile["BLOCK_D"]))
+    return CompileCase(name, _paged_attention_combine_kernel, sig, consts, tile["num_warps"], tile["num_stages"],
+                       full_only=full_only)
+
+
+def _store_case(dtype: str, hkv: int, d: int, name: str, full_only: bool):
+    from fastrft.kernels.aot import CompileCase, int_args
+
+    tile = TILES[("store_kv", dtype, _class_of(triton.next_power_of_2(d), HEAD_DIM_CLASSES))]
+    ptr = "*" + dtype
+    ints, consts = int_args(H=hkv, D=d, stride_kt=hkv * d, stride_kh=d, stride_kd=1, stride_vt=hkv * d,
+                            stride_vh=d, stride_vd=1)
+    sig = dict(k_ptr=ptr, v_ptr=ptr, kc_ptr=ptr, vc_ptr=ptr, slot_ptr="*i64", **ints)
+    consts.update(BLOCK_H=min(triton.next_power_of_2(hkv), tile["BLOCK_H"]), BLOCK_D=triton.next_power_of_2(d))
+    return CompileCase(name, _store_kv_kernel, sig, consts, tile["num_warps"], tile["num_stages"],
+                       full_only=full_only)
+
+
+def compile_cases(full: bool) -> list:
+    """The CUDA launches of this module as :class:`fastrft.kernels.aot.CompileCase`s (the compile
+    gate's protocol). Always: the model shapes of MODEL_SHAPES at the engine's block size in every
+    dtype, decode on both paths (split-K and DIRECT), combine and store_kv. ``full`` adds every entry of
+    TILES at its class's largest shape, and other block sizes. Without full, the ``full_only`` cases
+    are still listed (the caller drops them)."""
+    if not HAVE_TRITON:
+        raise RuntimeError("compile_cases needs the triton package")
+    cases = []
+    for dt in DTYPE_NAMES.values():
+        for model, (hq, hkv, d) in MODEL_SHAPES.items():
+            for direct in (False, True):
+                path = "direct" if direct else "split"
+                cases.append(_decode_case(dt, hq, hkv, d, ENGINE_PAGE, direct, f"pa-decode-{path}-{dt}-{model}", False))
+            cases.append(_store_case(dt, hkv, d, f"pa-store_kv-{dt}-{model}", False))
+        for d in sorted({shape[2] for shape in MODEL_SHAPES.values()}):
+            cases.append(_combine_case(dt, d, 12, f"pa-combine-{dt}-d{d}-s12", False))
+    # Full: every table entry at its class's largest shape, then other block sizes.
+    for key in TILES:
+        kernel, dt, d = key[:3]
+        if kernel == "decode":
+            g = key[3]
+            for direct in (False, True):
+                path = "direct" if direct else "split"
+                cases.append(_decode_case(dt, 2 * g, 2, d, ENGINE_PAGE, direct, f"pa-decode-{path}-{dt}-d{d}-g{g}",
+                                          True))
+        elif kernel == "combine":
+            cases.append(_combine_case(dt, d, key[3], f"pa-combine-{dt}-d{d}-s{key[3]}", True))
+        else:
+            hkv = _STORE_TILES[d][0]  # a full BLOCK_H of heads
+            cases.append(_store_case(dt, hkv, d, f"pa-store_kv-{dt}-d{d}-h{hkv}", True))
+    for page in (1, 8, 32, 256):
+        for model, (hq, hkv, d) in MODEL_SHAPES.items():
+            cases.append(_decode_case("bf16", hq, hkv, d, page, False, f"pa-decode-split-bf16-{model}-page{page}",
+                                      True))
+    return cases
 
 
 # ----------------------------------------------------------------------------------------- reference
@@ -380,7 +569,10 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     flattened caches (num_blocks, block_size, Hkv, D), in place. slot_mapping (T,) int64 or int32;
     -1 skips the token (padding). ``validate``: see :func:`check_store_inputs`."""
     check_store_inputs(k, v, k_cache, v_cache, slot_mapping, validate=validate)
-    if resolve_backend(backend, k.device) == "reference":
+    chosen = resolve_backend(backend, k.device)
+    if backend == "auto" and chosen == "triton" and cuda_tile("store_kv", k.dtype, k.shape[2]) is None:
+        chosen = "reference"  # a head_dim past the compile-gated tile table: the PyTorch path
+    if chosen == "reference":
         store_kv_reference(k, v, k_cache, v_cache, slot_mapping)
     else:
         _store_triton(k, v, k_cache, v_cache, slot_mapping.contiguous())
@@ -398,11 +590,16 @@ def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     softmax(q K^T * scale) V as (B, Hq, D) in q's dtype; statistics and accumulation in fp32.
     num_splits: context splits per sequence (split-K); None picks it from the shapes
     (:func:`default_num_splits`); it is clamped to [1, max_blocks]. ``validate``: see
-    :func:`check_decode_inputs`.
+    :func:`check_decode_inputs`. backend "auto" on CUDA runs the Triton kernels when :data:`TILES` has a
+    configuration for the shape (head_dim <= 256, GQA group <= 16), the PyTorch path otherwise.
     """
     check_decode_inputs(q, k_cache, v_cache, block_tables, context_lens, scale, validate=validate)
     if num_splits is not None and (not isinstance(num_splits, int) or num_splits < 1):
         raise ValueError(f"num_splits must be None or an int >= 1; got {num_splits!r}")
-    if resolve_backend(backend, q.device) == "reference":
+    chosen = resolve_backend(backend, q.device)
+    if backend == "auto" and chosen == "triton" and (
+            cuda_tile("decode", q.dtype, q.shape[2], q.shape[1] // k_cache.shape[2]) is None):
+        chosen = "reference"  # a shape past the compile-gated tile table: the PyTorch path
+    if chosen == "reference":
         return paged_attention_decode_torch(q, k_cache, v_cache, block_tables, context_lens, scale)
     return _decode_triton(q, k_cache, v_cache, block_tables, context_lens, float(scale), num_splits)

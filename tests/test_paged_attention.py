@@ -194,6 +194,58 @@ def test_store_then_decode_round_trip():
     _check_close(out, _attention(q, ks, vs, 32**-0.5, torch.float64), torch.float16)
 
 
+# ----------------------------------------------------------------------------------------- CUDA tiles
+@pytest.mark.parametrize("num_splits", [1, 3, 10_000])
+def test_decode_with_cuda_tiles(num_splits):
+    """The CUDA launch's tiles from TILES (tests/test_compile_gate.py compiles them for sm_90a), here run
+    through the interpreter: BLOCK_N=16 at head_dim 128 and group 6, and with 10_000 splits (clamped to
+    the 70 blocks) the split class 256, whose combine merges the 128 columns in two programs of 64."""
+    q, kc, vc, bt, ctx, ks, vs = _paged([1, 300, 1100], 12, 2, 128, 16, torch.bfloat16, seed=11)
+    assert pa.cuda_tile("decode", torch.bfloat16, 128, 6)["BLOCK_N"] == 16
+    if num_splits == 10_000:
+        assert bt.shape[1] == 70 and pa.cuda_tile("combine", torch.bfloat16, 128, 70)["BLOCK_D"] == 64
+    out = pa._decode_triton(q, kc, vc, bt, ctx, 128**-0.5, num_splits, cuda_tiles=True)
+    _check_close(out, _attention(q, ks, vs, 128**-0.5, torch.float64), torch.bfloat16)
+
+
+def test_store_kv_with_cuda_tiles():
+    """head_dim 256 copies at most 8 kv heads per program: 10 heads take two programs per token."""
+    g = torch.Generator().manual_seed(12)
+    t, hkv, d, page, num_blocks = 5, 10, 256, 16, 2
+    assert pa.cuda_tile("store_kv", torch.float16, d)["BLOCK_H"] == 8
+    k, v = (torch.randn(t, hkv, d, generator=g).half().to(DEVICE) for _ in range(2))
+    slots = torch.tensor([3, -1, 17, 0, 30], device=DEVICE)
+    caches = [torch.zeros(num_blocks, page, hkv, d, dtype=torch.float16, device=DEVICE) for _ in range(4)]
+    pa._store_triton(k, v, caches[0], caches[1], slots, cuda_tiles=True)
+    store_kv_reference(k, v, caches[2], caches[3], slots)
+    assert torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
+
+
+def test_cuda_tile_table():
+    """Shape classes round up; shapes past the table have no tile (backend='triton' refuses them on CUDA,
+    'auto' takes the PyTorch path); compile_cases(full=True) lists every entry for the compile gate."""
+    tile = pa.cuda_tile
+    assert tile("decode", torch.float16, 24, 3) is pa.TILES[("decode", "fp16", 64, 4)]
+    assert tile("decode", torch.float32, 128, 7) is pa.TILES[("decode", "fp32", 128, 8)]
+    assert tile("combine", torch.bfloat16, 80, 5) is pa.TILES[("combine", "bf16", 128, 16)]
+    assert tile("store_kv", torch.bfloat16, 192) is pa.TILES[("store_kv", "bf16", 256)]
+    assert tile("decode", torch.bfloat16, 512, 1) is None and tile("decode", torch.bfloat16, 64, 32) is None
+    assert tile("store_kv", torch.bfloat16, 320) is None
+    with pytest.raises(ValueError, match="no CUDA tile configuration for head_dim=64, GQA group=32"):
+        pa._decode_triton(torch.zeros(1, 32, 64), torch.zeros(1, 16, 1, 64), torch.zeros(1, 16, 1, 64),
+                          torch.zeros(1, 1, dtype=torch.int32), torch.ones(1, dtype=torch.int32), 0.125, 1,
+                          cuda_tiles=True)
+    names = {c.name for c in pa.compile_cases(full=True)}
+    for key in pa.TILES:
+        kernel, dt, d = key[:3]
+        if kernel == "decode":
+            assert {f"pa-decode-split-{dt}-d{d}-g{key[3]}", f"pa-decode-direct-{dt}-d{d}-g{key[3]}"} <= names
+        elif kernel == "combine":
+            assert f"pa-combine-{dt}-d{d}-s{key[3]}" in names
+        else:
+            assert f"pa-store_kv-{dt}-d{d}-h{pa.TILES[key]['BLOCK_H']}" in names
+
+
 # ----------------------------------------------------------------------------------------- refusals
 def _decode_args(**bad):
     args = dict(q=torch.randn(2, 4, 16), k_cache=torch.randn(5, 16, 2, 16), v_cache=torch.randn(5, 16, 2, 16),
