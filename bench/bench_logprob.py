@@ -2,6 +2,7 @@
 
     python bench/bench_logprob.py                       # GPU: the issue's shapes in bf16
     python bench/bench_logprob.py --device cpu          # CPU: SmolLM2 shape, fp32, N 1024 and 4096
+    python bench/bench_logprob.py --device cpu --side-by-side   # the same, timed round-robin in one process
     python bench/bench_logprob.py --in-process --budget 120 --out DIR   # as bench/gpu_suite.sh runs it
 
 Every provider computes the same loss: token-mean clipped surrogate, on-policy, one advantage per
@@ -157,6 +158,38 @@ def run_case(in_process: bool, provider: str, shape: str, n: int, dtype: str, de
             torch.cuda.empty_cache()
 
 
+def side_by_side(shape: str, n: int, dtype: str, device: str, providers: list[str], repeats: int) -> str:
+    """Every provider on the same inputs in this one process, timed round-robin (one step of each per
+    repeat), so that a machine whose speed drifts over minutes (a shared CPU) moves them all alike; a
+    Markdown table of medians and their ratios to naive PyTorch and to the three matmuls. No memory
+    column: a shared process cannot tell one provider's peak (the default mode measures it)."""
+    import statistics
+    import time
+
+    h, v = SHAPES[shape]
+    inputs = make_inputs(n, h, v, DTYPES[dtype], device)
+    steps = {p: provider_step(p, *inputs) for p in providers}
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    losses = {p: step() for p, step in steps.items()}  # warm-up
+    times: dict[str, list[float]] = {p: [] for p in providers}
+    for _ in range(repeats):
+        for p, step in steps.items():
+            sync()
+            t0 = time.perf_counter()
+            step()
+            sync()
+            times[p].append(time.perf_counter() - t0)
+    med = {p: statistics.median(t) for p, t in times.items()}
+    lines = [f"side by side, {shape} N={n} {dtype}, {repeats} round-robin repeats after one warm-up",
+             "", "| provider | median | runs (s) | / naive | / three matmuls | loss |", "|---|---:|---|---:|---:|---:|"]
+    for p in providers:
+        ratio = (lambda base: f"{med[p] / med[base]:.3f}" if base in med else "–")  # noqa: E731
+        loss = "–" if losses[p] != losses[p] else f"{losses[p]:.6g}"
+        lines.append(f"| {p} | {med[p] * 1e3:,.1f} ms | {', '.join(f'{t:.2f}' for t in times[p])} | {ratio('naive')} "
+                     f"| {ratio('cublas-3mm')} | {loss} |")
+    return "\n".join(lines)
+
+
 def numerics(shape: str, dtype: str, device: str, rows: int = 1024) -> dict:
     """max |logp - float64| for the Triton kernel and for PyTorch's low-precision path, same inputs."""
     from fastrft.kernels import HAVE_TRITON, linear_logprob, linear_logprob_reference
@@ -187,6 +220,8 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=None, help="seconds for the whole run; cases that would not fit "
                                                                "are dropped, largest N first")
     ap.add_argument("--out", default=None, help="folder for logprob.md, logprob.json and results.csv")
+    ap.add_argument("--side-by-side", action="store_true",
+                    help="time every provider in one process, round-robin, and print their ratios (no memory)")
     ap.add_argument("--worker", nargs=6, metavar=("PROVIDER", "SHAPE", "N", "DTYPE", "DEVICE", "REPEATS"),
                     help=argparse.SUPPRESS)
     ap.add_argument("--numerics-worker", nargs=3, metavar=("SHAPE", "DTYPE", "DEVICE"), help=argparse.SUPPRESS)
@@ -222,6 +257,11 @@ def main() -> None:
         providers = [p for p in providers if p != "liger"]
         print("(liger-kernel is not importable: its provider is skipped)", file=sys.stderr)
 
+    if args.side_by_side:
+        for shape in shapes:
+            for n in ns:
+                print(side_by_side(shape, n, dtype, args.device, providers, args.repeats), flush=True)
+        return
     title = f"LM-head log-prob + PG loss, fwd+bwd, {dtype}"
     columns = ("loss", "peak/(VH4+NH4)")
     budget = Budget(args.budget)
