@@ -57,9 +57,9 @@ for _cls in SHAPE_CLASSES:
         ("dw", "bf16", _cls): _GEMM_16, ("dw", "fp16", _cls): _GEMM_32, ("dw", "fp32", _cls): _GEMM_32,
     })
 # The interpreter runs programs one by one in Python: few, large tiles keep the tests fast.
-_INTERPRETER_TILES = {"logits_stats": dict(BLOCK_N=64, BLOCK_V=128, BLOCK_H=64, num_warps=4, num_stages=1),
-                      "dz": dict(BLOCK_N=64, BLOCK_V=256, num_warps=4, num_stages=1),
-                      "dh": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, GROUP_M=4, num_warps=4, num_stages=1),
+_INTERPRETER_TILES = {"logits_stats": dict(BLOCK_N=128, BLOCK_V=128, BLOCK_H=64, num_warps=4, num_stages=1),
+                      "dz": dict(BLOCK_N=128, BLOCK_V=256, num_warps=4, num_stages=1),
+                      "dh": dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=128, GROUP_M=4, num_warps=4, num_stages=1),
                       "dw": dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=4, num_warps=4, num_stages=1)}
 _DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
