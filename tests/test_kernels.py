@@ -254,3 +254,25 @@ def test_fp16_backward_keeps_the_vocabulary_tail():
     tail_col = ref[2][:, 1]
     assert tail_col.abs().min() > 1e-4  # the tail really carries this column
     assert (out[2][:, 1].double() - tail_col).abs().max() <= 2 * EPS[torch.float16] * tail_col.abs().max()
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="on a GPU every test already runs the CUDA tiles")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_cuda_tile_table_in_the_interpreter(dtype, monkeypatch):
+    """The tiles a GPU launch takes from TILES (16-row dz tiles, 128 x 128 x 64 GEMM tiles for bf16, ...),
+    run through the interpreter at odd shapes smaller and larger than a tile: the masks at every edge."""
+    from fastrft.kernels import lm_head_triton as tri
+
+    monkeypatch.setattr(tri, "tile", lambda kernel, dt, h, device: tri.TILES[(kernel, tri._DTYPE_NAMES[dt],
+                                                                              tri.shape_class(h))])
+    n, h, v = 150, 72, 301
+    hidden, weight, targets = _inputs(n, h, v, dtype, seed=31)
+    g = torch.Generator().manual_seed(3)
+    g_logp, g_ent = torch.randn(n, generator=g), torch.randn(n, generator=g)
+    out = _run(lambda *a, **k: linear_logprob(*a, **k, with_entropy=True, temperature=0.8, backend="triton",
+                                              chunk=130), hidden, weight, targets, g_logp, g_ent)
+    ref = _run(_reference(hidden, weight, targets, 0.8), hidden.double(), weight.double(), targets, g_logp, g_ent)
+    fwd_tol = 2e-5 if dtype == torch.float32 else 1e-4
+    assert (out[0].double() - ref[0]).abs().max() <= fwd_tol and (out[1].double() - ref[1]).abs().max() <= fwd_tol
+    grad_tol = 2e-5 if dtype == torch.float32 else 2 * EPS[dtype]
+    assert _rel(out[2], ref[2]) <= grad_tol and _rel(out[3], ref[3]) <= grad_tol
