@@ -225,6 +225,11 @@ class OptimConfig:
     warmup_rounds: int = opt(0, "linear learning-rate warm-up, in optimizer steps")
     schedule: str = opt("constant", "learning-rate schedule after warm-up: constant | linear | cosine")
     min_lr_ratio: float = opt(0.0, "final lr / lr of the linear and cosine schedules")
+    max_tokens_per_step: int | None = opt(None, "token budget of one forward + backward: each optimizer step's "
+                                                "sequences are split into micro-batches of at most this many "
+                                                "packed tokens (no sequence is split; one longer than the budget "
+                                                "gets a micro-batch of its own) and their gradients accumulate, "
+                                                "normalised over the whole step (none = one micro-batch)")
 
     def __post_init__(self):
         _require(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
@@ -236,6 +241,8 @@ class OptimConfig:
         _require(self.schedule in LR_SCHEDULES, "schedule", f"must be one of {', '.join(LR_SCHEDULES)}, "
                  f"got {self.schedule!r}")
         _require(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
+        _require(self.max_tokens_per_step is None or self.max_tokens_per_step >= 1, "max_tokens_per_step",
+                 f"must be >= 1 token (or none for no budget), got {self.max_tokens_per_step}")
 
     def lr_at(self, step: int, total_steps: int) -> float:
         """Learning rate of optimizer step ``step`` (0-based) out of ``total_steps``.

@@ -45,6 +45,7 @@ from fastrft.errors import ConfigError
 from fastrft.evaluate import BaseEvalCache, EvalSet, base_eval_key, eval_sequences, evaluate
 from fastrft.interrupt import RunInterrupted, StopRequest
 from fastrft.kernels import fused_linear_pg_loss, linear_logprob
+from fastrft.microbatch import MicroBatch, merge_micro_stats, micro_batches, step_weights
 from fastrft.models import load_model, load_tokenizer
 from fastrft.report import MetricsLog, before_after_table, plot_curves, read_metrics
 
@@ -456,28 +457,37 @@ class Trainer:
                 random.Random(f"fastrft-minibatch/{cfg.run.seed}/{r}/{epoch}").shuffle(order)
             for part in _split(order, a.mini_batches):
                 t0 = time.monotonic()
-                batch = pack([seq_prompts[i] for i in part], [seqs[i].token_ids for i in part],
-                             [seq_adv[i] for i in part], [seqs[i].logprobs for i in part]).to(self.device)
-                old_logp = None if old is None else torch.cat([old[i] for i in part]).to(self.device)
                 lr = cfg.optim.lr_at(self.state.updates, total_steps)
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
-                ref_logp = None
-                if self.ref is not None:
-                    with torch.no_grad():
-                        ref_logp, _ = linear_logprob(*self._response_hidden(self.ref, batch), batch.targets,
-                                                     temperature=cfg.rollout.temperature, backend=cfg.model.kernels)
-                hidden, weight = self._response_hidden(policy, batch)
-                # The model gives hidden states; the fused op computes log-probs, entropy and the loss
-                # without ever forming [N, V] logits.
-                loss, stats = fused_linear_pg_loss(hidden, weight, batch.targets, batch.advantages, batch.seq_ids,
-                                                   old_logp=old_logp, ref_logp=ref_logp, spec=self.spec,
-                                                   temperature=cfg.rollout.temperature,
-                                                   rollout_logp=batch.rollout_logp, backend=cfg.model.kernels)
                 # On CPU, freeing the gradients makes every backward fault in fresh pages for all of them
                 # (about a third of a SmolLM2 step, measured); CUDA's caching allocator makes freeing cheap.
                 self.optimizer.zero_grad(set_to_none=self.device.type == "cuda")
-                loss.backward()
+                micro_stats, micro_tokens = [], []
+                for micro in self._micro_batches([seq_prompts[i] for i in part], [seqs[i] for i in part]):
+                    ids = [part[j] for j in micro.members]
+                    batch = pack([seq_prompts[i] for i in ids], [seqs[i].token_ids for i in ids],
+                                 [seq_adv[i] for i in ids], [seqs[i].logprobs for i in ids]).to(self.device)
+                    old_logp = None if old is None else torch.cat([old[i] for i in ids]).to(self.device)
+                    ref_logp = None
+                    if self.ref is not None:
+                        with torch.no_grad():
+                            ref_logp, _ = linear_logprob(*self._response_hidden(self.ref, batch), batch.targets,
+                                                         temperature=cfg.rollout.temperature,
+                                                         backend=cfg.model.kernels)
+                    hidden, weight = self._response_hidden(policy, batch)
+                    # The model gives hidden states; the fused op computes log-probs, entropy and the loss
+                    # without ever forming [N, V] logits.
+                    weights = None if micro.weights is None else micro.weights.to(self.device)
+                    loss, stats = fused_linear_pg_loss(hidden, weight, batch.targets, batch.advantages,
+                                                       batch.seq_ids, old_logp=old_logp, ref_logp=ref_logp,
+                                                       spec=self.spec, temperature=cfg.rollout.temperature,
+                                                       rollout_logp=batch.rollout_logp, backend=cfg.model.kernels,
+                                                       weights=weights)
+                    loss.backward()
+                    micro_stats.append({"loss": float(loss.detach()), **stats})
+                    micro_tokens.append(batch.num_tokens)
+                    del hidden, weight, loss
                 t1 = time.monotonic()
                 clip = cfg.optim.grad_clip
                 grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), clip if clip > 0 else float("inf"))
@@ -485,8 +495,11 @@ class Trainer:
                 self.engine.reset_prefix_cache()  # cached prompt KV belongs to the old weights
                 self.state.updates += 1
                 t_fb, t_opt = t_fb + t1 - t0, t_opt + time.monotonic() - t1
-                n_tokens += batch.num_tokens
-                parts_stats.append({"loss": float(loss.detach()), "grad_norm": float(grad_norm), **stats})
+                n_tokens += sum(micro_tokens)
+                step_stats = micro_stats[0] if len(micro_stats) == 1 else merge_micro_stats(micro_stats, micro_tokens)
+                loss_value = step_stats.pop("loss")
+                parts_stats.append({"loss": loss_value, "grad_norm": float(grad_norm), **step_stats,
+                                    "micro_batches": len(micro_stats)})
         merged = _merge_stats(parts_stats)
         return {**merged, "lr": lr, "train_tokens": n_tokens, "optimizer_steps": len(parts_stats),
                 "time_fwd_bwd": t_fb, "time_optim": t_opt}
@@ -505,6 +518,16 @@ class Trainer:
         self._samples.write({"round": r, "samples": [
             {"example": ex.id, "text": c.text, "reward": rw, "tokens": len(c.token_ids), "finish": c.finish_reason}
             for (ex, c), rw in list(zip(flat, rewards_))[:n]]})
+
+    def _micro_batches(self, prompts, seqs) -> list[MicroBatch]:
+        """The step's sequences cut by --max-tokens-per-step; with more than one micro-batch, each carries
+        its tokens' aggregation weights within the whole step (global normalisation)."""
+        budget = self.cfg.optim.max_tokens_per_step
+        groups = micro_batches([len(p) + len(c.token_ids) - 1 for p, c in zip(prompts, seqs)], budget)
+        if len(groups) == 1:
+            return [MicroBatch(groups[0], None)]
+        weights = step_weights([len(c.token_ids) for c in seqs], self.spec)
+        return [MicroBatch(g, torch.cat([weights[j] for j in g])) for g in groups]
 
     @staticmethod
     def _response_hidden(model, batch):

@@ -28,9 +28,9 @@ class FusedPGLossFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, advantages, seq_ids, old_logp, ref_logp, spec, temperature, use_triton,
-                chunk):
+                chunk, given_weights):
         need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        weights = aggregation_weights(seq_ids, spec, torch.float32)
+        weights = aggregation_weights(seq_ids, spec, torch.float32) if given_weights is None else given_weights
         adv = advantages.float()
 
         def coefficients(rows, logp_c, entropy_c):
@@ -46,7 +46,8 @@ class FusedPGLossFunction(torch.autograd.Function):
         logp, entropy, dh, dw = lm_head_chunks(hidden, weight, targets, temperature, coefficients, need_dh=need_dh,
                                                need_dw=need_dw, use_triton=use_triton, chunk=chunk)
         logp, entropy = logp.float(), entropy.float()
-        loss, stats = pg_loss(logp, adv, seq_ids, old_logp=old_logp, ref_logp=ref_logp, entropy=entropy, spec=spec)
+        loss, stats = pg_loss(logp, adv, seq_ids, old_logp=old_logp, ref_logp=ref_logp, entropy=entropy, spec=spec,
+                              weights=given_weights)
         ctx.grads = [dh, dw]
         ctx.stats = stats
         ctx.mark_non_differentiable(logp, entropy)
@@ -63,13 +64,14 @@ class FusedPGLossFunction(torch.autograd.Function):
             g = g_loss.to(torch.float32)
             dh = None if dh is None else dh.mul_(g.to(dh.dtype))
             dw = None if dw is None else dw.mul_(g.to(dw.dtype))
-        return (dh, dw) + (None,) * 9
+        return (dh, dw) + (None,) * 10
 
 
 def fused_linear_pg_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, advantages: torch.Tensor,
                          seq_ids: torch.Tensor, *, old_logp: torch.Tensor | None = None,
                          ref_logp: torch.Tensor | None = None, spec: PGLossSpec, temperature: float = 1.0,
-                         rollout_logp: torch.Tensor | None = None, backend: str = "auto", chunk: int | None = None):
+                         rollout_logp: torch.Tensor | None = None, backend: str = "auto", chunk: int | None = None,
+                         weights: torch.Tensor | None = None):
     """Policy-gradient loss of the response tokens, from final hidden states.
 
     hidden (N, H) and weight (V, H) in fp32/fp16/bf16; targets (N,) int64 the taken tokens; advantages
@@ -77,7 +79,8 @@ def fused_linear_pg_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     None (None old_logp = on-policy: ratio 1 with the gradient of logp); spec: PGLossSpec; temperature:
     the sampling temperature the log-probs are taken at. rollout_logp (N,), optional: the sampler's
     log-probs, reported as logp_gap_mean / logp_gap_max in the stats. chunk: rows per chunk (default
-    :func:`fastrft.kernels.linear_logprob.default_chunk`).
+    :func:`fastrft.kernels.linear_logprob.default_chunk`). weights (N,), optional: the aggregation weights
+    of a whole optimizer step that these tokens are a micro-batch of (see :func:`fastrft.algo.pg_loss`).
 
     Returns (loss, stats): a differentiable scalar and a dict of floats (logp_mean, entropy_mean,
     kl_mean, clip_frac_low, clip_frac_high, ratio_min, ratio_max[, logp_gap_mean, logp_gap_max]).
@@ -89,7 +92,8 @@ def fused_linear_pg_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     if use_triton:
         tri.check_launch(hidden.device)
     n = hidden.shape[0]
-    for name, t in (("advantages", advantages), ("seq_ids", seq_ids), ("old_logp", old_logp), ("ref_logp", ref_logp)):
+    for name, t in (("advantages", advantages), ("seq_ids", seq_ids), ("old_logp", old_logp), ("ref_logp", ref_logp),
+                    ("weights", weights)):
         if t is not None and t.shape != (n,):
             raise ValueError(f"pg_loss: {name} has shape {tuple(t.shape)}, expected ({n},) like logp")
     if spec.needs_ref and ref_logp is None:
@@ -97,13 +101,14 @@ def fused_linear_pg_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
         cast = (lambda t: None if t is None else t.to(hidden.device, torch.float32).contiguous())  # noqa: E731
         loss, logp, _ = FusedPGLossFunction.apply(hidden, weight, targets, advantages, seq_ids, cast(old_logp),
-                                                  cast(ref_logp), spec, float(temperature), use_triton, chunk)
+                                                  cast(ref_logp), spec, float(temperature), use_triton, chunk,
+                                                  cast(weights))
         stats = dict(loss.grad_fn.stats) if loss.grad_fn is not None else {}
     else:
         logp, entropy = linear_logprob(hidden, weight, targets, temperature=temperature, with_entropy=True,
                                        backend=backend)
         loss, stats = pg_loss(logp, advantages.float(), seq_ids, old_logp=old_logp, ref_logp=ref_logp,
-                              entropy=entropy, spec=spec)
+                              entropy=entropy, spec=spec, weights=weights)
     if rollout_logp is not None and logp.numel():
         gap = (logp.detach() - rollout_logp.to(logp.device, torch.float32)).abs()
         stats.update(logp_gap_mean=float(gap.mean()), logp_gap_max=float(gap.max()))
@@ -112,10 +117,10 @@ def fused_linear_pg_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: to
 
 def fused_linear_pg_loss_reference(hidden, weight, targets, advantages, seq_ids, *, old_logp=None, ref_logp=None,
                                    spec: PGLossSpec, temperature: float = 1.0,
-                                   compute_dtype: torch.dtype = torch.float64):
+                                   compute_dtype: torch.dtype = torch.float64, weights=None):
     """The same loss with materialised logits in ``compute_dtype`` (float64 for tests)."""
     logp, entropy = linear_logprob_reference(hidden, weight, targets, temperature=temperature, with_entropy=True,
                                              compute_dtype=compute_dtype, chunk=None)
     cast = (lambda t: None if t is None else t.to(compute_dtype))
     return pg_loss(logp, advantages.to(compute_dtype), seq_ids, old_logp=cast(old_logp), ref_logp=cast(ref_logp),
-                   entropy=entropy, spec=spec)
+                   entropy=entropy, spec=spec, weights=cast(weights))

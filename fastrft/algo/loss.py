@@ -146,19 +146,23 @@ def token_terms(logp: torch.Tensor, advantages: torch.Tensor, *, old_logp: torch
 
 def pg_loss(logp: torch.Tensor, advantages: torch.Tensor, seq_ids: torch.Tensor, *,
             old_logp: torch.Tensor | None = None, ref_logp: torch.Tensor | None = None,
-            entropy: torch.Tensor | None = None, spec: PGLossSpec) -> tuple[torch.Tensor, dict[str, float]]:
+            entropy: torch.Tensor | None = None, spec: PGLossSpec,
+            weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """The policy-gradient loss and its detached statistics.
 
     logp (N,) float, differentiable: log-probs of the taken tokens under the current policy;
     advantages (N,) float per token; seq_ids (N,) int sequence index of each token;
     old_logp (N,) sampling-policy log-probs or None (on-policy); ref_logp (N,) reference-policy log-probs,
     required when spec.kl_coef > 0; entropy (N,) required when spec.entropy_coef != 0.
+    weights (N,), optional: aggregation weights computed over a larger batch that these tokens are a
+    micro-batch of (:func:`aggregation_weights` of the whole step, sliced): the loss is then sum(w * t), and
+    the micro-batches' losses and gradients add up to the whole step's.
     Returns (scalar loss, stats) with stats: logp_mean, entropy_mean, kl_mean, clip_frac_low,
     clip_frac_high, ratio_min, ratio_max (floats; NaN-free; 0 for an empty batch).
     """
     n = logp.shape[0]
     for name, t in (("advantages", advantages), ("seq_ids", seq_ids), ("old_logp", old_logp),
-                    ("ref_logp", ref_logp), ("entropy", entropy)):
+                    ("ref_logp", ref_logp), ("entropy", entropy), ("weights", weights)):
         if t is not None and t.shape != (n,):
             raise ValueError(f"pg_loss: {name} has shape {tuple(t.shape)}, expected ({n},) like logp")
     if spec.needs_ref and ref_logp is None:
@@ -169,7 +173,7 @@ def pg_loss(logp: torch.Tensor, advantages: torch.Tensor, seq_ids: torch.Tensor,
     per_token, ratio, kl = token_terms(logp, advantages, old_logp=old_logp, ref_logp=ref_logp, entropy=entropy,
                                        spec=spec)
     adv = advantages.to(logp.dtype)
-    loss = aggregate(per_token, seq_ids, spec)
+    loss = aggregate(per_token, seq_ids, spec) if weights is None else (weights.to(logp.dtype) * per_token).sum()
 
     with torch.no_grad():
         r = ratio.detach()

@@ -1,0 +1,76 @@
+"""Token-budgeted micro-batches: a memory bound on one forward + backward, with the step's gradient unchanged.
+
+An optimizer step's sequences are cut, in order, into micro-batches of at most ``budget`` packed tokens
+(prompt + response - 1 each, what :func:`fastrft.algo.pack` feeds the model). No sequence is split; a
+sequence longer than the budget gets a micro-batch of its own (the budget bounds the memory of every
+other micro-batch, and refusing would make a long response fail the run).
+
+Normalisation is global. Every aggregation of the loss family is sum_i w_i * t_i with weights fixed by
+the layout of the WHOLE step (:func:`fastrft.algo.loss.aggregation_weights`): each micro-batch's loss
+uses its slice of those weights, so the micro-batch losses add up to the step's loss, and their
+accumulated gradients to its gradient, in every aggregation mode (per-sequence means included, which a
+per-micro-batch mean would get wrong).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from fastrft.algo.loss import PGLossSpec, aggregation_weights
+
+
+class MicroBatch(NamedTuple):
+    members: list[int]  # indices into the step's sequences
+    weights: torch.Tensor | None  # its tokens' aggregation weights within the step; None: the step is one micro-batch
+
+
+def micro_batches(lengths: list[int], budget: int | None) -> list[list[int]]:
+    """Consecutive groups of indices into ``lengths`` whose packed tokens stay within ``budget``.
+
+    >>> micro_batches([5, 5, 3, 9, 2], 10)
+    [[0, 1], [2], [3], [4]]
+    >>> micro_batches([5, 5, 3], None)
+    [[0, 1, 2]]
+    >>> micro_batches([12, 2], 10)   # longer than the budget: a micro-batch of its own
+    [[0], [1]]
+    """
+    if budget is None:
+        return [list(range(len(lengths)))] if lengths else []
+    if budget < 1:
+        raise ValueError(f"max_tokens_per_step (--max-tokens-per-step) must be >= 1, got {budget}")
+    groups: list[list[int]] = []
+    used = 0
+    for i, n in enumerate(lengths):
+        if groups and used + n <= budget:
+            groups[-1].append(i)
+            used += n
+        else:
+            groups.append([i])
+            used = n
+    return groups
+
+
+def step_weights(response_lengths: list[int], spec: PGLossSpec) -> list[torch.Tensor]:
+    """Per sequence, its tokens' aggregation weights within the whole step (fp32)."""
+    seq_ids = torch.repeat_interleave(torch.arange(len(response_lengths)), torch.tensor(response_lengths))
+    return list(aggregation_weights(seq_ids, spec, torch.float32).split(response_lengths))
+
+
+def merge_micro_stats(parts: list[dict[str, float]], tokens: list[int]) -> dict[str, float]:
+    """One step's stats from its micro-batches': losses add (they are slices of one normalised sum), means
+    are weighted by tokens, *_min / *_max are taken over all."""
+    total = sum(tokens)
+    out: dict[str, float] = {}
+    for k in parts[0]:
+        vals = [(p[k], n) for p, n in zip(parts, tokens) if k in p]
+        if k == "loss":
+            out[k] = sum(v for v, _ in vals)
+        elif k.endswith("_min"):
+            out[k] = min(v for v, _ in vals)
+        elif k.endswith("_max"):
+            out[k] = max(v for v, _ in vals)
+        else:
+            out[k] = sum(v * n for v, n in vals) / max(total, 1)
+    return out
