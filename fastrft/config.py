@@ -66,6 +66,9 @@ class ModelConfig:
     device: str = opt("auto", "auto (cuda when available, else cpu) | cpu | cuda | cuda:N")
     kernels: str = opt("auto", "LM-head loss implementation: auto (Triton on CUDA, PyTorch reference on CPU) | "
                                "triton | reference")
+    activation_checkpointing: bool = opt(False, "recompute each decoder layer's activations in the backward "
+                                                "instead of keeping them: less memory per token, one more "
+                                                "forward per step; same gradients")
 
     def __post_init__(self):
         _require(self.dtype in ("float32", "bfloat16", "float16"), "dtype",

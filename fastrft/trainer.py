@@ -83,6 +83,7 @@ class Trainer:
         self.device = _resolve_device(config.model.device)
         self.tokenizer = load_tokenizer(config.model.model)
         self.policy = load_model(config.model.model, dtype=config.model.dtype, device=self.device)
+        self.policy.activation_checkpointing = config.model.activation_checkpointing
         self.spec = config.loss_spec
         # The KL reference is the frozen initial policy; it is held only when KL is on.
         self.ref = copy.deepcopy(self.policy).requires_grad_(False) if self.spec.needs_ref else None
@@ -506,11 +507,18 @@ class Trainer:
 
     @torch.no_grad()
     def _old_logp(self, prompts, seqs) -> list[torch.Tensor]:
-        """Per sequence, the current (pre-update) policy's log-probs of its response tokens."""
-        batch = pack(prompts, [c.token_ids for c in seqs], [0.0] * len(seqs), [c.logprobs for c in seqs]).to(self.device)
-        logp, _ = linear_logprob(*self._response_hidden(self.policy, batch), batch.targets,
-                                 temperature=self.cfg.rollout.temperature, backend=self.cfg.model.kernels)
-        return list(logp.float().cpu().split([len(c.token_ids) for c in seqs]))
+        """Per sequence, the current (pre-update) policy's log-probs of its response tokens, computed in
+        micro-batches of the step's token budget."""
+        out: list[torch.Tensor] = []
+        budget = self.cfg.optim.max_tokens_per_step
+        for group in micro_batches([len(p) + len(c.token_ids) - 1 for p, c in zip(prompts, seqs)], budget):
+            part = [seqs[i] for i in group]
+            batch = pack([prompts[i] for i in group], [c.token_ids for c in part], [0.0] * len(part),
+                         [c.logprobs for c in part]).to(self.device)
+            logp, _ = linear_logprob(*self._response_hidden(self.policy, batch), batch.targets,
+                                     temperature=self.cfg.rollout.temperature, backend=self.cfg.model.kernels)
+            out.extend(logp.float().cpu().split([len(c.token_ids) for c in part]))
+        return out
 
     def _log_samples(self, r: int, examples, groups, rewards_) -> None:
         flat = [(ex, c) for ex, g in zip(examples, groups) for c in g]

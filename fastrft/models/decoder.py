@@ -11,6 +11,7 @@ Two entry points, both returning final hidden states (the caller applies the LM 
 from __future__ import annotations
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from fastrft.models.attention import Attention
@@ -59,6 +60,7 @@ class CausalLM(nn.Module):
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.eos_token_ids: tuple[int, ...] = cfg.eos_token_ids
         self.register_buffer("inv_freq", rope_inv_freq(cfg.rope, cfg.head_dim), persistent=False)
+        self.activation_checkpointing = False  # forward_packed recomputes each layer in the backward when set
 
     def reset_buffers(self) -> None:
         """Recompute non-persistent buffers (after building on the meta device)."""
@@ -90,8 +92,13 @@ class CausalLM(nn.Module):
             position_ids = packed_positions(cu_seqlens, input_ids.shape[0])
         x = self.model.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(self.inv_freq, position_ids, x.dtype)
+        recompute = self.activation_checkpointing and torch.is_grad_enabled()
         for layer in self.model.layers:
-            x = layer(x, lambda h, a=layer.self_attn: a.forward_packed(h, cos, sin, cu_seqlens))
+            def run(h, layer=layer):
+                return layer(h, lambda y, a=layer.self_attn: a.forward_packed(y, cos, sin, cu_seqlens))
+            # Checkpointed layers keep only their input; the backward reruns them (deterministic ops, so
+            # the gradients are the plain step's).
+            x = torch.utils.checkpoint.checkpoint(run, x, use_reentrant=False) if recompute else run(x)
         return self.model.norm(x)
 
     def forward_cached(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache,
