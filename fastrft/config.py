@@ -232,7 +232,8 @@ class OptimConfig:
                                                 "sequences are split into micro-batches of at most this many "
                                                 "packed tokens (no sequence is split; one longer than the budget "
                                                 "gets a micro-batch of its own) and their gradients accumulate, "
-                                                "normalised over the whole step (none = one micro-batch)")
+                                                "normalised over the whole step. none = automatic: 2048 on CPU; "
+                                                "on CUDA derived from free memory and printed")
 
     def __post_init__(self):
         _require(self.lr > 0, "lr", f"must be > 0, got {self.lr}")

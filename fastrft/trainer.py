@@ -45,7 +45,7 @@ from fastrft.errors import ConfigError
 from fastrft.evaluate import BaseEvalCache, EvalSet, base_eval_key, eval_sequences, evaluate
 from fastrft.interrupt import RunInterrupted, StopRequest
 from fastrft.kernels import fused_linear_pg_loss, linear_logprob
-from fastrft.microbatch import MicroBatch, merge_micro_stats, micro_batches, step_weights
+from fastrft.microbatch import MicroBatch, default_token_budget, merge_micro_stats, micro_batches, step_weights
 from fastrft.models import load_model, load_tokenizer
 from fastrft.report import MetricsLog, before_after_table, plot_curves, read_metrics
 
@@ -84,6 +84,13 @@ class Trainer:
         self.tokenizer = load_tokenizer(config.model.model)
         self.policy = load_model(config.model.model, dtype=config.model.dtype, device=self.device)
         self.policy.activation_checkpointing = config.model.activation_checkpointing
+        self.token_budget = config.optim.max_tokens_per_step
+        if self.token_budget is None:
+            self.token_budget, how = default_token_budget(self.policy, self.device,
+                                                          config.model.activation_checkpointing)
+            if self.device.type == "cuda":
+                print(f"fastrft: {self.token_budget:,} packed tokens per forward + backward ({how}); "
+                      "set --max-tokens-per-step to change it", file=sys.stderr)
         self.spec = config.loss_spec
         # The KL reference is the frozen initial policy; it is held only when KL is on.
         self.ref = copy.deepcopy(self.policy).requires_grad_(False) if self.spec.needs_ref else None
@@ -510,8 +517,8 @@ class Trainer:
         """Per sequence, the current (pre-update) policy's log-probs of its response tokens, computed in
         micro-batches of the step's token budget."""
         out: list[torch.Tensor] = []
-        budget = self.cfg.optim.max_tokens_per_step
-        for group in micro_batches([len(p) + len(c.token_ids) - 1 for p, c in zip(prompts, seqs)], budget):
+        lengths = [len(p) + len(c.token_ids) - 1 for p, c in zip(prompts, seqs)]
+        for group in micro_batches(lengths, self.token_budget):
             part = [seqs[i] for i in group]
             batch = pack([prompts[i] for i in group], [c.token_ids for c in part], [0.0] * len(part),
                          [c.logprobs for c in part]).to(self.device)
@@ -530,8 +537,7 @@ class Trainer:
     def _micro_batches(self, prompts, seqs) -> list[MicroBatch]:
         """The step's sequences cut by --max-tokens-per-step; with more than one micro-batch, each carries
         its tokens' aggregation weights within the whole step (global normalisation)."""
-        budget = self.cfg.optim.max_tokens_per_step
-        groups = micro_batches([len(p) + len(c.token_ids) - 1 for p, c in zip(prompts, seqs)], budget)
+        groups = micro_batches([len(p) + len(c.token_ids) - 1 for p, c in zip(prompts, seqs)], self.token_budget)
         if len(groups) == 1:
             return [MicroBatch(groups[0], None)]
         weights = step_weights([len(c.token_ids) for c in seqs], self.spec)
