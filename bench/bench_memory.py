@@ -1,0 +1,137 @@
+"""Peak memory and time of one training step against packed tokens, with and without a token budget.
+
+    python bench/bench_memory.py                                   # CPU: SmolLM2-135M, fp32, 512 -> 16,384 tokens
+    python bench/bench_memory.py --tokens 512,2048 --repeats 1     # a quick look
+
+Configurations: ``none`` (one forward + backward over the whole step), ``budget`` (--max-tokens-per-step,
+default 2,048) and ``budget+ckpt`` (the budget and activation checkpointing). A step is what the trainer
+does for one optimizer step: the step's sequences cut into micro-batches (fastrft.microbatch), each packed,
+run through the model and the fused policy-gradient loss with the step's aggregation weights, backward,
+then AdamW. Sequences are random tokens, 64 prompt + 448 response each (512 packed tokens), with random
+advantages. Each case runs in a fresh process, one warm-up step first (AdamW's state exists afterwards), so
+"peak extra" is what the step adds above the model, its gradients and the optimizer state: the process's
+RSS high-water mark on CPU, the CUDA allocator's peak on GPU. A case whose estimate exceeds the machine's
+memory is reported as skipped instead of being run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from harness import Result, peak_memory, report, result_from_dict, result_to_dict, run_isolated  # noqa: E402
+
+CONFIGS = ("none", "budget", "budget+ckpt")
+PROMPT, RESPONSE = 64, 448
+
+
+def make_step(model, tokens: int, budget: int | None, device: str, seed: int = 0):
+    from fastrft.algo import PGLossSpec, pack
+    from fastrft.kernels import fused_linear_pg_loss
+    from fastrft.microbatch import micro_batches, step_weights
+
+    g = torch.Generator().manual_seed(seed)
+    vocab = model.lm_head_weight.shape[0]
+    n = max(1, tokens // (PROMPT + RESPONSE))
+    prompts = [torch.randint(0, vocab, (PROMPT,), generator=g).tolist() for _ in range(n)]
+    responses = [torch.randint(0, vocab, (RESPONSE + 1,), generator=g).tolist() for _ in range(n)]
+    advantages = torch.randn(n, generator=g).tolist()
+    spec = PGLossSpec(aggregation="seq-mean-token-mean")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
+    groups = micro_batches([PROMPT + RESPONSE] * n, budget)
+    weights = step_weights([RESPONSE + 1] * n, spec) if len(groups) > 1 else None
+
+    def step():
+        optimizer.zero_grad(set_to_none=False)
+        for group in groups:
+            batch = pack([prompts[i] for i in group], [responses[i] for i in group], [advantages[i] for i in group],
+                         [[0.0] * (RESPONSE + 1) for _ in group]).to(device)
+            hidden = model.forward_packed(batch.input_ids, batch.cu_seqlens).index_select(0, batch.target_pos)
+            w = None if weights is None else torch.cat([weights[i] for i in group]).to(device)
+            loss, _ = fused_linear_pg_loss(hidden, model.lm_head_weight, batch.targets, batch.advantages,
+                                           batch.seq_ids, spec=spec, weights=w)
+            loss.backward()
+            del hidden, loss
+        optimizer.step()
+    return step, n * (PROMPT + RESPONSE), len(groups)
+
+
+def worker(model_name: str, dtype: str, device: str, tokens: int, config: str, budget: int, repeats: int) -> dict:
+    from fastrft.models import load_model
+
+    model = load_model(model_name, dtype=dtype, device=device)
+    model.activation_checkpointing = config == "budget+ckpt"
+    step, packed, micro = make_step(model, tokens, None if config == "none" else budget, device)
+    step()  # warm-up: AdamW's state is allocated here
+    peak = peak_memory(step, device)
+    times = []
+    for _ in range(repeats):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        step()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    median = times[len(times) // 2]
+    res = Result("memory", f"{config} T={packed}", median, times_s=times, unit="tok/s", throughput=packed / median,
+                 shape=dict(model=model_name, tokens=packed, dtype=dtype, config=config, budget=budget))
+    res.peak_mib = peak
+    res.extra = {"micro-batches": micro, "ms/token": 1e3 * median / packed}
+    return result_to_dict(res)
+
+
+def _available_mib() -> float:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) / 1024
+    return float("inf")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--model", default="smollm2-135m-instruct", help="model alias or directory")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--tokens", default="512,1024,2048,4096,8192,16384", help="comma list of packed tokens per step")
+    ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--budget", type=int, default=2048, help="--max-tokens-per-step of the budget configurations")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--mib-per-token", type=float, default=1.8,
+                    help="activation estimate used to skip unbudgeted cases that would not fit in memory")
+    ap.add_argument("--worker", nargs=7, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        m, d, dev, t, c, b, r = args.worker
+        print(json.dumps(worker(m, d, dev, int(t), c, int(b), int(r))))
+        return
+    results = []
+    for config in args.configs.split(","):
+        for tokens in (int(x) for x in args.tokens.split(",")):
+            case = f"{config} T={tokens}"
+            need = (tokens if config == "none" else args.budget) * args.mib_per_token
+            if not args.device.startswith("cuda") and need > 0.8 * _available_mib():
+                results.append(Result("memory", case, None, error=f"skipped: needs about {need / 1024:.0f} GiB",
+                                      shape=dict(tokens=tokens, config=config)))
+                continue
+            print(f"... {case}", file=sys.stderr, flush=True)
+            out = run_isolated(__file__, ["--worker", args.model, args.dtype, args.device, str(tokens), config,
+                                          str(args.budget), str(args.repeats)], timeout=3600)
+            if out.get("error"):
+                results.append(Result("memory", case, None, error=out["error"], shape=dict(tokens=tokens, config=config)))
+            else:
+                r = result_from_dict(out)
+                results.append(r)
+    report(results, f"one training step, {args.model} {args.dtype}, budget {args.budget}", args.device,
+           columns=("micro-batches", "ms/token"), time_unit="s")
+
+
+if __name__ == "__main__":
+    main()
