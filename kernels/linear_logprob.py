@@ -31,7 +31,8 @@ from fastrft.kernels import lm_head_triton as tri
 from fastrft.kernels.lm_head_triton import HAVE_TRITON, compile_cases  # re-exported: the compile gate reads it
 
 __all__ = ["BACKENDS", "HAVE_TRITON", "LinearLogprobFunction", "check_chunk", "check_inputs", "compile_cases",
-           "default_chunk", "linear_logprob", "linear_logprob_reference", "lm_head_chunks", "resolve_backend"]
+           "default_chunk", "linear_logprob", "linear_logprob_reference", "lm_head_chunks", "prepare",
+           "resolve_backend"]
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 BACKENDS = ("auto", "triton", "reference")
@@ -264,6 +265,17 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
+def prepare(hidden, weight, targets, temperature: float, chunk, backend: str) -> tuple[torch.Tensor, bool]:
+    """Every check of the public entry points, before any launch; returns (int64 contiguous targets,
+    whether the Triton path runs)."""
+    check_inputs(hidden, weight, targets, temperature)
+    check_chunk(chunk)
+    use_triton = resolve_backend(backend, hidden.device) == "triton"
+    if use_triton:
+        tri.check_launch(hidden.device)
+    return targets.long().contiguous(), use_triton
+
+
 def linear_logprob(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *, temperature: float = 1.0,
                    with_entropy: bool = False, backend: str = "auto", splits: int | None = None,
                    chunk: int | None = None):
@@ -276,12 +288,7 @@ def linear_logprob(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
     number of vocabulary splits of the Triton forward (tests use it to exercise the combine); ``chunk``
     the rows per chunk of the backward (default :func:`default_chunk`).
     """
-    check_inputs(hidden, weight, targets, temperature)
-    check_chunk(chunk)
-    targets = targets.long().contiguous()
-    use_triton = resolve_backend(backend, hidden.device) == "triton"
-    if use_triton:
-        tri.check_launch(hidden.device)
+    targets, use_triton = prepare(hidden, weight, targets, temperature, chunk, backend)
     logp, entropy = LinearLogprobFunction.apply(hidden, weight, targets, float(temperature), with_entropy, splits,
                                                 chunk, use_triton, torch.float32)
     return logp, (entropy if with_entropy else None)

@@ -18,9 +18,7 @@ from __future__ import annotations
 import torch
 
 from fastrft.algo.loss import PGLossSpec, aggregation_weights, pg_loss, token_terms
-from fastrft.kernels.linear_logprob import (check_chunk, check_inputs, lm_head_chunks, linear_logprob,
-                                            linear_logprob_reference, resolve_backend)
-from fastrft.kernels import lm_head_triton as tri
+from fastrft.kernels.linear_logprob import lm_head_chunks, linear_logprob, linear_logprob_reference, prepare
 
 
 class FusedPGLossFunction(torch.autograd.Function):
@@ -85,12 +83,7 @@ def fused_linear_pg_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     Returns (loss, stats): a differentiable scalar and a dict of floats (logp_mean, entropy_mean,
     kl_mean, clip_frac_low, clip_frac_high, ratio_min, ratio_max[, logp_gap_mean, logp_gap_max]).
     """
-    check_inputs(hidden, weight, targets, temperature)
-    check_chunk(chunk)
-    targets = targets.long().contiguous()
-    use_triton = resolve_backend(backend, hidden.device) == "triton"
-    if use_triton:
-        tri.check_launch(hidden.device)
+    targets, use_triton = prepare(hidden, weight, targets, temperature, chunk, backend)
     n = hidden.shape[0]
     for name, t in (("advantages", advantages), ("seq_ids", seq_ids), ("old_logp", old_logp), ("ref_logp", ref_logp),
                     ("weights", weights)):
