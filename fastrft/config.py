@@ -246,7 +246,7 @@ class OptimConfig:
                  f"got {self.schedule!r}")
         _require(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
         _require(self.max_tokens_per_step is None or self.max_tokens_per_step >= 1, "max_tokens_per_step",
-                 f"must be >= 1 token (or none for no budget), got {self.max_tokens_per_step}")
+                 f"must be >= 1 token (or none for the automatic default), got {self.max_tokens_per_step}")
 
     def lr_at(self, step: int, total_steps: int) -> float:
         """Learning rate of optimizer step ``step`` (0-based) out of ``total_steps``.
