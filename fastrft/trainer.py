@@ -517,8 +517,7 @@ class Trainer:
         """Per sequence, the current (pre-update) policy's log-probs of its response tokens, computed in
         micro-batches of the step's token budget."""
         out: list[torch.Tensor] = []
-        lengths = [len(p) + len(c.token_ids) - 1 for p, c in zip(prompts, seqs)]
-        for group in micro_batches(lengths, self.token_budget):
+        for group in micro_batches(_packed_lengths(prompts, seqs), self.token_budget):
             part = [seqs[i] for i in group]
             batch = pack([prompts[i] for i in group], [c.token_ids for c in part], [0.0] * len(part),
                          [c.logprobs for c in part]).to(self.device)
@@ -537,7 +536,7 @@ class Trainer:
     def _micro_batches(self, prompts, seqs) -> list[MicroBatch]:
         """The step's sequences cut by --max-tokens-per-step; with more than one micro-batch, each carries
         its tokens' aggregation weights within the whole step (global normalisation)."""
-        groups = micro_batches([len(p) + len(c.token_ids) - 1 for p, c in zip(prompts, seqs)], self.token_budget)
+        groups = micro_batches(_packed_lengths(prompts, seqs), self.token_budget)
         if len(groups) == 1:
             return [MicroBatch(groups[0], None)]
         weights = step_weights([len(c.token_ids) for c in seqs], self.spec)
@@ -626,6 +625,11 @@ def _split(order: list[int], parts: int) -> list[list[int]]:
     n = len(order)
     bounds = [n * i // parts for i in range(parts + 1)]
     return [order[bounds[i]:bounds[i + 1]] for i in range(parts) if bounds[i + 1] > bounds[i]]
+
+
+def _packed_lengths(prompts, seqs) -> list[int]:
+    """Packed tokens of each (prompt, response) pair, as :func:`fastrft.algo.pack` lays them out."""
+    return [len(p) + len(c.token_ids) - 1 for p, c in zip(prompts, seqs)]
 
 
 def _merge_stats(parts: list[dict[str, float]]) -> dict[str, float]:
