@@ -2,12 +2,13 @@
 
     python bench/bench_memory.py                                   # CPU: SmolLM2-135M, fp32, 512 -> 16,384 tokens
     python bench/bench_memory.py --tokens 512,2048 --repeats 1     # a quick look
+    python bench/bench_memory.py --shape qwen2.5-1.5b              # GPU: random Qwen2.5-1.5B shape, bf16-mixed
 
 Configurations: ``none`` (one forward + backward over the whole step), ``budget`` (--max-tokens-per-step,
 default 2,048) and ``budget+ckpt`` (the budget and activation checkpointing). A step is what the trainer
 does for one optimizer step: the step's sequences cut into micro-batches (fastrft.microbatch), each packed,
 run through the model and the fused policy-gradient loss with the step's aggregation weights, backward,
-then AdamW. Sequences are random tokens, 64 prompt + 448 response each (512 packed tokens), with random
+then AdamW on the master weights (``--precision``, as the trainer runs it: fastrft.precision). Sequences are random tokens, 64 prompt + 448 response each (512 packed tokens), with random
 advantages. Each case runs in a fresh process, one warm-up step first (AdamW's state exists afterwards), so
 "peak extra" is what the step adds above the model, its gradients and the optimizer state: the process's
 RSS high-water mark on CPU, the CUDA allocator's peak on GPU. A case whose estimate exceeds the machine's
@@ -31,19 +32,20 @@ CONFIGS = ("none", "budget", "budget+ckpt")
 PROMPT, RESPONSE = 64, 448
 
 
-def make_step(model, tokens: int, budget: int | None, device: str, seed: int = 0):
+def make_step(precision, tokens: int, budget: int | None, device: str, seed: int = 0):
     from fastrft.algo import PGLossSpec, pack
     from fastrft.kernels import fused_linear_pg_loss
     from fastrft.microbatch import micro_batches, step_weights
 
     g = torch.Generator().manual_seed(seed)
+    model = precision.train_model
     vocab = model.lm_head_weight.shape[0]
     n = max(1, tokens // (PROMPT + RESPONSE))
     prompts = [torch.randint(0, vocab, (PROMPT,), generator=g).tolist() for _ in range(n)]
     responses = [torch.randint(0, vocab, (RESPONSE + 1,), generator=g).tolist() for _ in range(n)]
     advantages = torch.randn(n, generator=g).tolist()
     spec = PGLossSpec(aggregation="seq-mean-token-mean")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
+    optimizer = torch.optim.AdamW(precision.master.parameters(), lr=1e-6)
     groups = micro_batches([PROMPT + RESPONSE] * n, budget)
     weights = step_weights([RESPONSE + 1] * n, spec) if len(groups) > 1 else None
 
@@ -59,15 +61,17 @@ def make_step(model, tokens: int, budget: int | None, device: str, seed: int = 0
             loss.backward()
             del hidden, loss
         optimizer.step()
+        precision.after_step()
     return step, n * (PROMPT + RESPONSE), len(groups)
 
 
-def worker(model_name: str, dtype: str, device: str, tokens: int, config: str, budget: int, repeats: int) -> dict:
+def worker(model_name: str, precision: str, device: str, tokens: int, config: str, budget: int, repeats: int) -> dict:
     from fastrft.models import load_model
+    from fastrft.precision import DTYPES, Precision
 
-    model = load_model(model_name, dtype=dtype, device=device)
-    model.activation_checkpointing = config == "budget+ckpt"
-    step, packed, micro = make_step(model, tokens, None if config == "none" else budget, device)
+    prec = Precision(load_model(model_name, dtype=DTYPES[precision][0], device=device), precision)
+    prec.train_model.activation_checkpointing = config == "budget+ckpt"
+    step, packed, micro = make_step(prec, tokens, None if config == "none" else budget, device)
     step()  # warm-up: AdamW's state is allocated here
     peak = peak_memory(step, device)
     times = []
@@ -82,7 +86,8 @@ def worker(model_name: str, dtype: str, device: str, tokens: int, config: str, b
     times.sort()
     median = times[len(times) // 2]
     res = Result("memory", f"{config} T={packed}", median, times_s=times, unit="tok/s", throughput=packed / median,
-                 shape=dict(model=model_name, tokens=packed, dtype=dtype, config=config, budget=budget))
+                 shape=dict(model=Path(model_name).name, tokens=packed, precision=precision, config=config,
+                           budget=budget))
     res.peak_mib = peak
     res.extra = {"micro-batches": micro, "ms/token": 1e3 * median / packed}
     return result_to_dict(res)
@@ -99,7 +104,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--model", default="smollm2-135m-instruct", help="model alias or directory")
-    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--shape", default=None, help="instead of --model: a random-weight model of this shape "
+                                                  "(bench_round.py's SHAPES, e.g. qwen2.5-1.5b), written to a "
+                                                  "temporary directory")
+    ap.add_argument("--precision", default=None, choices=("fp32", "bf16-mixed", "bf16", "fp16"),
+                    help="default: bf16-mixed on GPU, fp32 on CPU")
     ap.add_argument("--tokens", default="512,1024,2048,4096,8192,16384", help="comma list of packed tokens per step")
     ap.add_argument("--configs", default=",".join(CONFIGS))
     ap.add_argument("--budget", type=int, default=2048, help="--max-tokens-per-step of the budget configurations")
@@ -112,6 +121,15 @@ def main() -> None:
         m, d, dev, t, c, b, r = args.worker
         print(json.dumps(worker(m, d, dev, int(t), c, int(b), int(r))))
         return
+    precision = args.precision or ("bf16-mixed" if args.device.startswith("cuda") else "fp32")
+    model = args.model
+    if args.shape:
+        import tempfile
+
+        from bench_round import FILE_DTYPE, write_model_dir
+
+        model = str(write_model_dir(args.shape, FILE_DTYPE[precision], args.device,
+                                    Path(tempfile.mkdtemp(prefix="bench-memory-")) / args.shape))
     results = []
     for config in args.configs.split(","):
         for tokens in (int(x) for x in args.tokens.split(",")):
@@ -122,14 +140,14 @@ def main() -> None:
                                       shape=dict(tokens=tokens, config=config)))
                 continue
             print(f"... {case}", file=sys.stderr, flush=True)
-            out = run_isolated(__file__, ["--worker", args.model, args.dtype, args.device, str(tokens), config,
+            out = run_isolated(__file__, ["--worker", model, precision, args.device, str(tokens), config,
                                           str(args.budget), str(args.repeats)], timeout=3600)
             if out.get("error"):
                 results.append(Result("memory", case, None, error=out["error"], shape=dict(tokens=tokens, config=config)))
             else:
                 r = result_from_dict(out)
                 results.append(r)
-    report(results, f"one training step, {args.model} {args.dtype}, budget {args.budget}", args.device,
+    report(results, f"one training step, {args.shape or args.model} {precision}, budget {args.budget}", args.device,
            columns=("micro-batches", "ms/token"), time_unit="s")
 
 

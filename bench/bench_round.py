@@ -53,6 +53,8 @@ from bench_rollout import SHAPES, hf_config  # noqa: E402
 from harness import Budget, Result, cuda_broken, report, run_isolated, table, write_outputs  # noqa: E402
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+#: --precision -> dtype of the random weights written to disk (the compute dtype; masters are cast on load)
+FILE_DTYPE = {"fp32": "fp32", "bf16-mixed": "bf16", "bf16": "bf16", "fp16": "fp16"}
 COLUMNS = ("generate s", "reward s", "update s", "of which ref s", "gen tok/s", "response tokens", "cold round s",
            "setup s", "peak GiB")
 
@@ -113,14 +115,14 @@ def write_model_dir(shape: str, dtype: str, device: str, path: Path) -> Path:
 
 
 # ------------------------------------------------------------------ one case
-def build_config(model_dir: Path, run_dir: Path, *, dtype: str, device: str, group: int, tokens: int,
+def build_config(model_dir: Path, run_dir: Path, *, precision: str, device: str, group: int, tokens: int,
                  mini_batches: int, kv_cache_memory: float | None, overrides: dict):
     """L0-minimal with G = ``group`` and ``tokens``-token responses, as ``fastrft ladder`` resolves a preset."""
     from fastrft import presets
     from fastrft.config import GROUPS, TrainConfig, build_group
 
     values = presets.overlay(TrainConfig().to_dict(), presets.L0_FIELDS, {
-        "model": {"model": str(model_dir), "dtype": DTYPES[dtype], "device": device},
+        "model": {"model": str(model_dir), "precision": precision, "device": device},
         "data": {"dataset": "arithmetic"},
         "rollout": {"group_size": group, "max_new_tokens": tokens, "max_batch_size": max(64, group),
                     "kv_cache_memory": kv_cache_memory},
@@ -141,7 +143,7 @@ def _ref_pass_seconds(trainer, prompt: list[int], group: int, tokens: int, devic
     from fastrft.algo import pack
     from fastrft.kernels import linear_logprob
 
-    model = trainer.ref if trainer.ref is not None else trainer.policy
+    model = trainer.ref if trainer.ref is not None else trainer.precision.train_model
     gen = torch.Generator().manual_seed(1)
     vocab = model.lm_head_weight.shape[0]
     responses = [torch.randint(0, vocab, (tokens,), generator=gen).tolist() for _ in range(group)]
@@ -156,7 +158,7 @@ def _ref_pass_seconds(trainer, prompt: list[int], group: int, tokens: int, devic
     return time.perf_counter() - t0
 
 
-def run_round_case(model_dir: str, dtype: str, device: str, group: int, tokens: int, mini_batches: int,
+def run_round_case(model_dir: str, precision: str, device: str, group: int, tokens: int, mini_batches: int,
                    kv_cache_memory: float | None, deadline: float | None, overrides: dict) -> dict:
     """Build a Trainer, run round 1 (cold) and, if it fits before ``deadline`` (time.time()), round 2 (warm)."""
     from fastrft.trainer import Trainer
@@ -164,7 +166,7 @@ def run_round_case(model_dir: str, dtype: str, device: str, group: int, tokens: 
     t_start = time.perf_counter()
     run_dir = Path(tempfile.mkdtemp(prefix="bench-round-"))
     try:
-        cfg = build_config(Path(model_dir), run_dir / "run", dtype=dtype, device=device, group=group, tokens=tokens,
+        cfg = build_config(Path(model_dir), run_dir / "run", precision=precision, device=device, group=group, tokens=tokens,
                            mini_batches=mini_batches, kv_cache_memory=kv_cache_memory, overrides=overrides)
         trainer = Trainer(cfg)
         _sync(device)
@@ -258,7 +260,8 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--shape", default=None,
                     help=f"one of {', '.join(SHAPES)} (default qwen2.5-1.5b; tiny with --smoke)")
-    ap.add_argument("--dtype", default=None, choices=list(DTYPES), help="default bf16 on GPU, fp32 on CPU")
+    ap.add_argument("--precision", default=None, choices=list(FILE_DTYPE),
+                    help="the trainer's --precision (default bf16-mixed on GPU, fp32 on CPU)")
     ap.add_argument("--groups", default=None, help="comma list of G (default 1,8,64; 1,2 with --smoke)")
     ap.add_argument("--tokens", type=int, default=None, help="response tokens (default 1024; 8 with --smoke)")
     ap.add_argument("--kv-cache-memory", type=float, default=None,
@@ -285,13 +288,14 @@ def main() -> None:
 
     gpu = a.device.startswith("cuda")
     shape = a.shape or ("tiny" if a.smoke else "qwen2.5-1.5b")
-    dtype = a.dtype or ("bf16" if gpu else "fp32")
+    precision = a.precision or ("bf16-mixed" if gpu else "fp32")
+    dtype = FILE_DTYPE[precision]
     groups = [int(g) for g in (a.groups or ("1,2" if a.smoke else "1,8,64")).split(",")]
     tokens = a.tokens or (8 if a.smoke else 1024)
     kv = a.kv_cache_memory if a.kv_cache_memory is not None else (0.1 if gpu else None)
     overrides = parse_sets(a.set)
     budget = Budget(a.budget)
-    title = (f"One RFT round, L0-minimal settings, {tokens}-token responses, random-weight {shape}, {dtype}: "
+    title = (f"One RFT round, L0-minimal settings, {tokens}-token responses, random-weight {shape}, {precision}: "
              "warm round (the second)")
     notes = [f"engine KV budget: {kv if kv is not None else 'default'}"
              + (" of free GPU memory" if kv is not None and kv <= 1 else "")
@@ -345,14 +349,14 @@ def main() -> None:
                 continue
             print(f"... {name}", file=sys.stderr, flush=True)
             left = budget.left()
-            payload = dict(model_dir=str(model_dir), dtype=dtype, device=a.device, group=group, tokens=tokens,
+            payload = dict(model_dir=str(model_dir), precision=precision, device=a.device, group=group, tokens=tokens,
                            mini_batches=mini, kv_cache_memory=kv, overrides=overrides,
                            deadline=None if left == float("inf") else time.time() + left - 2.0)
             out = call(payload, budget.timeout())
             if a.in_process and cuda_broken(str(out.get("error", ""))):
                 a.in_process = False  # the context is gone: the rest run in fresh processes
                 notes.append(f"a CUDA error in {name}: the cases after it ran in fresh processes")
-            info = dict(model=shape, dtype=dtype, G=group, tokens=tokens, mini_batches=mini)
+            info = dict(model=shape, precision=precision, G=group, tokens=tokens, mini_batches=mini)
             results.append(_row(name, out, info))
             if out.get("rounds"):
                 last = out["rounds"][-1]

@@ -15,7 +15,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from fastrft.config import GROUPS, TrainConfig, build_group, flag
+from fastrft.config import GROUPS, LEGACY_DTYPES, PRECISIONS, ModelConfig, TrainConfig, build_group, flag
 from fastrft.errors import ConfigError, FastRFTError, read_json_object
 
 _UNSET = object()
@@ -61,6 +61,17 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
                 kwargs["type"] = _converter(hints[f.name])
                 kwargs["metavar"] = f.name.upper()
             group.add_argument(flag(f.name), **kwargs)
+        if cls is ModelConfig:
+            group.add_argument("--dtype", dest="model.precision", default=_UNSET, type=_legacy_dtype,
+                               metavar="DTYPE", help="older spelling of --precision: float32 | bfloat16 | float16 "
+                                                     "= fp32 | bf16 | fp16")
+
+
+def _legacy_dtype(text: str) -> str:
+    if text not in LEGACY_DTYPES:
+        raise argparse.ArgumentTypeError(f"must be one of {', '.join(LEGACY_DTYPES)} (or use --precision "
+                                         f"{' | '.join(PRECISIONS)})")
+    return LEGACY_DTYPES[text]
 
 
 def flag_values(args: argparse.Namespace) -> dict[str, dict[str, Any]]:

@@ -24,6 +24,10 @@ from fastrft.models.embedded import DEFAULT_MODEL
 
 
 LR_SCHEDULES = ("constant", "linear", "cosine")
+#: --precision names (fastrft.precision implements them); auto = bf16-mixed on CUDA, fp32 elsewhere.
+PRECISIONS = ("auto", "fp32", "bf16-mixed", "bf16", "fp16")
+#: The former --dtype values, still accepted (flag and config files) as the pure precisions.
+LEGACY_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
 
 def parse_difficulty(text: str) -> tuple[float, float]:
@@ -62,7 +66,11 @@ def _require(cond: bool, name: str, message: str) -> None:
 class ModelConfig:
     model: str = opt(DEFAULT_MODEL, "model directory (HF format: config.json, *.safetensors, tokenizer) "
                                     f"or the embedded alias '{DEFAULT_MODEL}'")
-    dtype: str = opt("float32", "parameter dtype: float32 | bfloat16 | float16")
+    precision: str = opt("auto", "numeric precision: auto (bf16-mixed on CUDA, fp32 on CPU) | fp32 | bf16-mixed "
+                                 "(fp32 master weights and AdamW state, bf16 forward/backward, rollouts and "
+                                 "evaluation) | bf16 | fp16 (pure low-precision weights: an update below the "
+                                 "format's resolution rounds away; the paper's lr 1e-6 does). --dtype float32 | "
+                                 "bfloat16 | float16 is the older spelling of fp32 | bf16 | fp16")
     device: str = opt("auto", "auto (cuda when available, else cpu) | cpu | cuda | cuda:N")
     kernels: str = opt("auto", "LM-head loss implementation: auto (Triton on CUDA, PyTorch reference on CPU) | "
                                "triton | reference")
@@ -71,8 +79,8 @@ class ModelConfig:
                                                 "forward per step; same gradients")
 
     def __post_init__(self):
-        _require(self.dtype in ("float32", "bfloat16", "float16"), "dtype",
-                 f"must be float32, bfloat16 or float16, got {self.dtype!r}")
+        _require(self.precision in PRECISIONS, "precision",
+                 f"must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         _require(re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None, "device",
                  f"must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         _require(self.kernels in ("auto", "triton", "reference"), "kernels",
@@ -391,10 +399,21 @@ GROUPS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "rollout": 
 
 def build_group(cls: type, values: dict[str, Any], section: str = "") -> Any:
     known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
+    unknown = sorted(set(values) - known - ({"dtype"} if cls is ModelConfig else set()))
     if unknown:
         raise ConfigError(f"unknown field(s) {', '.join(unknown)} in config section {section!r}; "
                           f"valid: {', '.join(sorted(known))}")
+    if cls is ModelConfig and "dtype" in values:  # config files written before --precision existed
+        values = dict(values)
+        old = values.pop("dtype")
+        if old not in LEGACY_DTYPES:
+            raise ConfigError(f"{section or 'model'}.dtype must be one of {', '.join(LEGACY_DTYPES)}, got {old!r} "
+                              f"(it is now spelled precision: {', '.join(PRECISIONS)})")
+        if values.get("precision", "auto") == "auto":
+            values["precision"] = LEGACY_DTYPES[old]
+        elif values["precision"] != LEGACY_DTYPES[old]:
+            raise ConfigError(f"{section or 'model'}: dtype {old!r} and precision {values['precision']!r} "
+                              "disagree; keep only precision")
     hints = typing.get_type_hints(cls)
     return cls(**{k: _coerce(v, hints[k], f"{section}.{k}" if section else k) for k, v in values.items()})
 

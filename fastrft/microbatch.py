@@ -95,22 +95,26 @@ def activation_bytes_per_token(hidden_size: int, intermediate_size: int, num_lay
     return elements * dtype_bytes
 
 
-def default_token_budget(model, device: torch.device, checkpointing: bool) -> tuple[int, str]:
-    """(budget, how it was chosen) for --max-tokens-per-step left unset.
+def default_token_budget(precision, device: torch.device, checkpointing: bool) -> tuple[int, str]:
+    """(budget, how it was chosen) for --max-tokens-per-step left unset; ``precision`` is the run's
+    :class:`fastrft.precision.Precision`.
 
-    CUDA: 80% of the free memory left once the gradients and AdamW's two fp32 states are counted, and
-    2 GiB kept for the LM-head workspace and the allocator, divided by the per-token estimate. CPU: the
-    fixed :data:`CPU_DEFAULT_TOKENS`.
+    CUDA: 80% of the free memory left once the master gradients, AdamW's two fp32 states and the compute
+    copy's gradients are counted, and 2 GiB kept for the LM-head workspace and the allocator, divided by
+    the per-token estimate in the compute dtype. CPU: the fixed :data:`CPU_DEFAULT_TOKENS`.
     """
     if device.type != "cuda":
         return CPU_DEFAULT_TOKENS, f"the CPU default of {CPU_DEFAULT_TOKENS} tokens"
+    model = precision.train_model
     cfg = model.config
-    params = list(model.parameters())
-    grads = sum(p.numel() * p.element_size() for p in params)
-    adam = sum(2 * p.numel() * 4 for p in params)
+    masters = list(precision.master.parameters())
+    grads = sum(p.numel() * p.element_size() for p in masters)
+    adam = sum(2 * p.numel() * 4 for p in masters)
+    grads += precision.compute_bytes()  # a bf16 gradient lives until it is folded into its master
     free, _ = torch.cuda.mem_get_info(device)
     per_token = activation_bytes_per_token(cfg.hidden_size, cfg.intermediate_size, cfg.num_layers,
-                                           params[0].element_size(), checkpointing)
+                                           torch.empty((), dtype=precision.compute_dtype).element_size(),
+                                           checkpointing)
     avail = 0.8 * (free - grads - adam - 2 * 2**30)
     budget = max(256, int(avail // per_token))
     return budget, (f"{free / 2**30:.1f} GiB free, {(grads + adam) / 2**30:.1f} GiB for gradients and AdamW, "

@@ -76,12 +76,15 @@ def existing_run(out_dir: Path, requested: dict[str, Any], force: bool) -> str |
 def config_diff(stored: dict[str, Any], requested: dict[str, Any]) -> str:
     """The fields that differ between two config dicts (RESUME_IGNORED left out), one per line."""
     lines = []
-    from fastrft.config import TrainConfig
+    from fastrft.config import LEGACY_DTYPES, TrainConfig
 
     # A field added after a run was written is absent from its config.json: it ran with the default.
     defaults = TrainConfig().to_dict()
     for section in sorted(set(stored) | set(requested)):
         a, b = stored.get(section, {}), requested.get(section, {})
+        if section == "model" and "dtype" in a:  # written before --precision replaced --dtype
+            a = {**{k: v for k, v in a.items() if k != "dtype"},
+                 "precision": a.get("precision", LEGACY_DTYPES.get(a["dtype"], a["dtype"]))}
         for name in sorted(set(a) | set(b)):
             if (section, name) in RESUME_IGNORED:
                 continue

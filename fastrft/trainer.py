@@ -2,14 +2,16 @@
 
 A round (DESIGN.md §3):
   1. take the training example(s);
-  2. sample G responses per example from the current policy through the paged engine, which shares the
-     trainer's model object (no weight sync) and forks each prompt's KV into its G samples;
+  2. sample G responses per example from the current policy through the paged engine, which holds the
+     trainer's compute model itself (no weight transfer; fastrft.precision) and forks each prompt's KV
+     into its G samples;
   3. score them with the example's reward function, map scores to (fail, success) rewards and turn each
      group's rewards into per-sequence advantages;
   4. pack prompt + response pairs into one varlen batch, compute the response tokens' log-probs from the
      final hidden states (never full [N, V] logits), evaluate the policy-gradient loss (clipped
      surrogate, KL to the frozen initial policy, entropy bonus, aggregation);
-  5. backward, clip the gradient norm, AdamW step; log the round to metrics.jsonl.
+  5. backward (in micro-batches of --max-tokens-per-step, gradients accumulating in the fp32 masters),
+     clip the gradient norm, AdamW step, refresh the compute copy in place; log the round to metrics.jsonl.
 Every ``eval_every`` rounds (and at the start and the end) train/test Pass@1 is measured.
 
 With the default one optimizer step per round on fresh samples, old_logp is the current policy's own
@@ -23,6 +25,7 @@ CPU. All formulas live in fastrft.algo; this file only orchestrates.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import random
 import sys
@@ -47,6 +50,7 @@ from fastrft.interrupt import RunInterrupted, StopRequest
 from fastrft.kernels import fused_linear_pg_loss, linear_logprob
 from fastrft.microbatch import MicroBatch, default_token_budget, merge_micro_stats, micro_batches, step_weights
 from fastrft.models import load_model, load_tokenizer
+from fastrft.precision import DTYPES, Precision, resolve_precision, update_absorbed_fraction
 from fastrft.report import MetricsLog, before_after_table, plot_curves, read_metrics
 
 
@@ -71,8 +75,14 @@ class Trainer:
     def __init__(self, config: TrainConfig, *, force: bool = False, base_eval_cache: str | Path | None = None):
         """``base_eval_cache``: a JSON file of round-0 evaluations shared with other runs of the same base
         model (see :class:`fastrft.evaluate.BaseEvalCache`); ``fastrft ladder`` passes one per study."""
-        self.cfg = config
         self._base_evals = BaseEvalCache(base_eval_cache) if base_eval_cache else None
+        self.device = _resolve_device(config.model.device)
+        # auto is resolved before the run directory is compared, so config.json records what ran and a
+        # resume on hardware that resolves it differently is refused with the diff.
+        precision = resolve_precision(config.model.precision, self.device)
+        if precision != config.model.precision:
+            config = config.replace(model=dataclasses.replace(config.model, precision=precision))
+        self.cfg = config
         self.out_dir = self._out_dir()
         rundir.check_writable(self.out_dir)
         existing = rundir.existing_run(self.out_dir, config.to_dict(), force)
@@ -80,23 +90,29 @@ class Trainer:
         if config.run.threads:
             torch.set_num_threads(config.run.threads)
         torch.manual_seed(config.run.seed)
-        self.device = _resolve_device(config.model.device)
         self.tokenizer = load_tokenizer(config.model.model)
-        self.policy = load_model(config.model.model, dtype=config.model.dtype, device=self.device)
-        self.policy.activation_checkpointing = config.model.activation_checkpointing
+        # precision.master is what the optimizer steps, checkpoints hold and export writes; its compute
+        # copy (the same model unless bf16-mixed) trains, decodes and evaluates.
+        self.precision = Precision(load_model(config.model.model, dtype=DTYPES[precision][0], device=self.device),
+                                   precision)
+        self.policy = self.precision.master
+        self.precision.train_model.activation_checkpointing = config.model.activation_checkpointing
+        _warn_unabsorbed_updates(self.precision, config.optim.lr)
         self.token_budget = config.optim.max_tokens_per_step
         if self.token_budget is None:
-            self.token_budget, how = default_token_budget(self.policy, self.device,
+            self.token_budget, how = default_token_budget(self.precision, self.device,
                                                           config.model.activation_checkpointing)
             if self.device.type == "cuda":
                 print(f"fastrft: {self.token_budget:,} packed tokens per forward + backward ({how}); "
                       "set --max-tokens-per-step to change it", file=sys.stderr)
         self.spec = config.loss_spec
-        # The KL reference is the frozen initial policy; it is held only when KL is on.
-        self.ref = copy.deepcopy(self.policy).requires_grad_(False) if self.spec.needs_ref else None
+        # The KL reference is the frozen initial policy, in the compute precision; held only when KL is on.
+        self.ref = (copy.deepcopy(self.precision.train_model).requires_grad_(False) if self.spec.needs_ref
+                    else None)
         ro = config.rollout
-        # The engine holds the policy object itself: rollouts always see the current weights.
-        self.engine = Engine(self.policy, self.tokenizer, EngineConfig(
+        # The engine holds the rollout model itself: rollouts always see the current weights (in bf16-mixed,
+        # Precision.after_step rewrites them in place after every optimizer step).
+        self.engine = Engine(self.precision.rollout_model, self.tokenizer, EngineConfig(
             block_size=ro.block_size, kv_cache_memory=ro.kv_cache_memory, max_num_seqs=ro.max_batch_size))
         o = config.optim
         self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=o.lr, betas=(o.beta1, o.beta2),
@@ -183,7 +199,7 @@ class Trainer:
     def _pass_counts(self, cands) -> dict[str, int]:
         """Correct-of-k counts of the base model on the candidates, from the cache or measured now."""
         d, ro, a = self.cfg.data, self.cfg.rollout, self.cfg.algo
-        key = {"model": str(self.cfg.model.model), "dtype": self.cfg.model.dtype, "dataset": d.dataset,
+        key = {"model": str(self.cfg.model.model), "precision": self.cfg.model.precision, "dataset": d.dataset,
                "level": d.level, "k": d.difficulty_samples, "max_new_tokens": ro.max_new_tokens,
                "max_prompt_tokens": d.max_prompt_tokens, "fail_truncated": a.fail_truncated, "temperature": 1.0,
                "seed": d.data_seed, **({"reward": d.reward} if d.reward else {})}
@@ -192,7 +208,7 @@ class Trainer:
         if missing:
             print(f"fastrft: estimating the base model's pass rate on {len(missing)} candidate problems "
                   f"({d.difficulty_samples} samples each, T = 1.0)", file=sys.stderr)
-            self.policy.eval()
+            self.precision.rollout_model.eval()
 
             def sample(exs):
                 out = []
@@ -236,6 +252,7 @@ class Trainer:
             raise ConfigError(f"{self.out_dir}: the checkpoint of round {round_} trained on {payload['train_examples']}"
                               f" but the requested config selects {ids}; use a new --out")
         self.policy.load_state_dict(payload["model"])
+        self.precision.after_step()  # the compute copy takes the restored masters
         self.optimizer.load_state_dict(payload["optimizer"])
         s = payload["state"]
         self.state = RunState(round=s["round"], updates=s["updates"], skipped=s["skipped"],
@@ -413,7 +430,7 @@ class Trainer:
 
     def rollout(self, r: int, prompts):
         ro = self.cfg.rollout
-        self.policy.eval()
+        self.precision.rollout_model.eval()
         return self.engine.generate(prompts, n=ro.group_size, max_new_tokens=ro.max_new_tokens,
                                     temperature=ro.temperature, top_p=ro.top_p, top_k=ro.top_k,
                                     seed=request_seed(self.cfg.run.seed, r, 0))
@@ -450,7 +467,7 @@ class Trainer:
 
     def update(self, r: int, prompts, groups, advantages) -> dict[str, Any]:
         """The round's optimizer step(s): ppo_epochs passes, each split into mini_batches steps."""
-        cfg, policy, a = self.cfg, self.policy, self.cfg.algo
+        cfg, model, a = self.cfg, self.precision.train_model, self.cfg.algo
         seq_prompts = [prompts[i] for i, g in enumerate(groups) for _ in g]
         seqs = [c for g in groups for c in g]
         seq_adv = [x for g in advantages for x in g]
@@ -458,7 +475,7 @@ class Trainer:
         old = self._old_logp(seq_prompts, seqs) if multi else None
         total_steps = cfg.run.rounds * a.ppo_epochs * a.mini_batches
         parts_stats, t_fb, t_opt, n_tokens, lr = [], 0.0, 0.0, 0, cfg.optim.lr
-        policy.train()
+        model.train()
         for epoch in range(a.ppo_epochs):
             order = list(range(len(seqs)))
             if a.mini_batches > 1:
@@ -483,7 +500,7 @@ class Trainer:
                             ref_logp, _ = linear_logprob(*self._response_hidden(self.ref, batch), batch.targets,
                                                          temperature=cfg.rollout.temperature,
                                                          backend=cfg.model.kernels)
-                    hidden, weight = self._response_hidden(policy, batch)
+                    hidden, weight = self._response_hidden(model, batch)
                     # The model gives hidden states; the fused op computes log-probs, entropy and the loss
                     # without ever forming [N, V] logits.
                     weights = None if micro.weights is None else micro.weights.to(self.device)
@@ -498,8 +515,10 @@ class Trainer:
                     del hidden, weight, loss
                 t1 = time.monotonic()
                 clip = cfg.optim.grad_clip
-                grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), clip if clip > 0 else float("inf"))
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(),
+                                                           clip if clip > 0 else float("inf"))
                 self.optimizer.step()
+                self.precision.after_step()
                 self.engine.reset_prefix_cache()  # cached prompt KV belongs to the old weights
                 self.state.updates += 1
                 t_fb, t_opt = t_fb + t1 - t0, t_opt + time.monotonic() - t1
@@ -521,7 +540,7 @@ class Trainer:
             part = [seqs[i] for i in group]
             batch = pack([prompts[i] for i in group], [c.token_ids for c in part], [0.0] * len(part),
                          [c.logprobs for c in part]).to(self.device)
-            logp, _ = linear_logprob(*self._response_hidden(self.policy, batch), batch.targets,
+            logp, _ = linear_logprob(*self._response_hidden(self.precision.train_model, batch), batch.targets,
                                      temperature=self.cfg.rollout.temperature, backend=self.cfg.model.kernels)
             out.extend(logp.float().cpu().split([len(c.token_ids) for c in part]))
         return out
@@ -558,7 +577,7 @@ class Trainer:
         if shared is not None:
             result = shared["result"]
         else:
-            self.policy.eval()
+            self.precision.rollout_model.eval()
             # Every evaluation starts from an empty prefix cache, so that its numbers do not depend on
             # whether the run was resumed just before it (a checkpoint empties the cache).
             self.engine.reset_prefix_cache()
@@ -638,6 +657,18 @@ def _merge_stats(parts: list[dict[str, float]]) -> dict[str, float]:
         vals = [p[k] for p in parts if k in p]
         out[k] = min(vals) if k.endswith("_min") else max(vals) if k.endswith("_max") else sum(vals) / len(vals)
     return out
+
+
+def _warn_unabsorbed_updates(precision: Precision, lr: float) -> None:
+    """Pure low-precision weights: say loudly when an AdamW step of size lr cannot move most of them."""
+    if precision.master_dtype == torch.float32:
+        return
+    moved = update_absorbed_fraction(precision.master, lr)
+    if moved < 0.5:
+        print(f"fastrft: WARNING: with --precision {precision.name} the weights are stored in "
+              f"{str(precision.master_dtype).removeprefix('torch.')}, and an AdamW step at --lr {lr:g} can change "
+              f"only {moved:.1%} of them: the rest round back to their old value, so the run barely learns. "
+              "Use --precision bf16-mixed (fp32 master weights, bf16 compute) or fp32.", file=sys.stderr)
 
 
 def _tensorboard(out_dir: Path):

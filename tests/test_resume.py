@@ -22,14 +22,15 @@ def _deterministic(records):
     return [{k: v for k, v in r.items() if not (k.startswith("time_") or k.endswith("_per_s"))} for r in records]
 
 
-def _cmd(model, out):
+def _cmd(model, out, precision="fp32"):
     # Every piece of carried state is exercised: the window history, the KL reference, two PPO epochs of
     # two mini-batches (old log-probs, several optimizer steps a round), warm-up + cosine lr, AdamW moments.
     return [sys.executable, "-m", "fastrft", "train", "--model", str(model), "--out", str(out), "--rounds", "24",
             "--save-every", "4", "--keep-checkpoints", "2", "--group-size", "4", "--advantage", "window",
             "--window", "8", "--kl-coef", "0.01", "--ppo-epochs", "2", "--mini-batches", "2", "--lr", "3e-3",
             "--warmup-rounds", "3", "--schedule", "cosine", "--max-new-tokens", "3", "--eval-every", "6",
-            "--test-size", "4", "--train-samples", "4", "--log-samples", "2", "--no-progress", "--seed", "3"]
+            "--test-size", "4", "--train-samples", "4", "--log-samples", "2", "--no-progress", "--seed", "3",
+            "--precision", precision]
 
 
 def _env():
@@ -43,11 +44,14 @@ def _final_model(out):
     return round_, payload["model"]
 
 
-def test_kill_9_then_resume_is_bit_identical(tiny_llama, tmp_path):
+@pytest.mark.parametrize("precision", ["fp32", "bf16-mixed"])
+def test_kill_9_then_resume_is_bit_identical(tiny_llama, tmp_path, precision):
+    """bf16-mixed too: a checkpoint holds the fp32 masters and AdamW state; the bf16 compute copy and the
+    bf16 KL reference are functions of them, rebuilt identically on resume."""
     ref, killed = tmp_path / "ref", tmp_path / "killed"
-    subprocess.run(_cmd(tiny_llama, ref), check=True, env=_env(), capture_output=True, timeout=600)
+    subprocess.run(_cmd(tiny_llama, ref, precision), check=True, env=_env(), capture_output=True, timeout=600)
 
-    proc = subprocess.Popen(_cmd(tiny_llama, killed), env=_env(), stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(_cmd(tiny_llama, killed, precision), env=_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:
@@ -69,7 +73,7 @@ def test_kill_9_then_resume_is_bit_identical(tiny_llama, tmp_path):
         f.write(b"\x00garbage\x00")
     assert "SHA-256" in verify(newest)
 
-    resumed = subprocess.run(_cmd(tiny_llama, killed), env=_env(), capture_output=True, text=True, timeout=600)
+    resumed = subprocess.run(_cmd(tiny_llama, killed, precision), env=_env(), capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr
     assert "damaged" in resumed.stderr and "continuing after round" in resumed.stderr
 
@@ -79,6 +83,7 @@ def test_kill_9_then_resume_is_bit_identical(tiny_llama, tmp_path):
     assert (ref / "rollouts.jsonl").read_text() == (killed / "rollouts.jsonl").read_text()
     (ra, wa), (rb, wb) = _final_model(ref), _final_model(killed)
     assert ra == rb == 24 and wa.keys() == wb.keys()
+    assert all(v.dtype == torch.float32 for v in wa.values())  # the masters, in bf16-mixed too
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     # The runs really trained: the weights moved away from the initial ones.
     from fastrft.models import load_model
