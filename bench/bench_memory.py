@@ -9,9 +9,10 @@ default 2,048) and ``budget+ckpt`` (the budget and activation checkpointing). A 
 does for one optimizer step: the step's sequences cut into micro-batches (fastrft.microbatch), each packed,
 run through the model and the fused policy-gradient loss with the step's aggregation weights, backward,
 then AdamW on the master weights (``--precision``, as the trainer runs it: fastrft.precision). Sequences are random tokens, 64 prompt + 448 response each (512 packed tokens), with random
-advantages. Each case runs in a fresh process, one warm-up step first (AdamW's state exists afterwards), so
-"peak extra" is what the step adds above the model, its gradients and the optimizer state: the process's
-RSS high-water mark on CPU, the CUDA allocator's peak on GPU. A case whose estimate exceeds the machine's
+advantages. Each case runs in a fresh process: the gradients and AdamW's state are allocated first, then
+one warm-up step and ``--repeats`` timed ones, so "peak extra" is what a step adds above the model, its
+gradients and the optimizer state: on CPU the RSS high-water mark (reset through /proc/self/clear_refs
+once they are allocated) less the RSS then, on GPU the CUDA allocator's peak. A case whose estimate exceeds the machine's
 memory is reported as skipped instead of being run.
 """
 
@@ -26,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from harness import Result, peak_memory, report, result_from_dict, result_to_dict, run_isolated  # noqa: E402
+from harness import Result, _rss_mib, report, result_from_dict, result_to_dict, run_isolated  # noqa: E402
 
 CONFIGS = ("none", "budget", "budget+ckpt")
 PROMPT, RESPONSE = 64, 448
@@ -46,6 +47,11 @@ def make_step(precision, tokens: int, budget: int | None, device: str, seed: int
     advantages = torch.randn(n, generator=g).tolist()
     spec = PGLossSpec(aggregation="seq-mean-token-mean")
     optimizer = torch.optim.AdamW(precision.master.parameters(), lr=1e-6)
+    # The gradients and AdamW's two states exist before anything is measured: a step with zero gradients
+    # allocates them (and moves nothing but by weight decay), so the peak counts only what a step adds.
+    for p in precision.master.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
     groups = micro_batches([PROMPT + RESPONSE] * n, budget)
     weights = step_weights([RESPONSE + 1] * n, spec) if len(groups) > 1 else None
 
@@ -72,8 +78,16 @@ def worker(model_name: str, precision: str, device: str, tokens: int, config: st
     prec = Precision(load_model(model_name, dtype=DTYPES[precision][0], device=device), precision)
     prec.train_model.activation_checkpointing = config == "budget+ckpt"
     step, packed, micro = make_step(prec, tokens, None if config == "none" else budget, device)
-    step()  # warm-up: AdamW's state is allocated here
-    peak = peak_memory(step, device)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = _rss_mib("VmRSS")  # model, gradients and optimizer state, all allocated
+        Path("/proc/self/clear_refs").write_text("5")  # reset the high-water mark to the current RSS
+    step()  # warm-up
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
     times = []
     for _ in range(repeats):
         if device.startswith("cuda"):
@@ -83,6 +97,9 @@ def worker(model_name: str, precision: str, device: str, tokens: int, config: st
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
+    # CPU: the RSS high-water mark since the baseline, warm-up included (the same step).
+    peak = ((torch.cuda.max_memory_allocated() - base) / 2**20 if device.startswith("cuda")
+            else _rss_mib("VmHWM") - base)
     times.sort()
     median = times[len(times) // 2]
     res = Result("memory", f"{config} T={packed}", median, times_s=times, unit="tok/s", throughput=packed / median,

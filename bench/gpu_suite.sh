@@ -18,12 +18,15 @@
 #   - then the stages, most essential first, each given a share of the time left when it starts (tests
 #     22 %, logprob 35 %, round 50 %, rollout the rest, 10 s kept for the summary) and stopped at its end:
 #       tests    pytest on what needs the GPU: `-m gpu` if pyproject.toml registers a `gpu` marker, else
-#                the test files whose DEVICE is "cuda" when available (the kernel tests); in parallel
+#                the test files whose DEVICE is "cuda" when available (the kernel tests and the
+#                bf16-mixed trainer tests, tests/test_precision.py); in parallel
 #                with pytest-xdist when it is installed;
 #       logprob  bench/bench_logprob.py: Qwen2.5-1.5B and Llama-3.2-1B shapes, bf16, N 4k/16k/64k,
 #                cublas-3mm, naive, reference, triton, triton-entropy, and liger when importable;
 #       round    bench/bench_round.py: one RFT round through the Trainer, L0 (G = 1), G = 8, G = 64,
-#                1,024-token responses, random-weight Qwen2.5-1.5B shape, bf16, split into phases;
+#                1,024-token responses, random-weight Qwen2.5-1.5B shape, bf16-mixed (the CUDA default:
+#                fp32 masters, bf16 compute) with the automatic token budget, split into phases, with
+#                the round's peak GPU memory: the GPU half of bench/bench_memory.py's question;
 #       rollout  bench/bench_rollout.py: Qwen2.5-1.5B shape, workloads (a) and (b), fastrft against
 #                transformers at batch 1, 64 and 256.
 #     Each benchmark estimates a case before it starts it and drops the cases that would not fit (the

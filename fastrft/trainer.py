@@ -96,7 +96,8 @@ class Trainer:
         self.precision = Precision(load_model(config.model.model, dtype=DTYPES[precision][0], device=self.device),
                                    precision)
         self.policy = self.precision.master
-        self.precision.train_model.activation_checkpointing = config.model.activation_checkpointing
+        if config.model.activation_checkpointing:
+            _enable_checkpointing(self.precision.train_model)
         _warn_unabsorbed_updates(self.precision, config.optim.lr)
         self.token_budget = config.optim.max_tokens_per_step
         if self.token_budget is None:
@@ -112,8 +113,10 @@ class Trainer:
         ro = config.rollout
         # The engine holds the rollout model itself: rollouts always see the current weights (in bf16-mixed,
         # Precision.after_step rewrites them in place after every optimizer step).
+        # Its prefill steps (rollouts, evaluation, difficulty) pack at most the step's token budget.
         self.engine = Engine(self.precision.rollout_model, self.tokenizer, EngineConfig(
-            block_size=ro.block_size, kv_cache_memory=ro.kv_cache_memory, max_num_seqs=ro.max_batch_size))
+            block_size=ro.block_size, kv_cache_memory=ro.kv_cache_memory, max_num_seqs=ro.max_batch_size,
+            max_num_batched_tokens=self.token_budget))
         o = config.optim
         self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=o.lr, betas=(o.beta1, o.beta2),
                                            weight_decay=o.weight_decay)
@@ -657,6 +660,14 @@ def _merge_stats(parts: list[dict[str, float]]) -> dict[str, float]:
         vals = [p[k] for p in parts if k in p]
         out[k] = min(vals) if k.endswith("_min") else max(vals) if k.endswith("_max") else sum(vals) / len(vals)
     return out
+
+
+def _enable_checkpointing(model) -> None:
+    if not getattr(model, "supports_activation_checkpointing", False):
+        raise ConfigError(f"activation_checkpointing (--activation-checkpointing): {type(model).__name__} cannot "
+                          "recompute its layers in the backward (it has no per-layer packed forward to "
+                          "checkpoint); drop the flag, or lower --max-tokens-per-step to bound memory instead")
+    model.activation_checkpointing = True
 
 
 def _warn_unabsorbed_updates(precision: Precision, lr: float) -> None:

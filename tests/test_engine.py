@@ -214,3 +214,22 @@ def test_eval_sequences_is_the_progress_total(qwen):
         evaluate(engine, train, test, train_samples=4, temperature=1.0, max_new_tokens=5, greedy=greedy, seed=0,
                  progress=seen.append)
         assert sum(seen) == eval_sequences(train, test, train_samples=4, greedy=greedy) == 4 + 2 * (1 + greedy)
+
+
+def test_prefill_steps_respect_the_token_budget(qwen):
+    """max_num_batched_tokens bounds every prefill step, raised for a call to its longest request (prompt +
+    max_new_tokens) so that each request fits alone; the samples equal an unbounded engine's."""
+    prompts = [list(range(3 + i, 23 + i)) for i in range(5)] + [list(range(30, 75))]  # 5 x 20 tokens, one of 45
+    kw = dict(n=1, max_new_tokens=4, temperature=0.0, top_p=1.0, top_k=0, seed=0, eos_token_ids=[])
+    free = _engine(qwen).generate(prompts, **{k: v for k, v in kw.items() if k not in ("top_p", "top_k")})
+    eng = _engine(qwen, max_num_batched_tokens=32)
+    groups = eng.submit(prompts, **kw)
+    eng.scheduler = rec = RecordingScheduler(eng.scheduler)
+    while any(s.finish_reason is None for g in groups for s in g):
+        eng.step()
+    got = eng.collect(groups)
+    steps = [o.lens.tolist() for o in rec.outputs if o.kind == "prefill"]
+    assert sorted(n for lens in steps for n in lens) == [20] * 5 + [45]
+    assert all(sum(lens) <= 45 + 4 for lens in steps)  # the call's limit: its longest request
+    assert [45] in steps and [20, 20] in steps  # the long prompt ran alone; short ones were packed
+    assert _ids(got) == _ids(free)

@@ -163,3 +163,15 @@ def test_default_budget_on_cpu_and_the_per_token_estimate():
     plain = activation_bytes_per_token(576, 1536, 30, 4, checkpointing=False)
     assert 1.5 * 2**20 < plain < 2.2 * 2**20
     assert activation_bytes_per_token(576, 1536, 30, 4, checkpointing=True) * 10 < plain
+
+
+def test_checkpointing_on_a_model_that_cannot_names_the_reason(tiny_llama, tmp_path, monkeypatch):
+    from fastrft.models.decoder import CausalLM
+    from fastrft.trainer import Trainer
+
+    monkeypatch.setattr(CausalLM, "supports_activation_checkpointing", False)
+    cfg = TrainConfig(model=ModelConfig(model=str(tiny_llama), activation_checkpointing=True),
+                      run=RunConfig(rounds=1, out=str(tmp_path / "run"), progress=False))
+    with pytest.raises(ConfigError, match=r"--activation-checkpointing\): CausalLM cannot recompute its layers"):
+        Trainer(cfg)
+    assert not (tmp_path / "run").exists()  # refused before anything was written

@@ -18,6 +18,9 @@ from fastrft.config import (AlgoConfig, DataConfig, EvalConfig, ModelConfig, Opt
 from fastrft.errors import ConfigError
 from fastrft.report import read_metrics
 
+# On a GPU machine these run on CUDA (bench/gpu_suite.sh selects the files that set DEVICE like this).
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
 # bf16's unit roundoff: one rounding to nearest is off by at most 2^-9 relative; u = 2^-8 is the bound
 # per operation the error analysis below is stated in.
 U_BF16 = 2.0 ** -8
@@ -25,7 +28,7 @@ U_BF16 = 2.0 ** -8
 
 def _config(model_dir, out, precision, *, rounds=1, lr=1e-6, **algo):
     return TrainConfig(
-        model=ModelConfig(model=str(model_dir), precision=precision),
+        model=ModelConfig(model=str(model_dir), precision=precision, device=DEVICE),
         data=DataConfig(dataset="arithmetic", level="add1", example_index=(0, 1)),
         rollout=RolloutConfig(group_size=4, max_new_tokens=8),
         algo=AlgoConfig(**{"advantage": "none", "reward_fail": -1.0, "kl_coef": 0.0, **algo}),
@@ -78,10 +81,10 @@ def test_gradients_of_micro_batches_add_up_in_fp32(tiny_models):
     from fastrft.models import load_model
     from fastrft.precision import Precision
 
-    prec = Precision(load_model(tiny_models["qwen2"], dtype="float32"), "bf16-mixed")
+    prec = Precision(load_model(tiny_models["qwen2"], dtype="float32", device=DEVICE), "bf16-mixed")
     model = prec.train_model
-    ids = torch.tensor([2, 5, 9, 13, 40, 7, 11, 3, 4, 8, 21])
-    cu = torch.tensor([0, 11], dtype=torch.int32)
+    ids = torch.tensor([2, 5, 9, 13, 40, 7, 11, 3, 4, 8, 21], device=DEVICE)
+    cu = torch.tensor([0, 11], dtype=torch.int32, device=DEVICE)
     names, params = zip(*model.named_parameters())
 
     def loss(scale):
@@ -181,13 +184,14 @@ def test_resume_with_another_precision_is_refused_with_the_diff(tiny_llama, tmp_
 
     out = tmp_path / "run"
     Trainer(_config(tiny_llama, out, "auto")).run()
-    # auto was resolved before config.json was written: on this CPU it ran fp32.
-    assert json.loads((out / "config.json").read_text())["model"]["precision"] == "fp32"
-    Trainer(_config(tiny_llama, out, "fp32"))  # the same run: no diff
-    with pytest.raises(ConfigError, match=r"model\.precision: 'fp32' -> 'bf16-mixed'"):
-        Trainer(_config(tiny_llama, out, "bf16-mixed"))
-    forced = Trainer(_config(tiny_llama, out, "bf16-mixed"), force=True)  # explicit: the masters load as fp32
-    assert forced.precision.name == "bf16-mixed" and forced.complete is False
+    # auto was resolved before config.json was written: fp32 on a CPU, bf16-mixed on CUDA.
+    ran, other = ("bf16-mixed", "fp32") if DEVICE == "cuda" else ("fp32", "bf16-mixed")
+    assert json.loads((out / "config.json").read_text())["model"]["precision"] == ran
+    Trainer(_config(tiny_llama, out, ran))  # the same run: no diff
+    with pytest.raises(ConfigError, match=rf"model\.precision: '{ran}' -> '{other}'"):
+        Trainer(_config(tiny_llama, out, other))
+    forced = Trainer(_config(tiny_llama, out, other), force=True)  # explicit: the fp32 masters load either way
+    assert forced.precision.name == other and forced.complete is False
 
 
 def test_older_dtype_spelling_still_reads(tmp_path):

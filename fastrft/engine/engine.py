@@ -29,7 +29,8 @@ from fastrft.errors import ConfigError
 class EngineConfig:
     """block_size: tokens per KV block (a power of two). kv_cache_memory: bytes (> 1) or a fraction of
     free GPU memory (0 < x <= 1); None = half the free GPU memory, or 2 GiB of address space on CPU.
-    max_num_seqs: most sequences decoded together. max_num_batched_tokens: prefill token budget per step.
+    max_num_seqs: most sequences decoded together. max_num_batched_tokens: prefill token budget per step
+    (raised, for a call, to its longest request: prompt + max_new_tokens, so that each request fits alone).
     max_model_len: longest sequence (prompt + response); None = the model's max_position_embeddings.
     bookkeeping: "auto" | "cpp" | "python". cuda_graphs: capture decode steps on CUDA."""
 
@@ -67,8 +68,9 @@ class Engine:
             raise ConfigError(f"kv_cache_memory is too small for a single KV block of {c.block_size} tokens "
                               f"({model.kv_bytes_per_token() * c.block_size} bytes)")
         self.block_manager = make_block_manager(num_blocks, c.block_size, impl=c.bookkeeping)
-        self.scheduler = make_scheduler(self.block_manager, self.max_num_seqs,
-                                        max(c.max_num_batched_tokens, self.max_model_len), impl=c.bookkeeping)
+        self._prefill_tokens = max(c.max_num_batched_tokens, self.max_model_len)
+        self.scheduler = make_scheduler(self.block_manager, self.max_num_seqs, self._prefill_tokens,
+                                        impl=c.bookkeeping)
         self.runner = ModelRunner(model, num_blocks, c.block_size, self.max_model_len, self.max_num_seqs,
                                   cuda_graphs=c.cuda_graphs)
         self.seqs: dict[int, Sequence] = {}
@@ -135,6 +137,13 @@ class Engine:
                 raise ConfigError(f"max_new_tokens must be >= 1, got {budget} for prompt {p}")
             self._check_fits([prompt], budget, n)
         self._stop = set(self.model.eos_token_ids if eos_token_ids is None else eos_token_ids)
+        # A prefill step packs at most max_num_batched_tokens tokens, or one request of this call if that
+        # is longer (a preempted sequence comes back with its generated tokens: prompt + budget at most).
+        limit = max(self.config.max_num_batched_tokens, max((len(p) + b for p, b in zip(prompt_ids, budgets)), default=0))
+        if limit != self._prefill_tokens:  # no request is queued between calls: a new scheduler is free
+            self._prefill_tokens = limit
+            self.scheduler = make_scheduler(self.block_manager, self.max_num_seqs, limit,
+                                            impl=self.config.bookkeeping)
         self.seqs.clear()
         groups: list[list[Sequence]] = []
         for p, prompt in enumerate(prompt_ids):

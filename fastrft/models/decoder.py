@@ -53,6 +53,10 @@ class DecoderModel(nn.Module):
 class CausalLM(nn.Module):
     """A decoder-only LM. ``eos_token_ids`` is the runtime set of stop ids (config + generation_config)."""
 
+    #: forward_packed can recompute each decoder layer in the backward (``activation_checkpointing``); its
+    #: layers are deterministic, so the recomputed activations, hence the gradients, are the kept ones.
+    supports_activation_checkpointing = True
+
     def __init__(self, cfg: ArchConfig):
         super().__init__()
         self.config = cfg
