@@ -76,8 +76,8 @@ def merge_micro_stats(parts: list[dict[str, float]], tokens: list[int]) -> dict[
     return out
 
 
-#: The CPU default: 2,048 packed tokens keep a SmolLM2-135M fp32 step near 3.5 GiB of activations
-#: (about 1.7 MiB per token, measured), under the 4 GiB a laptop can spare.
+#: The CPU default: 2,048 packed tokens keep what a SmolLM2-135M fp32 step adds to about 3.7 GiB (about
+#: 1.65 MiB per token, bench/RESULTS.md), under the 4 GiB a laptop can spare.
 CPU_DEFAULT_TOKENS = 2048
 
 
