@@ -12,6 +12,13 @@ It is written into a temporary sibling directory, each file fsynced, then rename
 ``rename``) and the parent fsynced, so a reader sees either the whole checkpoint or none of it. A
 checkpoint whose checksum does not match (a disk fault, a hand edit) is reported and skipped in favour
 of the previous one. The last ``keep`` checkpoints are kept.
+
+A run of several ranks (torchrun, fastrft.distributed) writes a *sharded* checkpoint instead: the same
+directory and manifest, but the model and AdamW state are a distributed-checkpoint (DCP) directory
+``dcp/`` that every rank writes its shards into, and ``state.pt`` holds the rest (rank 0's). Rank 0
+renames it into place after all ranks have written, so it is atomic the same way, and the manifest's
+checksums cover the shards. DCP reshards on load, so a sharded checkpoint resumes on another number of
+ranks; :func:`export_run` assembles the full weights in one process.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ import torch
 from fastrft.errors import FastRFTError
 
 CKPT_DIR = "checkpoints"
+SHARDS = "dcp"  # a sharded checkpoint's DCP directory
 _NAME = re.compile(r"round-(\d{6,})")
 
 
@@ -93,10 +101,7 @@ def save_checkpoint(run_dir: Path, round_: int, payload: dict[str, Any], keep: i
         shutil.rmtree(tmp)
     tmp.mkdir()
     state = tmp / "state.pt"
-    with open(state, "wb") as f:
-        torch.save({**payload, "rng": rng_state()}, f)
-        f.flush()
-        os.fsync(f.fileno())
+    _write_state(state, payload)
     manifest = {"round": round_, "files": {"state.pt": _sha256(state)}, "format": 1}
     with open(tmp / "manifest.json", "w", encoding="utf-8") as f:
         json.dump(manifest, f)
@@ -110,6 +115,77 @@ def save_checkpoint(run_dir: Path, round_: int, payload: dict[str, Any], keep: i
     for _, old in checkpoint_dirs(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _write_state(path: Path, payload: dict[str, Any]) -> None:
+    with open(path, "wb") as f:
+        torch.save({**payload, "rng": rng_state()}, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _files(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file())
+
+
+def save_sharded_checkpoint(run_dir: Path, round_: int, payload: dict[str, Any], keep: int, world,
+                            write_shards) -> Path:
+    """The checkpoint of ``round_`` of a multi-rank run; every rank calls it. ``write_shards(path)`` writes
+    the model and optimizer as DCP under ``path`` (a collective); rank 0 adds ``payload`` as state.pt, the
+    manifest over every file, and renames the whole into place once all ranks have written."""
+    root = Path(run_dir) / CKPT_DIR
+    final = root / f"round-{round_:06d}"
+    tmp = root / f".tmp-round-{round_:06d}-sharded"
+    if world.main:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    world.barrier()
+    write_shards(tmp / SHARDS)  # DCP fsyncs each file it writes
+    world.barrier()
+    if world.main:
+        _write_state(tmp / "state.pt", payload)
+        manifest = {"round": round_, "files": {str(f.relative_to(tmp)): _sha256(f) for f in _files(tmp)},
+                    "format": 2, "sharded": True, "world_size": world.size}
+        with open(tmp / "manifest.json", "w", encoding="utf-8") as f:
+            json.dump(manifest, f)
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync_dir(tmp / SHARDS)
+        _fsync_dir(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _fsync_dir(root)
+        for _, old in checkpoint_dirs(run_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    world.barrier()
+    return final
+
+
+def shard_dir(run_dir: Path, round_: int) -> Path:
+    return Path(run_dir) / CKPT_DIR / f"round-{round_:06d}" / SHARDS
+
+
+def load_round(run_dir: Path, round_: int) -> tuple[int, dict[str, Any]]:
+    """The checkpoint of ``round_`` (already verified by the rank that chose it)."""
+    path = Path(run_dir) / CKPT_DIR / f"round-{round_:06d}"
+    return round_, torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+
+
+def check_layout(run_dir: Path, round_: int, payload: dict[str, Any], world_size: int) -> None:
+    """Refuse, with what to do, a checkpoint this number of ranks cannot load: a single-process
+    checkpoint (whole state dicts in state.pt) under torchrun, or a sharded one in a single process."""
+    sharded = "model" not in payload
+    if sharded and world_size == 1:
+        raise FastRFTError(f"{run_dir}: the checkpoint of round {round_} is sharded (written by a "
+                           f"{payload.get('world_size', 'multi')}-process torchrun job); resume it under torchrun "
+                           "with --nproc-per-node 2 or more (DCP reshards onto any number of ranks), or export it "
+                           "with fastrft export")
+    if not sharded and world_size > 1:
+        raise FastRFTError(f"{run_dir}: the checkpoint of round {round_} was written by a single-process run; resume "
+                           "it with a plain fastrft train (world size 1), or start the multi-process run in a new --out")
 
 
 def verify(path: Path) -> str | None:
@@ -185,9 +261,17 @@ def export_run(run_dir: str | os.PathLike[str], out: str | os.PathLike[str]) -> 
         raise FastRFTError(f"{run_dir}: no whole checkpoint to export (checkpoints are written every --save-every "
                            "rounds and at the end of a run)")
     round_, payload = found
-    source = resolve_model_dir(json.loads(cfg_file.read_text())["model"]["model"])
+    model_name = json.loads(cfg_file.read_text())["model"]["model"]
+    source = resolve_model_dir(model_name)
     hf_config = with_architecture(json.loads((source / "config.json").read_text()))
-    state = payload["model"]
+    if "model" in payload:
+        state = payload["model"]
+    else:  # sharded: assemble the full fp32 masters from the DCP shards, in this one process
+        from fastrft.distributed import dcp_full_model_state
+        from fastrft.models import load_model
+
+        template = load_model(model_name, dtype=torch.float32, device="cpu").state_dict()
+        state = dcp_full_model_state(shard_dir(run_dir, round_), template)
     if hf_config.get("tie_word_embeddings", False):
         state = {k: v for k, v in state.items() if k != "lm_head.weight"}
     if out.exists() and any(out.iterdir()):

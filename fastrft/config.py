@@ -317,8 +317,11 @@ class RunConfig:
                                    "tensorboard package)")
     threads: int = opt(0, "torch CPU threads for this run; 0 = torch's default (one per core). On a machine "
                           "shared with other work, or for each of several jobs side by side, 1 is often faster")
+    dist_timeout: float = opt(600.0, "seconds a rank of a torchrun job waits for the others (at the rendezvous "
+                                     "and in each collective) before failing with a message")
 
     def __post_init__(self):
+        _require(self.dist_timeout > 0, "dist_timeout", f"must be > 0 seconds, got {self.dist_timeout}")
         _require(self.threads >= 0, "threads", f"must be >= 0 (0 = torch's default), got {self.threads}")
         _require(self.rounds >= 0, "rounds", f"must be >= 0, got {self.rounds}")
         _require(self.save_every >= 0, "save_every", f"must be >= 0, got {self.save_every}")

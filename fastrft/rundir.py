@@ -21,6 +21,7 @@ from fastrft.errors import ConfigError
 #: only changes memory (up to rounding: it cuts a step into micro-batches whose gradients add up), so a
 #: run that ran out of memory can resume with a smaller one.
 RESUME_IGNORED = {("run", "progress"), ("run", "tensorboard"), ("run", "keep_checkpoints"), ("run", "threads"),
+                  ("run", "dist_timeout"),
                   ("optim", "max_tokens_per_step")}
 
 

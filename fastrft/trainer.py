@@ -43,6 +43,7 @@ from fastrft.algo import ADVANTAGES, group_advantages, map_reward, pack
 from fastrft.config import TrainConfig
 from fastrft.data import dedupe_against, encode_prompt, load_dataset
 from fastrft.data import selection
+from fastrft.distributed import ShardedPrecision, SplitEngine, init_world, split
 from fastrft.engine import Engine, EngineConfig, request_seed
 from fastrft.errors import ConfigError
 from fastrft.evaluate import BaseEvalCache, EvalSet, base_eval_key, eval_sequences, evaluate
@@ -76,7 +77,9 @@ class Trainer:
         """``base_eval_cache``: a JSON file of round-0 evaluations shared with other runs of the same base
         model (see :class:`fastrft.evaluate.BaseEvalCache`); ``fastrft ladder`` passes one per study."""
         self._base_evals = BaseEvalCache(base_eval_cache) if base_eval_cache else None
-        self.device = _resolve_device(config.model.device)
+        # Under torchrun each rank joins the job here and takes its device (fastrft.distributed); a plain
+        # process is world size 1.
+        self.world, self.device = init_world(_resolve_device(config.model.device), config.run.dist_timeout)
         # auto is resolved before the run directory is compared, so config.json records what ran and a
         # resume on hardware that resolves it differently is refused with the diff.
         precision = resolve_precision(config.model.precision, self.device)
@@ -86,15 +89,18 @@ class Trainer:
         self.out_dir = self._out_dir()
         rundir.check_writable(self.out_dir)
         existing = rundir.existing_run(self.out_dir, config.to_dict(), force)
+        self.world.barrier()  # every rank has read the run directory before rank 0 writes into it
         self._force = force
+        self._progress = config.run.progress and self.world.main
         if config.run.threads:
             torch.set_num_threads(config.run.threads)
         torch.manual_seed(config.run.seed)
         self.tokenizer = load_tokenizer(config.model.model)
         # precision.master is what the optimizer steps, checkpoints hold and export writes; its compute
         # copy (the same model unless bf16-mixed) trains, decodes and evaluates.
-        self.precision = Precision(load_model(config.model.model, dtype=DTYPES[precision][0], device=self.device),
-                                   precision)
+        model = load_model(config.model.model, dtype=DTYPES[precision][0], device=self.device)
+        self.precision = (ShardedPrecision(model, precision, self.world) if self.world.distributed
+                          else Precision(model, precision))
         self.policy = self.precision.master
         if config.model.activation_checkpointing:
             _enable_checkpointing(self.precision.train_model)
@@ -103,12 +109,12 @@ class Trainer:
         if self.token_budget is None:
             self.token_budget, how = default_token_budget(self.precision, self.device,
                                                           config.model.activation_checkpointing)
-            if self.device.type == "cuda":
+            if self.device.type == "cuda" and self.world.main:
                 print(f"fastrft: {self.token_budget:,} packed tokens per forward + backward ({how}); "
                       "set --max-tokens-per-step to change it", file=sys.stderr)
         self.spec = config.loss_spec
         # The KL reference is the frozen initial policy, in the compute precision; held only when KL is on.
-        self.ref = (copy.deepcopy(self.precision.train_model).requires_grad_(False) if self.spec.needs_ref
+        self.ref = (copy.deepcopy(self.precision.rollout_model).requires_grad_(False) if self.spec.needs_ref
                     else None)
         ro = config.rollout
         # The engine holds the rollout model itself: rollouts always see the current weights (in bf16-mixed,
@@ -117,6 +123,9 @@ class Trainer:
         self.engine = Engine(self.precision.rollout_model, self.tokenizer, EngineConfig(
             block_size=ro.block_size, kv_cache_memory=ro.kv_cache_memory, max_num_seqs=ro.max_batch_size,
             max_num_batched_tokens=self.token_budget))
+        # Every generation (rollouts, evaluation, difficulty) goes through this: at world size > 1 each rank
+        # generates its share of a call's requests and all ranks get the whole call back.
+        self._gen = SplitEngine(self.engine, self.world)
         o = config.optim
         self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=o.lr, betas=(o.beta1, o.beta2),
                                            weight_decay=o.weight_decay)
@@ -131,13 +140,14 @@ class Trainer:
         self._select_examples()  # may estimate difficulty, whose cache is the only file written before here
         try:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            if existing in (None, "forced"):
+            if existing in (None, "forced") and self.world.main:
                 if existing == "forced":
                     (self.out_dir / "config.json").rename(self.out_dir / f"config.before-{rundir.stamp()}.json")
                 (self.out_dir / "config.json").write_text(config.to_json())
         except OSError as e:
             raise ConfigError(f"out (--out) {self.out_dir}: cannot write there ({e.strerror}); choose a writable "
                               "directory") from None
+        self.world.barrier()
         self.resumed_from: int | None = None
         if existing in ("resume", "forced") and not self.complete:
             self._restore()
@@ -208,19 +218,20 @@ class Trainer:
                "seed": d.data_seed, **({"reward": d.reward} if d.reward else {})}
         cache = selection.DifficultyCache(d.difficulty_cache or self.out_dir / "difficulty.json", key)
         missing = cache.missing(cands)
-        if missing:
+        if missing and self.world.main:
             print(f"fastrft: estimating the base model's pass rate on {len(missing)} candidate problems "
                   f"({d.difficulty_samples} samples each, T = 1.0)", file=sys.stderr)
+        if missing:
             self.precision.rollout_model.eval()
 
             def sample(exs):
                 out = []
                 chunk = max(1, ro.max_batch_size // d.difficulty_samples)
-                bar = tqdm(total=len(exs), desc="difficulty", unit="problem", disable=not self.cfg.run.progress,
+                bar = tqdm(total=len(exs), desc="difficulty", unit="problem", disable=not self._progress,
                            file=sys.stderr, dynamic_ncols=True)
                 for i in range(0, len(exs), chunk):
                     part = exs[i:i + chunk]
-                    groups = self.engine.generate([self._encode(x) for x in part], n=d.difficulty_samples,
+                    groups = self._gen.generate([self._encode(x) for x in part], n=d.difficulty_samples,
                                                   max_new_tokens=ro.max_new_tokens, temperature=1.0,
                                                   seed=request_seed(d.data_seed, i, 3))
                     out += [[self._correct(x, c) for c in g] for x, g in zip(part, groups)]
@@ -229,7 +240,11 @@ class Trainer:
                 return out
 
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            cache.update(selection.estimate_counts(missing, sample))
+            counts = selection.estimate_counts(missing, sample)
+            if self.world.main:
+                cache.update(counts)
+            else:
+                cache.counts.update(counts)
         return cache.counts
 
     def _correct(self, ex, completion) -> float:
@@ -241,30 +256,51 @@ class Trainer:
         """Continue from the newest whole checkpoint. With none, start over only if nothing was recorded
         yet, or with --force, which keeps the old records beside the new ones: records are never dropped
         without the user asking."""
-        ckpt.clean_partial(self.out_dir)
+        if self.world.main:
+            ckpt.clean_partial(self.out_dir)
         damaged: list[str] = []
-        found = ckpt.load_latest(self.out_dir, warn=damaged.append)
-        if found is None:
-            rundir.start_over(self.out_dir, damaged, self._force)
+        # Rank 0 picks and verifies the checkpoint; the others load the one it chose.
+        if self.world.main:
+            found = ckpt.load_latest(self.out_dir, warn=damaged.append)
+            chosen = None if found is None else found[0]
+        chosen = self.world.broadcast(chosen if self.world.main else None)
+        if not self.world.main and chosen is not None:
+            found = ckpt.load_round(self.out_dir, chosen)
+        if chosen is None:
+            if self.world.main:
+                rundir.start_over(self.out_dir, damaged, self._force)
+            self.world.barrier()
             return
         for msg in damaged:
             print(msg, file=sys.stderr)
         round_, payload = found
+        ckpt.check_layout(self.out_dir, round_, payload, self.world.size)
         ids = [x.id for x in self.train_set.examples]
         if payload["train_examples"] != ids:
             raise ConfigError(f"{self.out_dir}: the checkpoint of round {round_} trained on {payload['train_examples']}"
                               f" but the requested config selects {ids}; use a new --out")
-        self.policy.load_state_dict(payload["model"])
+        if self.world.distributed:  # DCP reshards when the checkpoint was written by another world size
+            from fastrft.distributed import dcp_load
+
+            dcp_load(ckpt.shard_dir(self.out_dir, round_), self.policy, self.optimizer)
+            if payload.get("world_size") != self.world.size and self.world.main:
+                print(f"fastrft: the checkpoint of round {round_} was written by {payload.get('world_size')} ranks; "
+                      f"resharded onto {self.world.size} (the run continues exactly up to rounding: the work is "
+                      "divided differently)", file=sys.stderr)
+        else:
+            self.policy.load_state_dict(payload["model"])
+            self.optimizer.load_state_dict(payload["optimizer"])
         self.precision.after_step()  # the compute copy takes the restored masters
-        self.optimizer.load_state_dict(payload["optimizer"])
         s = payload["state"]
         self.state = RunState(round=s["round"], updates=s["updates"], skipped=s["skipped"],
                               history={k: list(v) for k, v in s["history"].items()}, wall=s.get("wall", 0.0),
                               pending_eval=s.get("pending_eval"))
-        ckpt.truncate(self.out_dir / "metrics.jsonl", payload["metrics_bytes"])
-        ckpt.truncate(self.out_dir / "rollouts.jsonl", payload["rollouts_bytes"])
+        if self.world.main:
+            ckpt.truncate(self.out_dir / "metrics.jsonl", payload["metrics_bytes"])
+            ckpt.truncate(self.out_dir / "rollouts.jsonl", payload["rollouts_bytes"])
         ckpt.set_rng_state(payload["rng"])
         self.resumed_from = round_
+        self.world.barrier()
 
     def save(self) -> Path:
         """Checkpoint the end of round ``state.round``; the prefix cache is dropped so that an uninterrupted
@@ -276,10 +312,17 @@ class Trainer:
             p = self.out_dir / name
             return p.stat().st_size if p.exists() else 0
 
-        payload = {"model": self.policy.state_dict(), "optimizer": self.optimizer.state_dict(),
-                   "state": self.state.to_dict(), "train_examples": [x.id for x in self.train_set.examples],
+        payload = {"state": self.state.to_dict(), "train_examples": [x.id for x in self.train_set.examples],
                    "metrics_bytes": size("metrics.jsonl"), "rollouts_bytes": size("rollouts.jsonl"),
                    "config": self.cfg.to_dict()}
+        if self.world.distributed:  # sharded: every rank writes its part of the model and AdamW state
+            from fastrft.distributed import dcp_save
+
+            return ckpt.save_sharded_checkpoint(
+                self.out_dir, self.state.round, {**payload, "world_size": self.world.size},
+                self.cfg.run.keep_checkpoints, self.world,
+                lambda path: dcp_save(path, self.policy, self.optimizer))
+        payload.update(model=self.policy.state_dict(), optimizer=self.optimizer.state_dict())
         return ckpt.save_checkpoint(self.out_dir, self.state.round, payload, self.cfg.run.keep_checkpoints)
 
     # ---------------------------------------------------------------- the loop
@@ -298,13 +341,14 @@ class Trainer:
         if self.complete:
             return json.loads((self.out_dir / "summary.json").read_text())
         self._t0, self._wall0 = time.monotonic(), self.state.wall
-        log = MetricsLog(self.out_dir / "metrics.jsonl")
-        self._samples = MetricsLog(self.out_dir / "rollouts.jsonl") if cfg.run.log_samples else None
-        self._tb = _tensorboard(self.out_dir) if cfg.run.tensorboard else None
+        main = self.world.main  # only rank 0 writes the run's records
+        log = MetricsLog(self.out_dir / "metrics.jsonl") if main else _NullLog()
+        self._samples = MetricsLog(self.out_dir / "rollouts.jsonl") if cfg.run.log_samples and main else None
+        self._tb = _tensorboard(self.out_dir) if cfg.run.tensorboard and main else None
         first = self.state.round + 1
         bar = tqdm(total=cfg.run.rounds, initial=self.state.round, desc=cfg.run.name, unit="round",
-                   disable=not cfg.run.progress, file=sys.stderr, dynamic_ncols=True)
-        if self.resumed_from is not None:
+                   disable=not self._progress, file=sys.stderr, dynamic_ncols=True)
+        if self.resumed_from is not None and main:
             bar.write(f"[resume] {self.out_dir}: continuing after round {self.resumed_from}", file=sys.stderr)
         stop = StopRequest(describe=lambda: f"round {self.state.round + 1}")
         try:
@@ -318,7 +362,7 @@ class Trainer:
                     # same engine state (an empty prefix cache), so sharing changes nothing a run computes.
                     self.engine.reset_prefix_cache()
                 for r in range(first, cfg.run.rounds + 1):
-                    if stop.requested:
+                    if self._stop_agreed(stop):
                         self._stop(stop)
                     metrics = self.round(r)
                     self.state.round = r
@@ -338,7 +382,17 @@ class Trainer:
                 self._samples.close()
             if self._tb is not None:
                 self._tb.close()
-        return self._summarise(self._wall0 + time.monotonic() - self._t0)
+        if not main:  # rank 0 writes the summary; the others return it once it is there
+            self.world.barrier()
+            return json.loads((self.out_dir / "summary.json").read_text())
+        summary = self._summarise(self._wall0 + time.monotonic() - self._t0)
+        self.world.barrier()
+        return summary
+
+    def _stop_agreed(self, stop: StopRequest) -> bool:
+        """Whether a stop was requested, agreed by all ranks (a signal may reach them at different times,
+        and a rank that stopped alone would leave the others waiting in a collective)."""
+        return self.world.any(stop.requested is not None) if self.world.distributed else bool(stop.requested)
 
     def _after_round(self, r: int, log: MetricsLog, bar, stop: StopRequest) -> None:
         """Evaluate and checkpoint round ``r`` when due. A stop request during the evaluation abandons
@@ -362,7 +416,10 @@ class Trainer:
                 path = self.save()
             else:
                 path = saved[self.state.round]
-        raise RunInterrupted(stop.requested, self.state.round, None if path is None else str(path), self._resume_hint())
+        import signal
+
+        raise RunInterrupted(stop.requested or signal.SIGTERM, self.state.round, None if path is None else str(path),
+                             self._resume_hint())
 
     def _resume_hint(self) -> str:
         # Without --out the run directory has a timestamp, so the same command would start a new run.
@@ -434,7 +491,7 @@ class Trainer:
     def rollout(self, r: int, prompts):
         ro = self.cfg.rollout
         self.precision.rollout_model.eval()
-        return self.engine.generate(prompts, n=ro.group_size, max_new_tokens=ro.max_new_tokens,
+        return self._gen.generate(prompts, n=ro.group_size, max_new_tokens=ro.max_new_tokens,
                                     temperature=ro.temperature, top_p=ro.top_p, top_k=ro.top_k,
                                     seed=request_seed(self.cfg.run.seed, r, 0))
 
@@ -443,7 +500,7 @@ class Trainer:
         if ADVANTAGES[self.cfg.algo.advantage].baseline != "extra":
             return None
         ro = self.cfg.rollout
-        return self.engine.generate(prompts, n=self.cfg.algo.extra_samples, max_new_tokens=ro.max_new_tokens,
+        return self._gen.generate(prompts, n=self.cfg.algo.extra_samples, max_new_tokens=ro.max_new_tokens,
                                     temperature=ro.temperature, top_p=ro.top_p, top_k=ro.top_k,
                                     seed=request_seed(self.cfg.run.seed, r, 2))
 
@@ -492,7 +549,7 @@ class Trainer:
                 # (about a third of a SmolLM2 step, measured); CUDA's caching allocator makes freeing cheap.
                 self.optimizer.zero_grad(set_to_none=self.device.type == "cuda")
                 micro_stats, micro_tokens = [], []
-                for micro in self._micro_batches([seq_prompts[i] for i in part], [seqs[i] for i in part]):
+                for micro, real in self._micro_batches([seq_prompts[i] for i in part], [seqs[i] for i in part]):
                     ids = [part[j] for j in micro.members]
                     batch = pack([seq_prompts[i] for i in ids], [seqs[i].token_ids for i in ids],
                                  [seq_adv[i] for i in ids], [seqs[i].logprobs for i in ids]).to(self.device)
@@ -512,14 +569,22 @@ class Trainer:
                                                        spec=self.spec, temperature=cfg.rollout.temperature,
                                                        rollout_logp=batch.rollout_logp, backend=cfg.model.kernels,
                                                        weights=weights)
-                    loss.backward()
-                    micro_stats.append({"loss": float(loss.detach()), **stats})
-                    micro_tokens.append(batch.num_tokens)
+                    # FSDP averages the ranks' gradients; each rank's loss is its slice of one global sum.
+                    (loss * self.world.size if self.world.distributed else loss).backward()
+                    if real:  # (a zero-weight stand-in keeps this rank in step with the others' collectives)
+                        micro_stats.append({"loss": float(loss.detach()), **stats})
+                        micro_tokens.append(batch.num_tokens)
                     del hidden, weight, loss
+                if self.world.distributed:  # the step's stats over every rank's micro-batches
+                    parts = self.world.gather((micro_stats, micro_tokens))
+                    micro_stats = [x for st, _ in parts for x in st]
+                    micro_tokens = [x for _, nt in parts for x in nt]
                 t1 = time.monotonic()
                 clip = cfg.optim.grad_clip
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(),
                                                            clip if clip > 0 else float("inf"))
+                if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
+                    grad_norm = grad_norm.full_tensor()
                 self.optimizer.step()
                 self.precision.after_step()
                 self.engine.reset_prefix_cache()  # cached prompt KV belongs to the old weights
@@ -538,14 +603,21 @@ class Trainer:
     def _old_logp(self, prompts, seqs) -> list[torch.Tensor]:
         """Per sequence, the current (pre-update) policy's log-probs of its response tokens, computed in
         micro-batches of the step's token budget."""
+        # The rollout model holds the same compute weights as the training forward (the masters rounded to
+        # the compute dtype, as FSDP's all-gather casts them), so the first step's ratio is exactly 1. Across
+        # ranks each computes a contiguous share and all gather it.
+        mine = split(list(range(len(seqs))), self.world)
         out: list[torch.Tensor] = []
-        for group in micro_batches(_packed_lengths(prompts, seqs), self.token_budget):
-            part = [seqs[i] for i in group]
-            batch = pack([prompts[i] for i in group], [c.token_ids for c in part], [0.0] * len(part),
+        for group in micro_batches(_packed_lengths([prompts[i] for i in mine], [seqs[i] for i in mine]),
+                                   self.token_budget):
+            part = [seqs[mine[i]] for i in group]
+            batch = pack([prompts[mine[i]] for i in group], [c.token_ids for c in part], [0.0] * len(part),
                          [c.logprobs for c in part]).to(self.device)
-            logp, _ = linear_logprob(*self._response_hidden(self.precision.train_model, batch), batch.targets,
+            logp, _ = linear_logprob(*self._response_hidden(self.precision.rollout_model, batch), batch.targets,
                                      temperature=self.cfg.rollout.temperature, backend=self.cfg.model.kernels)
             out.extend(logp.float().cpu().split([len(c.token_ids) for c in part]))
+        if self.world.distributed:
+            out = [t for part in self.world.gather(out) for t in part]
         return out
 
     def _log_samples(self, r: int, examples, groups, rewards_) -> None:
@@ -555,14 +627,28 @@ class Trainer:
             {"example": ex.id, "text": c.text, "reward": rw, "tokens": len(c.token_ids), "finish": c.finish_reason}
             for (ex, c), rw in list(zip(flat, rewards_))[:n]]})
 
-    def _micro_batches(self, prompts, seqs) -> list[MicroBatch]:
-        """The step's sequences cut by --max-tokens-per-step; with more than one micro-batch, each carries
-        its tokens' aggregation weights within the whole step (global normalisation)."""
-        groups = micro_batches(_packed_lengths(prompts, seqs), self.token_budget)
-        if len(groups) == 1:
-            return [MicroBatch(groups[0], None)]
+    def _micro_batches(self, prompts, seqs) -> list[tuple[MicroBatch, bool]]:
+        """This rank's (micro-batch, real) pairs of a step: the step's sequences (this rank's contiguous
+        share of them at world size > 1) cut by --max-tokens-per-step. With more than one micro-batch in the
+        step, each carries its tokens' aggregation weights within the whole step over all ranks (global
+        normalisation). A rank with fewer micro-batches than another pads with zero-weight stand-ins
+        (real = False), because every FSDP forward and backward is a collective."""
+        lengths = _packed_lengths(prompts, seqs)
+        if not self.world.distributed:
+            groups = micro_batches(lengths, self.token_budget)
+            if len(groups) == 1:
+                return [(MicroBatch(groups[0], None), True)]
+            weights = step_weights([len(c.token_ids) for c in seqs], self.spec)
+            return [(MicroBatch(g, torch.cat([weights[j] for j in g])), True) for g in groups]
         weights = step_weights([len(c.token_ids) for c in seqs], self.spec)
-        return [MicroBatch(g, torch.cat([weights[j] for j in g])) for g in groups]
+        per_rank = []
+        for rank in range(self.world.size):  # every rank knows every rank's plan: no communication needed
+            idx = split(list(range(len(seqs))), self.world, rank)
+            per_rank.append([[idx[j] for j in g] for g in micro_batches([lengths[i] for i in idx], self.token_budget)])
+        mine = per_rank[self.world.rank]
+        plan = [(MicroBatch(g, torch.cat([weights[j] for j in g])), True) for g in mine]
+        pad = (MicroBatch([0], torch.zeros(len(seqs[0].token_ids))), False)
+        return plan + [pad] * (max(len(p) for p in per_rank) - len(mine))
 
     @staticmethod
     def _response_hidden(model, batch):
@@ -576,7 +662,8 @@ class Trainer:
         shared = key = None
         if r == 0 and self.state.updates == 0 and self._base_evals is not None:
             key = self._base_eval_key()
-            shared = self._base_evals.get(key)
+            shared = self._base_evals.get(key) if self.world.main else None
+            shared = self.world.broadcast(shared)  # all ranks must agree whether to generate (a collective)
         if shared is not None:
             result = shared["result"]
         else:
@@ -586,16 +673,19 @@ class Trainer:
             self.engine.reset_prefix_cache()
             total = eval_sequences(self.train_set, self.test_set, train_samples=e.train_samples, greedy=e.greedy)
             with tqdm(total=total, desc=f"eval round {r}", unit="seq", leave=False, file=sys.stderr,
-                      disable=not self.cfg.run.progress, dynamic_ncols=True) as ebar:
+                      disable=not self._progress, dynamic_ncols=True) as ebar:
                 measure = lambda: evaluate(  # noqa: E731
-                    self.engine, self.train_set, self.test_set, train_samples=e.train_samples,
+                    self._gen, self.train_set, self.test_set, train_samples=e.train_samples,
                     temperature=e.eval_temperature, max_new_tokens=e.eval_max_new_tokens or self.cfg.rollout.max_new_tokens,
                     greedy=e.greedy, seed=request_seed(self.cfg.run.seed, r, 1), extra_rewards=e.extra_rewards,
                     progress=ebar.update)
-                result = stop.run_abandonable(measure) if stop is not None else measure()
+                # Across ranks an evaluation is not abandoned halfway (its generation is collective): a
+                # stop request then waits for it to finish.
+                abandonable = stop is not None and not self.world.distributed
+                result = stop.run_abandonable(measure) if abandonable else measure()
             if result is None:
                 return None
-            if key is not None:
+            if key is not None and self.world.main:
                 self._base_evals.put(key, result, self.cfg.run.name)
         record = {"kind": "eval", "round": r, **result, "time_eval": time.monotonic() - t0}
         if shared is not None:
@@ -604,7 +694,8 @@ class Trainer:
         self._tb_write(record, r, prefix="eval/")
         shown = ", ".join(f"{k} {result[k]:.3f}" for k in ("train_pass1", "test_pass1", "test_greedy") if k in result)
         how = f"shared with {shared['run']}" if shared is not None else f"{record['time_eval']:.0f} s"
-        bar.write(f"[eval] {self.cfg.run.name} round {r}: {shown} ({how})", file=sys.stderr)
+        if self.world.main:
+            bar.write(f"[eval] {self.cfg.run.name} round {r}: {shown} ({how})", file=sys.stderr)
         return result
 
     def _base_eval_key(self) -> str:
@@ -640,6 +731,16 @@ class Trainer:
                    "plot": plot, "table": before_after_table(records)}
         (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary
+
+
+class _NullLog:
+    """What ranks other than 0 log to: nothing (rank 0 writes the run's records)."""
+
+    def write(self, record) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def _split(order: list[int], parts: int) -> list[list[int]]:

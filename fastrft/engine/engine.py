@@ -89,14 +89,20 @@ class Engine:
 
     # ----------------------------------------------------------------------------------- public API
     @torch.no_grad()
-    def generate(self, prompt_ids: list[list[int]], *, n: int = 1, max_new_tokens: int | list[int] = 256,
+    def generate(self, prompt_ids: list[list[int]], *, n: int | list[int] = 1, max_new_tokens: int | list[int] = 256,
                  temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0,
-                 eos_token_ids=None, progress=None) -> list[list[Completion]]:
+                 eos_token_ids=None, progress=None, request_ids: list[tuple[int, int]] | None = None
+                 ) -> list[list[Completion]]:
         """Same contract as :func:`fastrft.generate`: P lists of n Completions, seeded per request.
-        max_new_tokens may also be a list with one budget per prompt. ``progress``, if given, is called
-        after every engine step with the number of sequences that finished in it."""
+        max_new_tokens may also be a list with one budget per prompt, and n a list with one sample count
+        per prompt. ``request_ids`` gives each prompt its (prompt index, first sample index) in a larger
+        request set (default (p, 0)): prompt p's samples then draw from the streams of requests
+        (index, first), (index, first + 1), ..., so a share of a round generated here is token for token
+        what the whole round generates for those requests (fastrft.distributed splits rounds this way).
+        ``progress``, if given, is called after every engine step with the number of sequences that
+        finished in it."""
         groups = self.submit(prompt_ids, n=n, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                             top_k=top_k, seed=seed, eos_token_ids=eos_token_ids)
+                             top_k=top_k, seed=seed, eos_token_ids=eos_token_ids, request_ids=request_ids)
         try:
             done = 0
             while self._unfinished(groups):
@@ -121,21 +127,29 @@ class Engine:
                     pass  # a fork that was never created, or already retired
         self._forks.clear()
 
-    def submit(self, prompt_ids, *, n: int, max_new_tokens: int | list[int], temperature: float, top_p: float,
-               top_k: int, seed: int, eos_token_ids) -> list[list[Sequence]]:
-        """Queue the requests of one call (prompt p's samples j = 0..n-1 form group p); see :meth:`generate`."""
+    def submit(self, prompt_ids, *, n: int | list[int], max_new_tokens: int | list[int], temperature: float,
+               top_p: float, top_k: int, seed: int, eos_token_ids,
+               request_ids: list[tuple[int, int]] | None = None) -> list[list[Sequence]]:
+        """Queue the requests of one call (prompt p's samples form group p); see :meth:`generate`."""
         if any(s.finish_reason is None for s in self.seqs.values()):
             raise RuntimeError("the engine is still running a previous call; collect it first")
         budgets = list(max_new_tokens) if isinstance(max_new_tokens, (list, tuple)) else [max_new_tokens] * len(prompt_ids)
         if len(budgets) != len(prompt_ids):
             raise ConfigError(f"max_new_tokens has {len(budgets)} entries for {len(prompt_ids)} prompts")
+        counts = list(n) if isinstance(n, (list, tuple)) else [n] * len(prompt_ids)
+        if len(counts) != len(prompt_ids):
+            raise ConfigError(f"n has {len(counts)} entries for {len(prompt_ids)} prompts")
+        ids = list(request_ids) if request_ids is not None else [(p, 0) for p in range(len(prompt_ids))]
+        if len(ids) != len(prompt_ids):
+            raise ConfigError(f"request_ids has {len(ids)} entries for {len(prompt_ids)} prompts")
         self._params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k,
                                       max_new_tokens=max(budgets) if budgets else 1)
-        check_requests(self.model, prompt_ids, n)
-        for p, (prompt, budget) in enumerate(zip(prompt_ids, budgets)):
+        for count in set(counts):
+            check_requests(self.model, prompt_ids, count)
+        for p, (prompt, budget, count) in enumerate(zip(prompt_ids, budgets, counts)):
             if budget < 1:
                 raise ConfigError(f"max_new_tokens must be >= 1, got {budget} for prompt {p}")
-            self._check_fits([prompt], budget, n)
+            self._check_fits([prompt], budget, count)
         self._stop = set(self.model.eos_token_ids if eos_token_ids is None else eos_token_ids)
         # A prefill step packs at most max_num_batched_tokens tokens, or one request of this call if that
         # is longer (a preempted sequence comes back with its generated tokens: prompt + budget at most).
@@ -148,11 +162,13 @@ class Engine:
         groups: list[list[Sequence]] = []
         for p, prompt in enumerate(prompt_ids):
             prompt = [int(t) for t in prompt]
-            group = [Sequence(-1, p, j, prompt, torch.Generator().manual_seed(request_seed(seed, p, j)),
-                              max_new_tokens=budgets[p]) for j in range(n)]
+            index, first = ids[p]
+            group = [Sequence(-1, index, first + j, prompt,
+                              torch.Generator().manual_seed(request_seed(seed, index, first + j)),
+                              max_new_tokens=budgets[p]) for j in range(counts[p])]
             self._register(group[0])
             self._forks[group[0].seq_id] = group[1:]
-            self.scheduler.add(group[0].seq_id, prompt, group_size=n)
+            self.scheduler.add(group[0].seq_id, prompt, group_size=counts[p])
             groups.append(group)
         return groups
 
