@@ -2,7 +2,7 @@
 # The whole GPU pass of fastrft in one call: install, the GPU tests, the LM-head, round-time and rollout
 # benchmarks, within a time budget, every result in one folder.
 #
-#   bash bench/gpu_suite.sh OUT_DIR [--budget SECONDS] [--cpu-smoke]
+#   bash bench/gpu_suite.sh OUT_DIR [--budget SECONDS] [--cpu-smoke] [--stages LIST]
 #
 # On a lent H100/H200 (no network; its python3 3.12 holds torch 2.11, triton 3.6, transformers 5.17), from
 # the repo root, through the device tool:
@@ -31,16 +31,20 @@
 #                transformers at batch 1, 64 and 256.
 #     Each benchmark estimates a case before it starts it and drops the cases that would not fit (the
 #     largest N, G or batch first); the summary lists what was dropped.
+#   - --stages picks and orders the stages (default tests,logprob,round,rollout); one more is available:
+#       dist     bench/bench_dist.py: torchrun at world size 1 (NCCL) with a sharded checkpoint and its
+#                export, then `fastrft ladder --jobs 1` against `--jobs 2` on the one GPU (dist.json,
+#                dist.md). Its share is 60 % of the time left; the last stage listed gets all of it.
 #
 # --cpu-smoke: every stage end to end on CPU with tiny shapes (a tiny model, N = 512, 8-token responses,
 # G = 2) in well under a minute of CPU time; installs nothing (fastrft must already be importable) and
 # pytest only collects the GPU selection. tests/test_gpu_suite.py runs it, so this script cannot rot
 # between GPU runs. PYTHON (default python3) picks the interpreter.
 #
-# OUT_DIR receives at most 8 files, no subfolders, as the device tool brings back: summary.md (every
+# OUT_DIR receives at most 10 files, no subfolders, as the device tool brings back: summary.md (every
 # table, the test counts, each stage's status and time, what was dropped), suite.log (everything
 # printed), pytest.txt, logprob.json, round.json, rollout.json (raw rows), results.csv (the same rows,
-# flat) and suite.tar.gz (all of them plus each stage's table as NAME.md and the install log). They are
+# flat), dist.json and dist.md (the dist stage) and suite.tar.gz (all of them plus each stage's table as NAME.md and the install log). They are
 # rewritten after every stage, so a run stopped early keeps what it measured.
 #
 # Wheels. Compared with the device image's package list (/work/.library/device/KINDS.md), fastrft's
@@ -66,12 +70,14 @@ usage() {
     exit 2
 }
 
-OUT_DIR="" SMOKE=0 BUDGET=""
+OUT_DIR="" SMOKE=0 BUDGET="" STAGES="tests,logprob,round,rollout"
 while [ $# -gt 0 ]; do
     case "$1" in
         --cpu-smoke) SMOKE=1 ;;
         --budget) [ $# -ge 2 ] || usage; BUDGET=$2; shift ;;
         --budget=*) BUDGET=${1#*=} ;;
+        --stages) [ $# -ge 2 ] || usage; STAGES=$2; shift ;;
+        --stages=*) STAGES=${1#*=} ;;
         -h | --help) sed -n '2,/^$/s/^# \{0,1\}//p' "$0"; exit 0 ;;
         -*) usage ;;
         *) [ -z "$OUT_DIR" ] || usage; OUT_DIR=$1 ;;
@@ -115,7 +121,7 @@ info() { echo "$*" >>"$WORK/suite.txt"; }
 finish() {
     $PY bench/harness.py summary "$WORK" "$OUT_DIR/summary.md" >>"$LOG" 2>&1 || say "summary failed"
     local f
-    for f in pytest.txt logprob.json round.json rollout.json results.csv; do
+    for f in pytest.txt logprob.json round.json rollout.json results.csv dist.json dist.md; do
         [ -f "$WORK/$f" ] && cp "$WORK/$f" "$OUT_DIR/$f"
     done
     cp "$OUT_DIR/summary.md" "$LOG" "$WORK/" 2>/dev/null
@@ -261,6 +267,14 @@ stage_round() {
     else bench bench/bench_round.py --in-process; fi
 }
 
+stage_dist() {
+    local extra=()
+    [ $SMOKE = 1 ] && extra=(--device cpu --smoke)
+    timeout -s INT -k 10 $((SLICE + 20)) $PY bench/bench_dist.py --out "$WORK" --budget "$SLICE" "${extra[@]}" 2>&1 \
+        | tee -a "$LOG"
+    return "${PIPESTATUS[0]}"
+}
+
 stage_rollout() {
     if [ $SMOKE = 1 ]; then bench bench/bench_rollout.py --in-process --device cpu --smoke
     else bench bench/bench_rollout.py --in-process --shapes qwen2.5-1.5b; fi
@@ -274,10 +288,15 @@ if ! setup; then
     finish
     exit 3
 fi
-stage tests 22 stage_tests
-stage logprob 35 stage_logprob
-stage round 50 stage_round
-stage rollout 100 stage_rollout
+declare -A SHARE=([tests]=22 [logprob]=35 [round]=50 [rollout]=100 [dist]=60)
+IFS=, read -r -a ORDER <<<"$STAGES"
+for i in "${!ORDER[@]}"; do
+    name=${ORDER[$i]}
+    [ -n "${SHARE[$name]:-}" ] || { say "unknown stage '$name' (tests, logprob, round, rollout, dist)"; continue; }
+    pct=${SHARE[$name]}
+    [ "$i" -eq $((${#ORDER[@]} - 1)) ] && pct=100
+    stage "$name" "$pct" "stage_$name"
+done
 info "elapsed: $(elapsed) s of $BUDGET s"
 finish
 say "done in $(elapsed) s: $OUT_DIR/summary.md"

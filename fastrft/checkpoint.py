@@ -174,18 +174,18 @@ def load_round(run_dir: Path, round_: int) -> tuple[int, dict[str, Any]]:
     return round_, torch.load(path / "state.pt", map_location="cpu", weights_only=False)
 
 
-def check_layout(run_dir: Path, round_: int, payload: dict[str, Any], world_size: int) -> None:
-    """Refuse, with what to do, a checkpoint this number of ranks cannot load: a single-process
-    checkpoint (whole state dicts in state.pt) under torchrun, or a sharded one in a single process."""
+def check_layout(run_dir: Path, round_: int, payload: dict[str, Any], distributed: bool) -> None:
+    """Refuse, with what to do, a checkpoint this process cannot load: a plain run's checkpoint (whole
+    state dicts in state.pt) under torchrun, or a sharded one in a plain process."""
     sharded = "model" not in payload
-    if sharded and world_size == 1:
+    if sharded and not distributed:
         raise FastRFTError(f"{run_dir}: the checkpoint of round {round_} is sharded (written by a "
-                           f"{payload.get('world_size', 'multi')}-process torchrun job); resume it under torchrun "
-                           "with --nproc-per-node 2 or more (DCP reshards onto any number of ranks), or export it "
-                           "with fastrft export")
-    if not sharded and world_size > 1:
-        raise FastRFTError(f"{run_dir}: the checkpoint of round {round_} was written by a single-process run; resume "
-                           "it with a plain fastrft train (world size 1), or start the multi-process run in a new --out")
+                           f"{payload.get('world_size', '?')}-process torchrun job); resume it under torchrun, "
+                           "e.g. torchrun --nproc-per-node 2 -m fastrft train ... (any --nproc-per-node, 1 included: "
+                           "DCP reshards), or export it with fastrft export")
+    if not sharded and distributed:
+        raise FastRFTError(f"{run_dir}: the checkpoint of round {round_} was written by a plain (non-torchrun) run; "
+                           "resume it with a plain fastrft train, or start the torchrun job in a new --out")
 
 
 def verify(path: Path) -> str | None:

@@ -45,15 +45,19 @@ from fastrft.errors import ConfigError
 
 @dataclass(frozen=True)
 class World:
-    """This process's place in the job: rank ``rank`` of ``size`` (``local_rank`` on its node)."""
+    """This process's place in the job: rank ``rank`` of ``size`` (``local_rank`` on its node).
+    ``launched``: started by torchrun (WORLD_SIZE in the environment), even with one process. Such a run
+    always takes the distributed path (FSDP2, DCP checkpoints), so a torchrun job's checkpoints resume
+    under torchrun with any number of ranks, one included."""
 
     rank: int = 0
     size: int = 1
     local_rank: int = 0
+    launched: bool = False
 
     @property
     def distributed(self) -> bool:
-        return self.size > 1
+        return self.launched or self.size > 1
 
     @property
     def main(self) -> bool:
@@ -102,13 +106,14 @@ def _env_int(name: str, default: int) -> int:
 
 def world_from_env() -> World:
     """The world torchrun describes in the environment; world size 1 without it."""
+    launched = bool(os.environ.get("WORLD_SIZE"))
     size = _env_int("WORLD_SIZE", 1)
     rank = _env_int("RANK", 0)
     local = _env_int("LOCAL_RANK", rank)
     if size < 1 or not 0 <= rank < size:
         raise ConfigError(f"RANK={rank} and WORLD_SIZE={size} from the environment are inconsistent; launch with "
                           "torchrun --nproc-per-node N")
-    return World(rank, size, local)
+    return World(rank, size, local, launched)
 
 
 def _collective_device() -> torch.device:
@@ -118,7 +123,7 @@ def _collective_device() -> torch.device:
 
 
 def init_world(device: torch.device, timeout_s: float) -> tuple[World, torch.device]:
-    """Join the job torchrun started (a no-op at world size 1) and return (world, this rank's device).
+    """Join the job torchrun started (a no-op without torchrun) and return (world, this rank's device).
 
     CUDA ranks take ``cuda:LOCAL_RANK`` and NCCL; CPU ranks use gloo. ``timeout_s`` bounds the wait at
     the rendezvous and in every collective: a rank that cannot reach the others fails with a message

@@ -80,6 +80,9 @@ class Trainer:
         # Under torchrun each rank joins the job here and takes its device (fastrft.distributed); a plain
         # process is world size 1.
         self.world, self.device = init_world(_resolve_device(config.model.device), config.run.dist_timeout)
+        if self.world.distributed and self.world.main:
+            print(f"fastrft: torchrun job of {self.world.size} rank{'s' if self.world.size > 1 else ''}, backend "
+                  f"{torch.distributed.get_backend()}, rank 0 on {self.device}", file=sys.stderr)
         # auto is resolved before the run directory is compared, so config.json records what ran and a
         # resume on hardware that resolves it differently is refused with the diff.
         precision = resolve_precision(config.model.precision, self.device)
@@ -274,7 +277,7 @@ class Trainer:
         for msg in damaged:
             print(msg, file=sys.stderr)
         round_, payload = found
-        ckpt.check_layout(self.out_dir, round_, payload, self.world.size)
+        ckpt.check_layout(self.out_dir, round_, payload, self.world.distributed)
         ids = [x.id for x in self.train_set.examples]
         if payload["train_examples"] != ids:
             raise ConfigError(f"{self.out_dir}: the checkpoint of round {round_} trained on {payload['train_examples']}"

@@ -211,6 +211,19 @@ def test_kill_9_of_one_rank_then_resume_matches_the_uninterrupted_run(runs, tiny
     assert plain.returncode == 2 and "sharded" in plain.stderr and "--nproc-per-node" in plain.stderr
     assert (killed / "metrics.jsonl").read_bytes() == before
 
+    # Another world size: DCP reshards the 2-rank checkpoint onto 1 rank (a copy of the run; --force since
+    # its --out differs from the recorded one).
+    import shutil
+
+    other = tmp_path / "resharded"
+    shutil.copytree(killed, other)
+    one = subprocess.run(_torchrun("-m", "fastrft", "train", *argv, "--out", str(other), "--force", nproc=1),
+                         env=_env(), capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-4000:]
+    assert "written by 2 ranks; resharded onto 1" in one.stderr
+    assert [r["round"] for r in read_metrics(other / "metrics.jsonl") if r["kind"] == "round"] == \
+        list(range(1, ROUNDS + 1))
+
     resumed = subprocess.run(_torchrun("-m", "fastrft", "train", *argv), env=_env(), capture_output=True, text=True,
                              timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-4000:]
@@ -222,6 +235,10 @@ def test_kill_9_of_one_rank_then_resume_matches_the_uninterrupted_run(runs, tiny
     assert (ref / "rollouts.jsonl").read_text() == (killed / "rollouts.jsonl").read_text()
     wa, wb = _weights(ref), _weights(killed)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    # The resharded run divided its last rounds' work differently: equal up to rounding (as in
+    # test_weights_equal_one_process).
+    wc = _weights(other)
+    assert max((wa[k] - wc[k]).abs().max() for k in wa) <= LR * ROUNDS
 
 
 def test_a_rank_that_cannot_reach_the_rendezvous_fails_with_a_message(tiny_llama, tmp_path):
