@@ -34,7 +34,8 @@
 #   - --stages picks and orders the stages (default tests,logprob,round,rollout); one more is available:
 #       dist     bench/bench_dist.py: torchrun at world size 1 (NCCL) with a sharded checkpoint and its
 #                export, then `fastrft ladder --jobs 1` against `--jobs 2` on the one GPU (dist.json,
-#                dist.md). Its share is 60 % of the time left; the last stage listed gets all of it.
+#                dist.md; BENCH_DIST_ARGS adds flags). Its share is 60 % of the time left; the last stage
+#                listed gets all of it.
 #
 # --cpu-smoke: every stage end to end on CPU with tiny shapes (a tiny model, N = 512, 8-token responses,
 # G = 2) in well under a minute of CPU time; installs nothing (fastrft must already be importable) and
@@ -270,7 +271,9 @@ stage_round() {
 stage_dist() {
     local extra=()
     [ $SMOKE = 1 ] && extra=(--device cpu --smoke)
-    timeout -s INT -k 10 $((SLICE + 20)) $PY bench/bench_dist.py --out "$WORK" --budget "$SLICE" "${extra[@]}" 2>&1 \
+    # shellcheck disable=SC2086
+    timeout -s INT -k 10 $((SLICE + 20)) $PY bench/bench_dist.py --out "$WORK" --budget "$SLICE" "${extra[@]}" \
+        ${BENCH_DIST_ARGS:-} 2>&1 \
         | tee -a "$LOG"
     return "${PIPESTATUS[0]}"
 }

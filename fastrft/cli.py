@@ -119,6 +119,11 @@ def build_parser() -> argparse.ArgumentParser:
     ladder.add_argument("--force", action="store_true", help="continue a study whose settings differ")
     ladder.add_argument("--keep-models", action="store_true", help="keep each finished run's checkpoints "
                                                                          "(for fastrft export)")
+    ladder.add_argument("--jobs", type=int, default=1, metavar="N",
+                        help="run up to N pairs at once, each in its own process with cores // N torch threads "
+                             "(on CUDA: the visible GPUs in turn), its output in <run dir>/job.log; the results "
+                             "of --jobs 1, bit for bit with the same --threads (default: 1, one pair after "
+                             "another in this process)")
     add_config_flags(ladder)
     sub.add_parser("presets", help="list the layer presets and profiles")
     export = sub.add_parser("export", help="write a run's newest checkpoint as an HF-format model directory")
@@ -197,7 +202,8 @@ def _ladder(args) -> int:
     pairs = ladder.plan(base.to_dict(), flags, layers, args.seeds, profile, Path(out))
     settings = {"layers": [p.name for p in dict.fromkeys(x.preset for x in pairs)], "seeds": args.seeds,
                 "profile": profile, "flags": flags, "base": base.to_dict()}
-    result = ladder.run_ladder(pairs, Path(out), settings, force=args.force, keep_checkpoints=args.keep_models)
+    result = ladder.run_ladder(pairs, Path(out), settings, force=args.force, keep_checkpoints=args.keep_models,
+                               jobs=args.jobs)
     print(result["table"])
     print(f"\ntable: {Path(out) / 'ladder.md'}\nfigure: {result['figure']}")
     return 0
@@ -206,7 +212,10 @@ def _ladder(args) -> int:
 def _train(config: TrainConfig, force: bool = False) -> int:
     from fastrft.trainer import Trainer
 
-    summary = Trainer(config, force=force).run()
+    trainer = Trainer(config, force=force)
+    summary = trainer.run()
+    if not trainer.world.main:  # under torchrun, rank 0 speaks for the job
+        return 0
     print(summary["table"])
     print(f"\nrun directory: {summary['out_dir']}  (plot: {summary['plot']})")
     return 0

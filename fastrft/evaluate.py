@@ -93,7 +93,8 @@ class BaseEvalCache:
     what :func:`base_eval_key` hashes: the model, the engine, the evaluation settings, the evaluation seed
     and the exact prompts. Presets that differ in a training choice (advantage, reward, G) share it; a
     ladder of five presets evaluates each seed's base model once instead of up to five times. Entries are
-    ``{key hash: {"result": metrics, "run": the run that measured it}}``; the file is rewritten atomically.
+    ``{key hash: {"result": metrics, "run": the run that measured it}}``; the file is rewritten atomically,
+    and writers from several processes add to it under a lock (:func:`fastrft.report.locked`).
     """
 
     def __init__(self, path: str | os.PathLike[str]):
@@ -120,9 +121,15 @@ class BaseEvalCache:
         return entry
 
     def put(self, key: str, result: dict[str, float], run: str) -> None:
-        data = self._read()
-        data[key] = {"result": result, "run": run}
-        write_json(self.path, data)
+        """Add ``run``'s measurement of ``key``. The file is re-read under a lock (``fastrft ladder --jobs``
+        runs write it from several processes), so no other run's entry is lost. When another run stored
+        the same key meanwhile, its entry is kept: runs may already have recorded it as ``shared_from``."""
+        from fastrft.report import locked
+
+        with locked(self.path):
+            data = self._read()
+            data.setdefault(key, {"result": result, "run": run})
+            write_json(self.path, data)
 
 
 def base_eval_key(settings: dict[str, Any], train: EvalSet, test: EvalSet) -> str:

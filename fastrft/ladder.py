@@ -1,4 +1,4 @@
-"""``fastrft ladder``: every (layer, seed) pair of a bottom-up study, one after another, resumable.
+"""``fastrft ladder``: every (layer, seed) pair of a bottom-up study, one after another or N at once, resumable.
 
 Layout of a study directory::
 
@@ -7,10 +7,24 @@ Layout of a study directory::
     DIR/difficulty.json             pass-rate estimates shared by the pairs that select by difficulty
     DIR/base-eval.json              round-0 evaluations shared by the pairs with the same base model, seed
                                     and evaluation settings (L0-L3 of a seed evaluate once)
+    DIR/*.json.lock                 the caches' lock files (writers from several processes take turns)
     DIR/ladder.md, DIR/curves.png   the comparison table and figure, rewritten after every finished pair
+    DIR/<preset>/seed-<s>/job.log   with --jobs N > 1: the pair's output (its process writes no progress bar)
 
 A pair whose run directory holds a complete summary is skipped on a rerun; an unfinished one resumes from
 its last checkpoint (fastrft.checkpoint), so an interrupted study continues where it stopped.
+
+``--jobs N`` (default 1: one pair after another, in this process) runs up to N pairs at once, each in its
+own process (fastrft.ladder_jobs), and gives the results of the sequential ladder (bit for bit at equal
+torch thread counts, see there): every run computes from its own config and seed alone, and the two
+shared caches are written under a lock, re-read and added to, so concurrent writers lose no entry. The one thing order decides is who measures a shared
+base-model evaluation. Sequentially the first pair in plan order measures it and the later ones record
+``"shared_from": <its run name>``. In parallel, the pairs are grouped by the config fields that
+evaluation depends on (model; rollout but group_size; eval but eval_every; data; seed); a pair that is
+not the first of its group (its leader) starts only once base-eval.json holds an entry measured by the
+leader's run, or the leader's process has ended, or the leader was complete before the study started.
+The grouping is a prediction of Trainer._base_eval_key from the config; where it is wrong, a run
+measures the evaluation itself, as a run outside the group would, and its numbers stay correct.
 """
 
 from __future__ import annotations
@@ -77,11 +91,13 @@ def _complete(run_dir: Path) -> bool:
 
 
 def run_ladder(pairs: list[Pair], out: Path, settings: dict[str, Any], *, force: bool = False,
-               keep_checkpoints: bool = False) -> dict[str, Any]:
-    """Run every pair not yet complete; write ladder.md and curves.png; return {"table", "figure"}."""
+               keep_checkpoints: bool = False, jobs: int = 1) -> dict[str, Any]:
+    """Run every pair not yet complete, up to ``jobs`` at once (1: in this process, one after another);
+    write ladder.md and curves.png; return {"table", "figure"}."""
+    from fastrft import ladder_jobs
     from fastrft.checkpoint import CKPT_DIR
-    from fastrft.trainer import Trainer
 
+    ladder_jobs.check_jobs(jobs)
     out.mkdir(parents=True, exist_ok=True)
     meta = out / "ladder.json"
     if meta.exists() and not force:
@@ -97,22 +113,45 @@ def run_ladder(pairs: list[Pair], out: Path, settings: dict[str, Any], *, force:
           file=sys.stderr)
     overall = tqdm(total=len(pairs), initial=len(pairs) - len(todo), desc="ladder", unit="run", file=sys.stderr,
                    dynamic_ncols=True, position=0)
-    try:
-        for i, pair in enumerate(todo):
-            overall.set_postfix_str(f"{pair.preset.name} seed {pair.seed}")
-            t0 = time.monotonic()
-            Trainer(pair.config, force=force, base_eval_cache=out / "base-eval.json").run()
-            overall.update(1)
-            overall.write(f"[ladder] {pair.preset.name} seed {pair.seed} done in {time.monotonic() - t0:.0f} s",
-                          file=sys.stderr)
-            if not keep_checkpoints:  # a finished run needs no resume point; checkpoints are GBs each
-                import shutil
 
-                shutil.rmtree(pair.out / CKPT_DIR, ignore_errors=True)
-            report(pairs, out)
+    def finished(pair: Pair, t0: float) -> None:
+        overall.update(1)
+        overall.write(f"[ladder] {pair.preset.name} seed {pair.seed} done in {time.monotonic() - t0:.0f} s",
+                      file=sys.stderr)
+        if not keep_checkpoints:  # a finished run needs no resume point; checkpoints are GBs each
+            import shutil
+
+            shutil.rmtree(pair.out / CKPT_DIR, ignore_errors=True)
+        report(pairs, out)
+
+    try:
+        if jobs > 1:
+            ladder_jobs.run_parallel(pairs, todo, out, jobs, force=force, overall=overall, finished=finished)
+        else:
+            from fastrft.trainer import Trainer
+
+            for pair in todo:
+                overall.set_postfix_str(f"{pair.preset.name} seed {pair.seed}")
+                t0 = time.monotonic()
+                Trainer(pair.config, force=force, base_eval_cache=out / "base-eval.json").run()
+                _release_memory()
+                finished(pair, t0)
     finally:
         overall.close()
     return report(pairs, out)
+
+
+def _release_memory() -> None:
+    """Free what a finished in-process run held before the next one starts: its KV cache and weights
+    would otherwise stay in CUDA's caching allocator, and the next run would size its KV cache and its
+    token budget from the memory left over (half as much, measured on an H200)."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
 
 
 def collect(pairs: list[Pair]) -> list[dict[str, Any]]:

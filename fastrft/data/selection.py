@@ -24,7 +24,7 @@ from typing import Any, Callable
 from fastrft.config import parse_difficulty
 from fastrft.data.example import Example
 from fastrft.errors import ConfigError
-from fastrft.report import write_json
+from fastrft.report import locked, write_json
 
 
 def pool_indices(split_size: int, pool: int | None, seed: int) -> list[int]:
@@ -67,31 +67,39 @@ def in_band(correct: int, k: int, band: tuple[float, float]) -> bool:
 
 class DifficultyCache:
     """Pass-rate estimates ``{example id: correct out of k}`` in a JSON file, under a key of what they
-    depend on (model, k, response budget, reward mapping). A file written for another key is refused."""
+    depend on (model, k, response budget, reward mapping). A file written for another key is refused.
+
+    Several processes may share the file (``fastrft ladder --jobs``): :meth:`update` re-reads it under a
+    lock and adds to what is there, so estimates written meanwhile by another run are kept, not dropped."""
 
     def __init__(self, path: str | os.PathLike[str], key: dict[str, Any]):
         self.path, self.key = Path(path), key
-        self.counts: dict[str, int] = {}
-        if self.path.exists():
-            try:
-                data = json.loads(self.path.read_text(encoding="utf-8"))
-                stored_key, counts = data["key"], data["correct"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise ConfigError(f"{self.path}: not a difficulty cache written by fastrft ({e}); delete it or "
-                                  "point --difficulty-cache elsewhere") from None
-            if stored_key != key:
-                diff = ", ".join(f"{k}: {stored_key.get(k)!r} != {key.get(k)!r}" for k in sorted(set(key) | set(stored_key))
-                                 if stored_key.get(k) != key.get(k))
-                raise ConfigError(f"{self.path}: cached pass rates were estimated under other settings ({diff}); "
-                                  "use another --difficulty-cache file")
-            self.counts = {str(k): int(v) for k, v in counts.items()}
+        self.counts: dict[str, int] = self._stored()
+
+    def _stored(self) -> dict[str, int]:
+        """The counts in the file now ({} when there is none); a file of another key is refused."""
+        if not self.path.exists():
+            return {}
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+            stored_key, counts = data["key"], data["correct"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ConfigError(f"{self.path}: not a difficulty cache written by fastrft ({e}); delete it or "
+                              "point --difficulty-cache elsewhere") from None
+        if stored_key != self.key:
+            diff = ", ".join(f"{k}: {stored_key.get(k)!r} != {self.key.get(k)!r}"
+                             for k in sorted(set(self.key) | set(stored_key)) if stored_key.get(k) != self.key.get(k))
+            raise ConfigError(f"{self.path}: cached pass rates were estimated under other settings ({diff}); "
+                              "use another --difficulty-cache file")
+        return {str(k): int(v) for k, v in counts.items()}
 
     def missing(self, examples: list[Example]) -> list[Example]:
         return [e for e in examples if e.id not in self.counts]
 
     def update(self, counts: dict[str, int]) -> None:
-        self.counts.update(counts)
-        write_json(self.path, {"key": self.key, "correct": self.counts})
+        with locked(self.path):
+            self.counts = {**self._stored(), **self.counts, **counts}
+            write_json(self.path, {"key": self.key, "correct": self.counts})
 
 
 def select_by_difficulty(candidates: list[Example], counts: dict[str, int], k: int, band_text: str,
