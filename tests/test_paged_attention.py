@@ -118,7 +118,7 @@ def test_decode_against_float64_attention(page, d, hq, hkv, dtype, num_splits):
 @pytest.mark.parametrize("num_splits", [1, 3, 10_000])
 def test_decode_odd_shapes(ctx, hq, hkv, d, page, num_splits):
     g = torch.Generator().manual_seed(3)
-    wide = torch.randn(len(ctx), hq, 3 * d, generator=g)
+    wide = torch.randn(len(ctx), hq, 3 * d, generator=g).to(DEVICE)  # on the device, so the view stays strided
     q = wide[:, :, d:2 * d]  # a strided view, as q sliced out of a fused qkv projection
     q, kc, vc, bt, ctx_t, ks, vs = _paged(ctx, hq, hkv, d, page, torch.float32, seed=1, q=q)
     assert not q.is_contiguous()
@@ -232,9 +232,9 @@ def test_cuda_tile_table():
     assert tile("decode", torch.bfloat16, 512, 1) is None and tile("decode", torch.bfloat16, 64, 32) is None
     assert tile("store_kv", torch.bfloat16, 320) is None
     with pytest.raises(ValueError, match="no CUDA tile configuration for head_dim=64, GQA group=32"):
-        pa._decode_triton(torch.zeros(1, 32, 64), torch.zeros(1, 16, 1, 64), torch.zeros(1, 16, 1, 64),
-                          torch.zeros(1, 1, dtype=torch.int32), torch.ones(1, dtype=torch.int32), 0.125, 1,
-                          cuda_tiles=True)
+        z = lambda *shape, **kw: torch.zeros(*shape, device=DEVICE, **kw)  # noqa: E731
+        pa._decode_triton(z(1, 32, 64), z(1, 16, 1, 64), z(1, 16, 1, 64), z(1, 1, dtype=torch.int32),
+                          torch.ones(1, dtype=torch.int32, device=DEVICE), 0.125, 1, cuda_tiles=True)
     names = {c.name for c in pa.compile_cases(full=True)}
     for key in pa.TILES:
         kernel, dt, d = key[:3]
