@@ -123,7 +123,8 @@ def test_weights_equal_one_process(runs, aggregation, tiny_llama):
     RMS, so a relative change d of the gradient moves the step by about d * lr, except for elements whose
     gradient is rounding noise itself, where m / sqrt(v) can change by up to lr. Every element must
     therefore stay within lr * steps of the 1-process weights, and all but a few within 1e-3 of that;
-    measured: see the assertion messages."""
+    measured after 8 rounds at lr 3e-3: max 7.9e-6 (token-mean, 8 steps) and 3.7e-5
+    (seq-mean-token-mean, 32 steps), about 3e-4 of the bound, none beyond 1e-3 of it."""
     from fastrft.models import load_model
 
     w1, w2 = _weights(runs / f"w1-{aggregation}"), _weights(runs / f"w2-{aggregation}")
