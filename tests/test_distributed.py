@@ -174,10 +174,14 @@ def test_export_of_a_sharded_run_loads_in_transformers(runs, tmp_path):
 def _rank_pids(torchrun_pid):
     """(rank, pid) of torchrun's worker processes."""
     out = []
-    for pid in subprocess.run(["pgrep", "-P", str(torchrun_pid)], capture_output=True, text=True).stdout.split():
+    for proc in Path("/proc").glob("[0-9]*"):
         try:
-            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-        except OSError:
+            ppid = int(proc.joinpath("stat").read_text().rsplit(")", 1)[1].split()[1])
+            if ppid != torchrun_pid:
+                continue
+            pid = proc.name
+            env = proc.joinpath("environ").read_bytes().split(b"\0")
+        except (OSError, ValueError, IndexError):
             continue
         ranks = [e.split(b"=", 1)[1] for e in env if e.startswith(b"RANK=")]
         if ranks:
