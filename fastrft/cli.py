@@ -182,7 +182,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _ladder(args) -> int:
-    from fastrft import ladder
+    from fastrft import ladder, ladder_jobs
+
+    ladder_jobs.thread_independent_blas()  # before any matrix product: the sequential and --jobs runs agree
     from fastrft.models.embedded import DEFAULT_MODEL
 
     base = load_config_file(args.config) if args.config else TrainConfig()

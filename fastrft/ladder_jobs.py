@@ -18,11 +18,17 @@ with a fresh interpreter and the environment it is given, read before torch is i
 A child trains the pair's config (with its progress bar off, a display switch that config.json gets
 back), so config.json and the shared caches are those of the sequential ladder (fastrft.ladder has the
 order rule of shared base-model evaluations; the caches take a lock). metrics.jsonl is bit-equal to the
-sequential run's at the same torch thread count: ``--threads T`` for both, or a sequential run with
-cores // N threads. At other thread counts torch's CPU kernels round differently, and the float fields
-differ in their last bits (SmolLM2-135M, 1 vs 2 threads: grad norm, loss, KL, entropy by ~1e-5 relative;
-the rollout-vs-trainer log-prob gap, itself ~1e-5, by up to 20%); over a long run that can flip a
-sampled token, and from there the two runs are different samples of the same experiment.
+sequential run's at equal torch thread counts (``--threads T`` for both). A child has cores // N threads
+and the sequential run all cores, and torch's CPU kernels round differently at different thread counts
+(SmolLM2-135M, 1 against 2 threads: grad norm, loss, KL by ~1e-5 relative, the rollout-vs-trainer
+log-prob gap by up to 20%; over a long run a flipped token). Most of that is MKL's matrix products, so
+the ladder runs MKL in its reproducibility mode (``MKL_CBWR=AUTO,STRICT``, :func:`thread_independent_blas`),
+whose products do not depend on the thread count. With it, a 4-pair SmolLM2 study and a tiny-model one
+came out bit-equal at default threads (bench/RESULTS.md); other torch CPU kernels can still round by
+thread count (a 3-round tiny-model run at lr 3e-3 differed from round 2 on), so only equal thread counts
+guarantee equality. ``fastrft ladder`` sets the mode before its first matrix product, unless MKL_CBWR is
+set; a Python caller of :func:`fastrft.ladder.run_ladder` that has multiplied matrices already runs its
+sequential pairs in MKL's default mode.
 
 Errors: after a failed pair no new pair starts; the running ones finish, then a FastRFTError names each
 failed pair with the end of its job.log. Ctrl-C reaches the children too (same process group): each
@@ -109,11 +115,27 @@ class Job:
         return f"{self.pair.preset.name} seed {self.pair.seed}"
 
 
+#: MKL's strict conditional numerical reproducibility: its GEMMs give the same bits at any thread count
+#: (on this project's CPU, a 7x64 @ 64x85 product differs between 1 and 2 threads without it). The ladder
+#: sets it before its first matrix product (:func:`thread_independent_blas`) and its children inherit it,
+#: so a child with cores // N threads computes what the in-process sequential run computes with all cores.
+#: AUTO keeps the machine's own instruction set.
+MKL_CBWR = "AUTO,STRICT"
+
+
+def thread_independent_blas() -> None:
+    """Ask MKL for thread-count-independent results, unless the user chose a mode (MKL_CBWR set). MKL
+    reads the variable at its first call, so this must run before the process multiplies any matrices;
+    ``fastrft ladder`` calls it first thing."""
+    os.environ.setdefault("MKL_CBWR", MKL_CBWR)
+
+
 def child_env(config, slot: int, jobs: int, cuda_devices: list[str] | None) -> tuple[dict[str, str], str]:
     """The environment of the child in job slot ``slot``, and a few words on what it was given."""
     import fastrft
 
     env = dict(os.environ)
+    env.setdefault("MKL_CBWR", MKL_CBWR)
     # The child imports the same fastrft as this process, even a source tree found through a path set in
     # code. An installed one is found anyway (and site-packages ahead of the standard library is no good).
     root = Path(fastrft.__file__).resolve().parent.parent
