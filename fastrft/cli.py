@@ -141,6 +141,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if argv is None and args.command == "ladder":
+        # A fresh process (the command line) has multiplied no matrices yet, so MKL's reproducibility mode
+        # still takes effect here, and the --jobs children inherit it (fastrft.ladder_jobs). A caller of
+        # main([...]) may have used MKL already: it keeps its mode, and so do its children.
+        from fastrft.ladder_jobs import thread_independent_blas
+
+        thread_independent_blas()
     try:
         if args.command == "plot":
             return _plot([Path(d) for d in args.run_dirs], args.out)
@@ -182,9 +189,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _ladder(args) -> int:
-    from fastrft import ladder, ladder_jobs
-
-    ladder_jobs.thread_independent_blas()  # before any matrix product: the sequential and --jobs runs agree
+    from fastrft import ladder
     from fastrft.models.embedded import DEFAULT_MODEL
 
     base = load_config_file(args.config) if args.config else TrainConfig()

@@ -26,9 +26,9 @@ the ladder runs MKL in its reproducibility mode (``MKL_CBWR=AUTO,STRICT``, :func
 whose products do not depend on the thread count. With it, a 4-pair SmolLM2 study and a tiny-model one
 came out bit-equal at default threads (bench/RESULTS.md); other torch CPU kernels can still round by
 thread count (a 3-round tiny-model run at lr 3e-3 differed from round 2 on), so only equal thread counts
-guarantee equality. ``fastrft ladder`` sets the mode before its first matrix product, unless MKL_CBWR is
-set; a Python caller of :func:`fastrft.ladder.run_ladder` that has multiplied matrices already runs its
-sequential pairs in MKL's default mode.
+guarantee equality. The ``fastrft ladder`` command sets the mode first thing, unless MKL_CBWR is set;
+from Python (:func:`fastrft.ladder.run_ladder`, or ``main([...])``) the mode is the process's own, which
+the children inherit: set MKL_CBWR before starting Python to have it there.
 
 Errors: after a failed pair no new pair starts; the running ones finish, then a FastRFTError names each
 failed pair with the end of its job.log. Ctrl-C reaches the children too (same process group): each
@@ -116,10 +116,10 @@ class Job:
 
 
 #: MKL's strict conditional numerical reproducibility: its GEMMs give the same bits at any thread count
-#: (on this project's CPU, a 7x64 @ 64x85 product differs between 1 and 2 threads without it). The ladder
-#: sets it before its first matrix product (:func:`thread_independent_blas`) and its children inherit it,
-#: so a child with cores // N threads computes what the in-process sequential run computes with all cores.
-#: AUTO keeps the machine's own instruction set.
+#: (on this project's CPU, a 7x64 @ 64x85 product differs between 1 and 2 threads without it). The
+#: ``fastrft ladder`` command sets it before its first matrix product (:func:`thread_independent_blas`)
+#: and its children inherit it, so a child with cores // N threads computes the matrix products of the
+#: in-process sequential run with all cores. AUTO keeps the machine's own instruction set.
 MKL_CBWR = "AUTO,STRICT"
 
 
@@ -134,8 +134,7 @@ def child_env(config, slot: int, jobs: int, cuda_devices: list[str] | None) -> t
     """The environment of the child in job slot ``slot``, and a few words on what it was given."""
     import fastrft
 
-    env = dict(os.environ)
-    env.setdefault("MKL_CBWR", MKL_CBWR)
+    env = dict(os.environ)  # MKL_CBWR included: a child computes in its parent's MKL mode
     # The child imports the same fastrft as this process, even a source tree found through a path set in
     # code. An installed one is found anyway (and site-packages ahead of the standard library is no good).
     root = Path(fastrft.__file__).resolve().parent.parent
