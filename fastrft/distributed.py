@@ -36,7 +36,6 @@ import copy
 import datetime
 import os
 from dataclasses import dataclass
-from functools import cached_property
 
 import torch
 
@@ -247,7 +246,6 @@ class ShardedPrecision:
     mixed = property(lambda self: self.compute_dtype != self.master_dtype)
     train_model = property(lambda self: self.master)
     rollout_model = property(lambda self: self.rollout)
-    compute = property(lambda self: self.rollout)
 
     @torch.no_grad()
     def after_step(self) -> None:
@@ -257,10 +255,6 @@ class ShardedPrecision:
     def compute_bytes(self) -> int:
         """Memory beyond the sharded masters: the full rollout copy."""
         return sum(c.numel() * c.element_size() for c, _ in self._pairs)
-
-    @cached_property
-    def shard_fraction(self) -> float:
-        return 1.0 / self.world.size
 
 
 def dcp_save(path, model, optimizer) -> None:

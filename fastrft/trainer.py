@@ -19,7 +19,9 @@ detached log-prob and the ratio is exactly 1 (REINFORCE, clipping inert). With -
 --mini-batches above 1, old_logp is the policy's log-prob before the round's first step, so the clip acts.
 A round whose advantages are all zero with KL and entropy off carries no gradient and skips the backward
 pass (counted and logged). Checkpoints (fastrft.checkpoint) make a killed run resume bit-identically on
-CPU. All formulas live in fastrft.algo; this file only orchestrates.
+CPU. Under torchrun the same loop runs on every rank (fastrft.distributed): generation is split by request
+and gathered, each step's sequences are split across the ranks of an FSDP2-sharded model, and rank 0 writes
+the records. All formulas live in fastrft.algo; this file only orchestrates.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import copy
 import dataclasses
 import json
 import random
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -395,7 +398,7 @@ class Trainer:
     def _stop_agreed(self, stop: StopRequest) -> bool:
         """Whether a stop was requested, agreed by all ranks (a signal may reach them at different times,
         and a rank that stopped alone would leave the others waiting in a collective)."""
-        return self.world.any(stop.requested is not None) if self.world.distributed else bool(stop.requested)
+        return self.world.any(stop.requested is not None)
 
     def _after_round(self, r: int, log: MetricsLog, bar, stop: StopRequest) -> None:
         """Evaluate and checkpoint round ``r`` when due. A stop request during the evaluation abandons
@@ -419,8 +422,6 @@ class Trainer:
                 path = self.save()
             else:
                 path = saved[self.state.round]
-        import signal
-
         raise RunInterrupted(stop.requested or signal.SIGTERM, self.state.round, None if path is None else str(path),
                              self._resume_hint())
 

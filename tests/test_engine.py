@@ -233,3 +233,29 @@ def test_prefill_steps_respect_the_token_budget(qwen):
     assert all(sum(lens) <= 45 + 4 for lens in steps)  # the call's limit: its longest request
     assert [45] in steps and [20, 20] in steps  # the long prompt ran alone; short ones were packed
     assert _ids(got) == _ids(free)
+
+
+def test_a_share_of_a_call_samples_what_the_whole_call_samples(qwen):
+    """request_ids and per-prompt sample counts (how fastrft.distributed splits a call across ranks): the
+    share [prompt 1 samples 2-3, prompt 2 sample 0, prompt 3 samples 0-1] of a 4 x 4 call, generated
+    alone, is token for token the reference's whole call at those requests, with its log-probs."""
+    kw = dict(max_new_tokens=15, temperature=1.0, seed=4, eos_token_ids=[])
+    whole = reference_generate(qwen, PROMPTS, n=4, **kw)
+    share = [(1, 2, 2), (2, 0, 1), (3, 0, 2)]  # (prompt, first sample, samples)
+    part = _engine(qwen).generate([PROMPTS[p] for p, _, _ in share], n=[k for *_, k in share],
+                                  request_ids=[(p, first) for p, first, _ in share], **kw)
+    for (p, first, k), group in zip(share, part):
+        assert [(c.prompt_index, c.sample_index) for c in group] == [(p, first + j) for j in range(k)]
+        for j, c in enumerate(group):
+            assert c.token_ids == whole[p][first + j].token_ids
+            assert max(abs(a - b) for a, b in zip(c.logprobs, whole[p][first + j].logprobs)) < 1e-4
+
+
+def test_per_prompt_counts_and_request_ids_must_match_the_prompts(qwen):
+    engine = _engine(qwen)
+    with pytest.raises(ConfigError, match="n has 1 entries for 2 prompts"):
+        engine.generate(PROMPTS[:2], n=[2], max_new_tokens=2)
+    with pytest.raises(ConfigError, match="request_ids has 1 entries for 2 prompts"):
+        engine.generate(PROMPTS[:2], request_ids=[(0, 0)], max_new_tokens=2)
+    with pytest.raises(ConfigError, match="n must be >= 1"):
+        engine.generate(PROMPTS[:2], n=[1, 0], max_new_tokens=2)
