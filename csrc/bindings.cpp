@@ -8,6 +8,7 @@
 #include <stdexcept>
 
 #include "block_manager.h"
+#include "sampler.h"
 #include "scheduler.h"
 
 namespace py = pybind11;
@@ -15,6 +16,7 @@ using fastrft::BlockManager;
 using fastrft::Scheduler;
 using fastrft::ScheduleOutput;
 using Ids = py::array_t<int64_t, py::array::c_style | py::array::forcecast>;  // any int sequence -> int64 [n]
+using Floats = py::array_t<float, py::array::c_style>;  // fp32, row-major, no conversion
 
 PYBIND11_MODULE(_engine, m) {
   m.doc() = "C++ paged KV block manager and continuous-batching scheduler (twins: fastrft.engine.block_manager, "
@@ -52,6 +54,36 @@ PYBIND11_MODULE(_engine, m) {
           return fastrft::chain_hash(p, tokens.data(), len1d(tokens, "tokens"));
         },
         py::arg("prev"), py::arg("tokens"), "uint64 splitmix64 chain hash of tokens (low 32 bits each) onto prev");
+
+  m.def("race_search", [](const Floats& z, int64_t vocab, const Floats& block_max, const Ids& seeds,
+                          const Ids& positions) {
+          if (z.ndim() != 2 || block_max.ndim() != 2) throw std::invalid_argument("z and block_max must be 2-D");
+          const int64_t B = z.shape(0), nb = (vocab + 63) / 64;
+          if (vocab < 1 || vocab > z.shape(1)) throw std::invalid_argument("vocab must lie in [1, z.shape[1]]");
+          if (block_max.shape(0) != B || block_max.shape(1) != nb)
+            throw std::invalid_argument("block_max must be [B, ceil(vocab / 64)]");
+          if (len1d(seeds, "seeds") != B || len1d(positions, "positions") != B)
+            throw std::invalid_argument("seeds and positions must hold one entry per row of z");
+          py::array_t<int64_t> out(static_cast<py::ssize_t>(B));
+          const float* zp = z.data();
+          const float* bp = block_max.data();
+          const int64_t *sp = seeds.data(), *pp = positions.data();
+          int64_t* op = out.mutable_data();
+          const int64_t stride = z.shape(1);
+          {
+            py::gil_scoped_release release;
+            fastrft::race_search(zp, B, vocab, stride, bp, sp, pp, op);
+          }
+          return out;
+        },
+        py::arg("z"), py::arg("vocab"), py::arg("block_max"), py::arg("seeds"), py::arg("positions"),
+        "per row, the id of the largest z + Gumbel noise (fastrft.kernels.sampling.sample_torch's block search)");
+  m.def("fixed_ln", [](const Floats& x) {
+          py::array_t<float> out(x.size());
+          for (py::ssize_t i = 0; i < x.size(); ++i) out.mutable_data()[i] = fastrft::fixed_ln(x.data()[i]);
+          return out;
+        },
+        py::arg("x"), "fastrft.kernels.noise.ln over a flat fp32 array (for tests)");
 
   py::class_<BlockManager>(m, "BlockManager")
       .def(py::init<int64_t, int64_t>(), py::arg("num_blocks"), py::arg("block_size"))

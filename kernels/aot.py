@@ -40,7 +40,7 @@ import tempfile
 import time
 from typing import Any, Callable
 
-MODULES = ("fastrft.kernels.paged_attention", "fastrft.kernels.linear_logprob")
+MODULES = ("fastrft.kernels.paged_attention", "fastrft.kernels.linear_logprob", "fastrft.kernels.sampling")
 SHARED_LIMIT = 227 * 1024  # bytes of shared memory one block may use on sm_90 (opt-in maximum)
 TARGET = ("cuda", 90, 32)  # backend, compute capability (90 -> sm_90a), warp size
 TYPES = ("*fp32", "*bf16", "*fp16", "*i64", "*i32", "*i8", "*u8", "i32", "i64", "fp32")
@@ -66,6 +66,7 @@ class CompileCase:
     num_stages: int
     spill_free: bool = True
     full_only: bool = False
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)  # extra launch options (enable_fp_fusion)
 
 
 @dataclasses.dataclass
@@ -196,7 +197,7 @@ def compile_case(case: CompileCase) -> CompileResult:
         knobs.compilation.always_compile = True
         knobs.nvidia.dump_ptxas_log = True  # make_cubin prints ptxas -v's output to stdout
         kernel = triton.compile(ASTSource(case.fn, signature, constexprs, attrs), target=GPUTarget(*TARGET),
-                                options={"num_warps": case.num_warps, "num_stages": case.num_stages})
+                                options={"num_warps": case.num_warps, "num_stages": case.num_stages, **case.options})
     seconds = time.perf_counter() - start
     log = out.getvalue()
     regs, stores, loads = parse_ptxas_log(log)

@@ -145,7 +145,11 @@ def test_weights_equal_one_process(runs, aggregation, tiny_llama):
         for k in a:
             if k == "micro_batches":  # one process cuts a step into fewer, larger micro-batches
                 continue
-            if isinstance(a[k], float):
+            if k.startswith(("logp_gap", "ratio_")):
+                # Extremes over tokens of log-prob differences (and their exp): on-policy they are rounding
+                # noise itself (~1e-6); after a step they carry the logits' ~1e-4 drift between the runs.
+                assert b[k] == pytest.approx(a[k], rel=1e-3, abs=1e-5), (a["round"], k)
+            elif isinstance(a[k], float):
                 assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), (a["round"], k)
             else:
                 assert a[k] == b[k], (a["round"], k)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from fastrft.engine.engine import Engine, EngineConfig
 from fastrft.engine.reference import reference_generate
-from fastrft.engine.sampler import SamplingParams, request_seed, sample, sampling_logprobs
+from fastrft.engine.sampler import SamplingError, SamplingParams, draw, request_seed, sample, sampling_logprobs
 from fastrft.engine.sequence import Completion
 
 
@@ -38,5 +38,5 @@ def generate(model, prompt_ids: list[list[int]], *, n: int = 1, max_new_tokens: 
                            top_k=top_k, seed=seed, eos_token_ids=eos_token_ids)
 
 
-__all__ = ["Completion", "Engine", "EngineConfig", "SamplingParams", "generate", "reference_generate", "request_seed",
-           "sample", "sampling_logprobs"]
+__all__ = ["Completion", "Engine", "EngineConfig", "SamplingError", "SamplingParams", "draw", "generate",
+           "reference_generate", "request_seed", "sample", "sampling_logprobs"]

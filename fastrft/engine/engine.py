@@ -5,8 +5,11 @@
   preempted sequences, under a token budget) or a decode batch (every running sequence), preempting
   the newest sequences when KV blocks run out;
 - the model runner computes the batch's new K/V into their pages and the last-token logits;
-- postprocess forks a prompt into its n samples right after its prefill (they share its KV blocks,
-  copy-on-write), samples one token per sequence from its own random stream, and retires finished ones.
+- a prefill forks each prompt into its n samples (they share its KV blocks, copy-on-write) and samples
+  their first tokens from its last logits; a decode step samples inside the runner (on CUDA, inside the
+  step's graph); each request draws from its own counter-based noise;
+- postprocess brings the step's tokens and log-probs to the host in one copy, appends them and retires
+  finished sequences.
 
 The engine holds the caller's model object (no weight copy). Because the weights change at every
 optimizer step, the trainer calls :meth:`Engine.reset_prefix_cache` after each step.
@@ -16,13 +19,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from fastrft.engine.bookkeeping import make_block_manager, make_scheduler
 from fastrft.engine.model_runner import ModelRunner, kv_budget_blocks
-from fastrft.engine.sampler import SamplingParams, request_seed, sample
+from fastrft.engine.sampler import SamplingParams, check_draws, draw, request_seed
 from fastrft.engine.sequence import Completion, Sequence, check_requests
 from fastrft.errors import ConfigError
+from fastrft.kernels.sampling import unpack
 
 
 @dataclass(frozen=True)
@@ -163,8 +168,7 @@ class Engine:
         for p, prompt in enumerate(prompt_ids):
             prompt = [int(t) for t in prompt]
             index, first = ids[p]
-            group = [Sequence(-1, index, first + j, prompt,
-                              torch.Generator().manual_seed(request_seed(seed, index, first + j)),
+            group = [Sequence(-1, index, first + j, prompt, request_seed(seed, index, first + j),
                               max_new_tokens=budgets[p]) for j in range(counts[p])]
             self._register(group[0])
             self._forks[group[0].seq_id] = group[1:]
@@ -182,8 +186,8 @@ class Engine:
 
     def step(self) -> None:
         batch = self.scheduler.schedule()
-        logits = self._run(batch)
-        self._postprocess(batch, logits)
+        rows, draws = self._run(batch)
+        self._postprocess(rows, draws.cpu())  # the step's one device-to-host copy
 
     # ----------------------------------------------------------------------------------- internals
     def _check_fits(self, prompt_ids, max_new_tokens: int, n: int) -> None:
@@ -207,29 +211,46 @@ class Engine:
     def _unfinished(self, groups) -> bool:
         return any(s.finish_reason is None for g in groups for s in g)
 
-    def _run(self, batch):
+    def _run(self, batch) -> tuple[list[Sequence], torch.Tensor]:
+        """Run the model on the batch and sample: (the sequences sampled for, in order; their (2, n) draws)."""
         seqs = [self.seqs[int(i)] for i in batch.seq_ids]
         if batch.kind == "prefill":
-            return self.runner.prefill(seqs, batch.starts, batch.lens, batch.slot_mapping,
-                                       self.block_manager.block_table(batch.seq_ids))
+            logits = self.runner.prefill(seqs, batch.starts, batch.lens, batch.slot_mapping,
+                                         self.block_manager.block_table(batch.seq_ids))
+            rows, index = [], []
+            for i, seq in enumerate(seqs):
+                for child in self._forks.pop(seq.seq_id, []):  # the prompt's other samples share its prefill
+                    self._register(child)
+                    self.scheduler.fork(seq.seq_id, child.seq_id)
+                    rows.append(child)
+                    index.append(i)
+                rows.append(seq)
+                index.append(i)
+            if index != list(range(len(seqs))):
+                logits = logits.index_select(0, torch.tensor(index, device=logits.device))
+            seeds, positions = self._stream(rows)
+            dev = logits.device
+            return rows, draw(logits, self._params, torch.as_tensor(seeds).to(dev), torch.as_tensor(positions).to(dev))
         if batch.kind == "decode":
             self.runner.copy_blocks(batch.copies)
-            return self.runner.decode(seqs, batch.slots, self.block_manager.block_table(batch.seq_ids),
-                                      self.block_manager.context_lens(batch.seq_ids))
+            seeds, positions = self._stream(seqs)
+            return seqs, self.runner.decode(seqs, batch.slots, self.block_manager.block_table(batch.seq_ids),
+                                            self.block_manager.context_lens(batch.seq_ids), self._params, seeds,
+                                            positions)
         raise RuntimeError("the engine stalled with unfinished sequences and nothing schedulable; this is a bug")
 
-    def _postprocess(self, batch, logits: torch.Tensor) -> None:
-        rows: list[tuple[Sequence, int]] = []
-        for i, sid in enumerate(batch.seq_ids.tolist()):
-            for child in self._forks.pop(sid, []):  # the prompt's other samples share its prefill
-                self._register(child)
-                self.scheduler.fork(sid, child.seq_id)
-                rows.append((child, i))
-            rows.append((self.seqs[sid], i))
-        index = torch.tensor([i for _, i in rows], device=logits.device)
-        tokens, logps = sample(logits.index_select(0, index), self._params, [s.generator for s, _ in rows])
+    @staticmethod
+    def _stream(seqs: list[Sequence]) -> tuple[np.ndarray, np.ndarray]:
+        """Each sequence's noise coordinates: its request seed and the position of the token it draws."""
+        return (np.fromiter((s.seed for s in seqs), dtype=np.int64, count=len(seqs)),
+                np.fromiter((len(s.output) for s in seqs), dtype=np.int64, count=len(seqs)))
+
+    def _postprocess(self, rows: list[Sequence], draws: torch.Tensor) -> None:
+        tokens, logps = unpack(draws)
+        check_draws(tokens, lambda i: f"request (prompt {rows[i].prompt_index}, sample {rows[i].sample_index})",
+                    [len(s.output) for s in rows])
         live_ids, live_tokens = [], []
-        for (seq, _), tok, lp in zip(rows, tokens.tolist(), logps.tolist()):
+        for seq, tok, lp in zip(rows, tokens, logps):
             seq.output.append(tok)
             seq.logprobs.append(lp)
             if tok in self._stop:

@@ -1,10 +1,11 @@
-"""Runs the model over the paged KV cache: builds a step's inputs, calls the model, returns logits.
+"""Runs the model over the paged KV cache: builds a step's inputs, calls the model; prefill returns the
+last tokens' logits, decode returns the sampled tokens.
 
 The cache is one (k, v) pair of (num_blocks, block_size, Hkv, D) tensors per layer, allocated with
 ``torch.empty`` (pages past a sequence's context are never read, so they need no initialisation, and on
 CPU untouched memory costs nothing). On CUDA, decode steps replay CUDA graphs captured once per
 batch-size bucket: the step's launch sequence then costs one graph launch instead of hundreds of
-kernel launches, which is what bounds batch-1 decode.
+kernel launches, which is what bounds batch-1 decode. The graphs include the LM head and the sampler.
 """
 
 from __future__ import annotations
@@ -14,7 +15,12 @@ import bisect
 import numpy as np
 import torch
 
+from fastrft.engine.sampler import SamplingParams, draw
+from fastrft.kernels.sampling import sample_tokens
 from fastrft.models.paged import PagedMeta
+
+
+GRAPH_DEVICES = ("cuda",)  # device types whose decode steps replay CUDA graphs
 
 
 def kv_budget_blocks(model, block_size: int, memory: float | int | None) -> int:
@@ -42,9 +48,10 @@ class ModelRunner:
         self.kv = [(torch.empty(shape, dtype=model.dtype, device=model.device),
                     torch.empty(shape, dtype=model.dtype, device=model.device)) for _ in range(c.num_layers)]
         self.block_size = block_size
+        self.vocab_size = c.vocab_size
         self.max_blocks_per_seq = -(-max_model_len // block_size)
         self.graphs = None
-        if cuda_graphs and model.device.type == "cuda":
+        if cuda_graphs and model.device.type in GRAPH_DEVICES:
             self.graphs = CudaGraphDecoder(self, max_num_seqs)
 
     def _tensor(self, x, dtype) -> torch.Tensor:
@@ -80,69 +87,97 @@ class ModelRunner:
         return self._logits(hidden.index_select(0, self._tensor(cu[1:] - 1, torch.long)))
 
     @torch.no_grad()
-    def decode(self, seqs, slots, block_tables, context_lens) -> torch.Tensor:
-        """One new token per sequence (its last sampled one); return (B, V) logits."""
+    def decode(self, seqs, slots, block_tables, context_lens, params: SamplingParams, seeds, positions) -> torch.Tensor:
+        """One new token per sequence (its last sampled one), sampled: returns the (2, B) int32 draws on
+        the model's device (:func:`fastrft.engine.sampler.draw`). seeds, positions: (B,) host int64 arrays.
+        Under CUDA graphs (no top-k / top-p) one replay runs the step, the LM head and the sampler."""
         ids = [seq.last_token() for seq in seqs]
         pos = [seq.num_tokens - 1 for seq in seqs]
-        if self.graphs is not None and len(seqs) <= self.graphs.max_batch:
-            return self._logits(self.graphs.run(ids, pos, slots, block_tables, context_lens))
+        if self.graphs is not None and len(seqs) <= self.graphs.max_batch and not params.filters(self.vocab_size):
+            return self.graphs.run(ids, pos, slots, block_tables, context_lens, seeds, positions,
+                                   params.inv_temperature)
         meta = PagedMeta(is_prefill=False, slot_mapping=self._tensor(slots, torch.long),
                          block_tables=self._tensor(block_tables, torch.int32),
                          context_lens=self._tensor(context_lens, torch.int32))
-        return self._logits(self.model.forward_paged(self._tensor(ids, torch.long), self._tensor(pos, torch.long),
-                                                     self.kv, meta))
+        hidden = self.model.forward_paged(self._tensor(ids, torch.long), self._tensor(pos, torch.long), self.kv, meta)
+        return draw(self._logits(hidden), params, self._tensor(seeds, torch.long), self._tensor(positions, torch.long))
+
+
+def cuda_graph_capture(fn, pool):
+    """Capture ``fn()`` into a CUDA graph on ``pool``: returns (graph, fn's outputs). Warms up first,
+    outside the capture, so kernels compile and tune before it."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        out = fn()
+    return graph, out
 
 
 class CudaGraphDecoder:
-    """Decode under CUDA graphs, one graph per batch-size bucket, sharing one memory pool.
+    """Decode under CUDA graphs, one graph per batch-size bucket, sharing one memory pool. A graph runs
+    the model step, the LM head over the B last hidden states and the sampler, so a decode step is one
+    replay and one device-to-host copy of the (2, B) tokens and log-probs.
 
-    Static buffers hold the step's inputs; a smaller batch is padded to its bucket with rows that write
-    to no slot (-1) and attend to one token of block 0, whose outputs are discarded. The block-table
-    width is fixed at max_model_len / block_size so that every launch depends on shapes only.
+    Static buffers hold the step's inputs: token ids, positions, slots, context lengths, request seeds,
+    response positions (one int64 staging tensor, filled by one host-to-device copy), the block table,
+    and the inverse temperature (a device scalar, so any T replays the same graph). A smaller batch is
+    padded to its bucket with rows that write to no slot (-1) and attend to one token of block 0, whose
+    results are discarded. The block-table width is fixed at max_model_len / block_size so that every
+    launch depends on shapes only. ``capture``: how a graph is captured (tests pass an eager stand-in).
     """
 
-    def __init__(self, runner: ModelRunner, max_num_seqs: int):
+    FIELDS = ("ids", "pos", "slots", "context_lens", "seeds", "positions")
+
+    def __init__(self, runner: ModelRunner, max_num_seqs: int, capture=None):
         self.runner = runner
         model = runner.model
         device = model.device
         self.buckets = sorted({b for b in (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256)
                                if b < max_num_seqs} | {max_num_seqs})
-        self.max_batch = self.buckets[-1]
-        n, width = self.max_batch, runner.max_blocks_per_seq
-        self.input_ids = torch.zeros(n, dtype=torch.long, device=device)
-        self.positions = torch.zeros(n, dtype=torch.long, device=device)
-        self.slots = torch.full((n,), -1, dtype=torch.long, device=device)
+        self.max_batch = n = self.buckets[-1]
+        width = runner.max_blocks_per_seq
+        # Host staging: pinned where CUDA is real, so the one copy per step is asynchronous.
+        pin = torch.cuda.is_available()
+        self.host = torch.zeros((len(self.FIELDS), n), dtype=torch.long, pin_memory=pin)
+        self.inputs = torch.zeros((len(self.FIELDS), n), dtype=torch.long, device=device)
+        self.inputs[3].fill_(1)  # padding rows attend to one token
+        self.inputs[2].fill_(-1)  # and write nowhere
         self.block_tables = torch.zeros(n, width, dtype=torch.int32, device=device)
-        self.context_lens = torch.ones(n, dtype=torch.int32, device=device)
-        self.hidden = torch.zeros(n, model.config.hidden_size, dtype=model.dtype, device=device)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.inv_temperature = torch.ones(1, dtype=torch.float32, device=device)
+        self.graphs: dict[int, object] = {}
+        self.outputs: dict[int, torch.Tensor] = {}
+        capture = capture or cuda_graph_capture
         pool = None
         for b in reversed(self.buckets):  # largest first, so smaller graphs reuse its pool
-            meta = PagedMeta(is_prefill=False, slot_mapping=self.slots[:b], block_tables=self.block_tables[:b],
-                             context_lens=self.context_lens[:b])
-            run = lambda b=b, meta=meta: model.forward_paged(self.input_ids[:b], self.positions[:b],  # noqa: E731
-                                                             runner.kv, meta)
-            self.hidden[:b] = run()  # warm-up: compiles/tunes kernels outside the capture
-            torch.cuda.synchronize(device)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                self.hidden[:b] = run()
-            pool = graph.pool()
-            self.graphs[b] = graph
+            self.graphs[b], self.outputs[b] = capture(lambda b=b: self._step(b), pool)
+            pool = self.graphs[b].pool()
 
-    def run(self, ids, pos, slots, block_tables, context_lens) -> torch.Tensor:
+    def _step(self, b: int) -> torch.Tensor:
+        """The captured work for bucket b: everything reads the static buffers."""
+        ids, pos, slots, ctx, seeds, positions = self.inputs[:, :b]
+        meta = PagedMeta(is_prefill=False, slot_mapping=slots, block_tables=self.block_tables[:b],
+                         context_lens=ctx.to(torch.int32))
+        model = self.runner.model
+        hidden = model.forward_paged(ids, pos, self.runner.kv, meta)
+        logits = hidden @ model.lm_head_weight.T  # in the model dtype: the sampler reads bf16 directly
+        return sample_tokens(logits, seeds, positions, self.inv_temperature)
+
+    def run(self, ids, pos, slots, block_tables, context_lens, seeds, positions, inv_temperature: float):
         n = len(ids)
         b = self.buckets[bisect.bisect_left(self.buckets, n)]
-        dev = self.input_ids.device
-        self.input_ids[:n] = torch.as_tensor(ids, device=dev)
-        self.positions[:n] = torch.as_tensor(pos, device=dev)
-        self.slots[:n] = torch.as_tensor(np.asarray(slots), device=dev)
-        self.slots[n:b] = -1
-        self.context_lens[:n] = torch.as_tensor(np.asarray(context_lens), device=dev)
-        self.context_lens[n:b] = 1
-        bt = torch.as_tensor(np.asarray(block_tables), device=dev)
-        self.block_tables[:n].fill_(-1)
-        self.block_tables[:n, : bt.shape[1]] = bt
+        host = self.host
+        for row, values in enumerate((ids, pos, slots, context_lens, seeds, positions)):
+            host[row, :n] = torch.as_tensor(np.asarray(values), dtype=torch.long)
+        host[2, n:b] = -1
+        host[3, n:b] = 1
+        # Rows past n keep earlier steps' ids and positions: valid values, and their results are dropped.
+        # (.to() then a device copy into the static buffer: the graph reads fixed addresses.)
+        dev = self.inputs.device
+        self.inputs.copy_(host.to(dev, non_blocking=True))
+        bt = torch.as_tensor(np.asarray(block_tables, dtype=np.int32))
+        self.block_tables[:n, : bt.shape[1]].copy_(bt.to(dev, non_blocking=True))
         self.block_tables[n:b] = 0
+        self.inv_temperature.fill_(inv_temperature)
         self.graphs[b].replay()
-        return self.hidden[:n]
+        return self.outputs[b][:, :n]

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import torch
 
-from fastrft.engine.sampler import SamplingParams, request_seed, sample
+from fastrft.engine.sampler import SamplingParams, check_draws, draw, request_seed
 from fastrft.engine.sequence import Completion, check_requests
+from fastrft.kernels.sampling import unpack
 
 
 @torch.no_grad()
@@ -62,14 +63,17 @@ def _generate_chunk(model, prompt_ids, chunk, params: SamplingParams, seed: int,
     cache.select(rows)
     logits = logits.index_select(0, rows)
     next_pos = torch.tensor([len(prompt_ids[p]) for p, _ in chunk], device=device)
-    gens = [torch.Generator().manual_seed(request_seed(seed, p, j)) for p, j in chunk]
+    seeds = torch.tensor([request_seed(seed, p, j) for p, j in chunk], device=device)
     out = [Completion([], [], "length", prompt_index=p, sample_index=j) for p, j in chunk]
     live = list(range(len(chunk)))  # batch row -> index into chunk
 
     for step in range(params.max_new_tokens):
-        tokens, logps = sample(logits, params, [gens[i] for i in live])
+        toks, logps = unpack(draw(logits, params, seeds, torch.full_like(seeds, step)).cpu())
+        check_draws(toks, lambda r: f"request (prompt {chunk[live[r]][0]}, sample {chunk[live[r]][1]})",
+                    [step] * len(live))
+        tokens = torch.tensor(toks, device=device)
         keep = []
-        for row, (i, tok, lp) in enumerate(zip(live, tokens.tolist(), logps.tolist())):
+        for row, (i, tok, lp) in enumerate(zip(live, toks, logps)):
             out[i].token_ids.append(tok)
             out[i].logprobs.append(lp)
             if tok in stop:
@@ -82,6 +86,7 @@ def _generate_chunk(model, prompt_ids, chunk, params: SamplingParams, seed: int,
             sel = torch.tensor(keep, device=device)
             cache.select(sel)
             tokens, next_pos = tokens.index_select(0, sel), next_pos.index_select(0, sel)
+            seeds = seeds.index_select(0, sel)
             live = [live[r] for r in keep]
         hidden = model.forward_cached(tokens[:, None], next_pos[:, None], cache)
         logits = hidden[:, -1] @ model.lm_head_weight.T

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
-
 from fastrft.errors import ConfigError
 
 
@@ -25,13 +23,14 @@ class Completion:
 @dataclass
 class Sequence:
     """One request (prompt p, sample j) inside the engine. ``prompt`` is shared by the samples of a
-    prompt; the generator is the request's own random stream, which survives preemption."""
+    prompt; ``seed`` keys the request's noise (with the response position), so preemption and
+    recomputation draw the same tokens."""
 
     seq_id: int
     prompt_index: int
     sample_index: int
     prompt: list[int]
-    generator: torch.Generator
+    seed: int
     max_new_tokens: int = 256
     output: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
