@@ -22,6 +22,7 @@ import fastrft  # noqa: E402
 from fastrft.algo import PGLossSpec, pack  # noqa: E402
 from fastrft.kernels import fused_linear_pg_loss  # noqa: E402
 from fastrft.data import arithmetic_problems, encode_prompt  # noqa: E402
+from fastrft.precision import make_adamw  # noqa: E402
 
 MODEL = "smollm2-135m-instruct"
 
@@ -57,7 +58,7 @@ def bench_train_step(model, tokenizer, seqs: int, response_len: int, repeats: in
     g = torch.Generator().manual_seed(0)
     responses = [torch.randint(0, model.config.vocab_size, (response_len,), generator=g).tolist() for _ in ps]
     batch = pack(ps, responses, [1.0] * seqs, [[0.0] * response_len for _ in ps])
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-7)
+    opt = make_adamw(model.parameters(), lr=1e-7, betas=(0.9, 0.999), weight_decay=0.01, device=model.device)
     spec = PGLossSpec()
 
     def step():

@@ -37,6 +37,7 @@ def make_step(precision, tokens: int, budget: int | None, device: str, seed: int
     from fastrft.algo import PGLossSpec, pack
     from fastrft.kernels import fused_linear_pg_loss
     from fastrft.microbatch import micro_batches, step_weights
+    from fastrft.precision import make_adamw
 
     g = torch.Generator().manual_seed(seed)
     model = precision.train_model
@@ -46,7 +47,8 @@ def make_step(precision, tokens: int, budget: int | None, device: str, seed: int
     responses = [torch.randint(0, vocab, (RESPONSE + 1,), generator=g).tolist() for _ in range(n)]
     advantages = torch.randn(n, generator=g).tolist()
     spec = PGLossSpec(aggregation="seq-mean-token-mean")
-    optimizer = torch.optim.AdamW(precision.master.parameters(), lr=1e-6)
+    optimizer = make_adamw(precision.master.parameters(), lr=1e-6, betas=(0.9, 0.999), weight_decay=0.01,
+                           device=precision.master.device)
     # The gradients and AdamW's two states exist before anything is measured: a step with zero gradients
     # allocates them (and moves nothing but by weight decay), so the peak counts only what a step adds.
     for p in precision.master.parameters():

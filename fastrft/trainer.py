@@ -54,7 +54,7 @@ from fastrft.interrupt import RunInterrupted, StopRequest
 from fastrft.kernels import fused_linear_pg_loss, linear_logprob
 from fastrft.microbatch import MicroBatch, default_token_budget, merge_micro_stats, micro_batches, step_weights
 from fastrft.models import load_model, load_tokenizer
-from fastrft.precision import DTYPES, Precision, resolve_precision, update_absorbed_fraction
+from fastrft.precision import DTYPES, Precision, make_adamw, resolve_precision, update_absorbed_fraction
 from fastrft.report import MetricsLog, before_after_table, plot_curves, read_metrics
 
 
@@ -133,8 +133,8 @@ class Trainer:
         # generates its share of a call's requests and all ranks get the whole call back.
         self._gen = SplitEngine(self.engine, self.world)
         o = config.optim
-        self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=o.lr, betas=(o.beta1, o.beta2),
-                                           weight_decay=o.weight_decay)
+        self.optimizer = make_adamw(self.policy.parameters(), lr=o.lr, betas=(o.beta1, o.beta2),
+                                    weight_decay=o.weight_decay, device=self.device)
         self.state = RunState()
         self._samples: MetricsLog | None = None
         self._tb = None

@@ -93,6 +93,45 @@ def test_kill_9_then_resume_is_bit_identical(tiny_llama, tmp_path, precision):
     assert len(checkpoint_dirs(killed)) <= 3  # kept: the newest 2 (+ the damaged one, left for inspection)
 
 
+def test_adamw_is_fused_and_a_checkpoint_of_the_unfused_step_resumes_exactly(tiny_llama, tmp_path, monkeypatch):
+    """Runs use torch's fused AdamW. A checkpoint written by the earlier per-parameter AdamW still resumes,
+    and continues with the step it was written with, bit for bit: the copy below, resumed from its
+    round-3 checkpoint by today's code, ends with the weights and records of the uninterrupted run."""
+    import shutil
+
+    import fastrft.trainer as trainer_module
+    from fastrft.config import RunConfig
+    from fastrft.precision import make_adamw
+    from fastrft.trainer import Trainer
+    from test_trainer import tiny_config
+
+    def config(out):
+        return tiny_config(tiny_llama, out, eval_every=0, group_size=4).replace(
+            run=RunConfig(rounds=6, seed=0, out=str(out), progress=False, save_every=3))
+
+    assert Trainer(config(tmp_path / "new")).optimizer.param_groups[0]["fused"] is True
+
+    def unfused(params, **kw):
+        kw.pop("device")
+        return torch.optim.AdamW(params, **kw)
+
+    with monkeypatch.context() as m:  # the optimizer of earlier versions, for two whole runs
+        m.setattr(trainer_module, "make_adamw", unfused)
+        for name in ("old", "resumed"):
+            Trainer(config(tmp_path / name)).run()
+    resumed = tmp_path / "resumed"
+    shutil.rmtree(resumed / "checkpoints" / "round-000006")  # as if it had stopped after round 3's checkpoint
+    (resumed / "summary.json").unlink()
+    assert trainer_module.make_adamw is make_adamw
+    trainer = Trainer(config(resumed))
+    assert trainer.resumed_from == 3 and trainer.optimizer.param_groups[0]["fused"] is None
+    trainer.run()
+    a, b = load_latest(tmp_path / "old")[1], load_latest(resumed)[1]
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert _deterministic(read_metrics(resumed / "metrics.jsonl")) == \
+        _deterministic(read_metrics(tmp_path / "old" / "metrics.jsonl"))
+
+
 def test_checkpoint_write_is_atomic_and_pruned(tmp_path):
     for r in (1, 2, 3):
         save_checkpoint(tmp_path, r, {"x": torch.full((3,), float(r))}, keep=2)
