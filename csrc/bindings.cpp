@@ -56,7 +56,7 @@ PYBIND11_MODULE(_engine, m) {
         py::arg("prev"), py::arg("tokens"), "uint64 splitmix64 chain hash of tokens (low 32 bits each) onto prev");
 
   m.def("race_search", [](const Floats& z, int64_t vocab, const Floats& block_max, const Ids& seeds,
-                          const Ids& positions) {
+                          const Ids& positions, int threads) {
           if (z.ndim() != 2 || block_max.ndim() != 2) throw std::invalid_argument("z and block_max must be 2-D");
           const int64_t B = z.shape(0), nb = (vocab + 63) / 64;
           if (vocab < 1 || vocab > z.shape(1)) throw std::invalid_argument("vocab must lie in [1, z.shape[1]]");
@@ -72,12 +72,12 @@ PYBIND11_MODULE(_engine, m) {
           const int64_t stride = z.shape(1);
           {
             py::gil_scoped_release release;
-            fastrft::race_search(zp, B, vocab, stride, bp, sp, pp, op);
+            fastrft::race_search(zp, B, vocab, stride, bp, sp, pp, op, std::max(1, threads));
           }
           return out;
         },
         py::arg("z"), py::arg("vocab"), py::arg("block_max"), py::arg("seeds"), py::arg("positions"),
-        "per row, the id of the largest z + Gumbel noise (fastrft.kernels.sampling.sample_torch's block search)");
+        py::arg("threads") = 1, "per row, the id of the largest z + Gumbel noise (fastrft.kernels.sampling.sample_torch's block search)");
   m.def("fixed_ln", [](const Floats& x) {
           py::array_t<float> out(x.size());
           for (py::ssize_t i = 0; i < x.size(); ++i) out.mutable_data()[i] = fastrft::fixed_ln(x.data()[i]);

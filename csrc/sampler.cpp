@@ -1,9 +1,11 @@
 // See sampler.h. The constants and the operation order follow fastrft/kernels/noise.py line by line.
 #include "sampler.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <thread>
 #include <vector>
 
 namespace fastrft {
@@ -107,11 +109,22 @@ float fixed_ln(float x) {
 }
 
 void race_search(const float* z, int64_t B, int64_t V, int64_t stride, const float* block_max, const int64_t* seeds,
-                 const int64_t* positions, int64_t* tokens) {
+                 const int64_t* positions, int64_t* tokens, int threads) {
+  // Rows are independent: split them into contiguous shares, one per thread (the caller's own included).
+  const int64_t n = std::max<int64_t>(1, std::min<int64_t>(threads, B));
+  std::vector<std::thread> pool;
+  for (int64_t t = 1; t < n; ++t)
+    pool.emplace_back(race_rows, z, B * t / n, B * (t + 1) / n, V, stride, block_max, seeds, positions, tokens);
+  race_rows(z, 0, B / n, V, stride, block_max, seeds, positions, tokens);
+  for (auto& th : pool) th.join();
+}
+
+void race_rows(const float* z, int64_t lo, int64_t hi, int64_t V, int64_t stride, const float* block_max,
+               const int64_t* seeds, const int64_t* positions, int64_t* tokens) {
   const int64_t nb = (V + kBlock - 1) / kBlock;
   std::vector<float> e_block(nb), max_noise(nb), bound(nb);
   std::vector<int> jmax(nb);
-  for (int64_t r = 0; r < B; ++r) {
+  for (int64_t r = lo; r < hi; ++r) {
     const float* zr = z + r * stride;
     const float* bm = block_max + r * nb;
     const uint64_t seed = static_cast<uint64_t>(seeds[r]);

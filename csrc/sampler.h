@@ -23,7 +23,12 @@ float fixed_ln(float x);
 //   block_max: [B, nb] fp32, nb = ceil(V / 64): the max of each block's logits (-inf when all are)
 //   seeds, positions: [B] int64
 //   tokens:    [B] int64 out; INT32_MAX for a row without a finite score
+//   threads:   rows are shared among this many threads (>= 1)
 void race_search(const float* z, int64_t B, int64_t V, int64_t stride, const float* block_max, const int64_t* seeds,
-                 const int64_t* positions, int64_t* tokens);
+                 const int64_t* positions, int64_t* tokens, int threads);
+
+// race_search for rows [lo, hi), in the calling thread.
+void race_rows(const float* z, int64_t lo, int64_t hi, int64_t V, int64_t stride, const float* block_max,
+               const int64_t* seeds, const int64_t* positions, int64_t* tokens);
 
 }  // namespace fastrft

@@ -58,18 +58,23 @@ def skip_margin(best: torch.Tensor | float):
 
 
 # ----------------------------------------------------------------------------------------- PyTorch
-def _scaled(logits: torch.Tensor, inv_temperature: float) -> torch.Tensor:
+def _scaled(logits: torch.Tensor, inv_temperature: float, consume: bool = False) -> torch.Tensor:
+    if consume and logits.dtype == torch.float32:
+        return logits.mul_(inv_temperature) if inv_temperature not in (0.0, 1.0) else logits
     z = logits.float()
     return z * inv_temperature if inv_temperature not in (0.0, 1.0) else z
 
 
-def _finish(z, m, token, bad) -> torch.Tensor:
-    """Pack tokens and log-probs; rows marked bad or without a finite logit get token -1."""
+def _finish(z, m, token, bad, consume: bool = False) -> torch.Tensor:
+    """Pack tokens and log-probs; rows marked bad or without a finite logit get token -1. With consume,
+    the sum of exp(z - m) is taken in z's own memory: a (B, V) temporary faults in fresh pages at every
+    call (about 15 ms for 12 MiB, measured). exp below EXP_FLOOR is subnormal (100x slower on CPUs) and
+    far below the rounding of a sum >= 1, so it is floored."""
     bad = bad | ~torch.isfinite(m)
     safe = token.clamp(0, z.shape[1] - 1)
-    # exp below -87 is subnormal: 100x slower on CPUs and far below the rounding of a sum >= 1.
-    s = (z - m[:, None]).clamp_(min=EXP_FLOOR).exp_().sum(-1)
-    logp = (z.gather(1, safe[:, None]).squeeze(1) - m) - torch.log(s)
+    z_tok = z.gather(1, safe[:, None]).squeeze(1)
+    shifted = z.sub_(m[:, None]) if consume else z - m[:, None]
+    logp = (z_tok - m) - torch.log(shifted.clamp_(min=EXP_FLOOR).exp_().sum(1))
     tokens = torch.where(bad, -1, safe).to(torch.int32)
     return torch.stack([tokens, logp.view(torch.int32)])
 
@@ -93,11 +98,12 @@ def _cpp_search():
 
 
 def sample_torch(logits, seeds, positions, inv_temperature: float, strict: bool = True,
-                 search: str = "auto") -> torch.Tensor:
+                 search: str = "auto", consume: bool = False) -> torch.Tensor:
     """The CPU path: the reference's tokens, searching only the blocks that can win (module docstring).
     ``search``: "cpp" runs the block search in the C++ extension (its bit-identical twin, one loop per
-    row instead of a few hundred small tensor operations), "torch" in PyTorch, "auto" C++ when built."""
-    z = _scaled(logits, inv_temperature)
+    row instead of a few hundred small tensor operations), "torch" in PyTorch, "auto" C++ when built.
+    ``consume``: fp32 logits may be overwritten (the engine's own buffer): no (B, V) temporaries."""
+    z = _scaled(logits, inv_temperature, consume)
     b, v = z.shape
     nb = -(-v // nz.BLOCK)
     padded = z if v == nb * nz.BLOCK else torch.nn.functional.pad(z, (0, nb * nz.BLOCK - v), value=float("-inf"))
@@ -109,13 +115,16 @@ def sample_torch(logits, seeds, positions, inv_temperature: float, strict: bool 
     rows = torch.arange(b, device=z.device)
     if inv_temperature == 0:  # greedy: the first block holding the row max, then its first id
         top = bmax.argmax(1)
-        return _finish(z, m, top * nz.BLOCK + blocks[rows, top].argmax(1), bad)
+        return _finish(z, m, top * nz.BLOCK + blocks[rows, top].argmax(1), bad, consume)
     cpp = _cpp_search() if search in ("auto", "cpp") and z.device.type == "cpu" else None
     if search == "cpp" and cpp is None:
         raise RuntimeError("search='cpp' needs the C++ extension fastrft._engine (pip install -e .)")
     if cpp is not None:
-        token = torch.from_numpy(cpp(z.contiguous().numpy(), v, bmax.numpy(), seeds.numpy(), positions.numpy()))
-        return _finish(z, m, token, bad | (token == _INT_BIG))
+        # torch's thread count (what --threads sets); a thread per 8 rows at least, as each costs ~30 us.
+        threads = max(1, min(torch.get_num_threads(), b // 8))
+        token = torch.from_numpy(cpp(z.contiguous().numpy(), v, bmax.numpy(), seeds.numpy(), positions.numpy(),
+                                     threads))
+        return _finish(z, m, token, bad | (token == _INT_BIG), consume)
     ids = torch.arange(nb, device=z.device).expand(b, nb)
     e_block, j = nz.block_noise(seeds, positions, ids)
     bound = bmax + nz.block_max_noise(e_block)
@@ -130,7 +139,7 @@ def sample_torch(logits, seeds, positions, inv_temperature: float, strict: bool 
     row_best = torch.full((b,), float("-inf"), device=z.device).scatter_reduce(0, r, score, "amax")
     ids_at_best = torch.where(score == row_best[r], c * nz.BLOCK + at, _INT_BIG)
     token = torch.full((b,), _INT_BIG, device=z.device).scatter_reduce(0, r, ids_at_best, "amin")
-    return _finish(z, m, token, bad | ~torch.isfinite(row_best))
+    return _finish(z, m, token, bad | ~torch.isfinite(row_best), consume)
 
 
 def _search(blocks, seeds, positions, e_block, j, rows, cols):
@@ -368,7 +377,7 @@ def check_inputs(logits, seeds, positions) -> None:
 
 def sample_tokens(logits: torch.Tensor, seeds: torch.Tensor, positions: torch.Tensor,
                   inv_temperature: float | torch.Tensor, *, strict: bool = True, backend: str = "auto",
-                  num_splits: int | None = None) -> torch.Tensor:
+                  num_splits: int | None = None, consume: bool = False) -> torch.Tensor:
     """Sample one token per row; returns (2, B) int32 on the logits' device (row 0 tokens, -1 for a
     row with bad logits; row 1 the fp32 log-prob bits; :func:`unpack`).
 
@@ -376,7 +385,8 @@ def sample_tokens(logits: torch.Tensor, seeds: torch.Tensor, positions: torch.Te
     (:func:`fastrft.engine.request_seed`); positions (B,) int64 response positions; inv_temperature: 1/T,
     0 for greedy, a float or a one-element fp32 tensor on the logits' device (what a CUDA graph reads);
     strict: -inf counts as a bad logit (off when the caller filtered with -inf itself). backend "auto":
-    Triton on CUDA, PyTorch elsewhere; "triton" on CPU needs TRITON_INTERPRET=1.
+    Triton on CUDA, PyTorch elsewhere; "triton" on CPU needs TRITON_INTERPRET=1. consume: the PyTorch
+    path may overwrite fp32 logits (a scratch buffer of the caller's) instead of allocating (B, V).
     """
     from fastrft.kernels.linear_logprob import BACKENDS
 
@@ -385,7 +395,7 @@ def sample_tokens(logits: torch.Tensor, seeds: torch.Tensor, positions: torch.Te
         raise ValueError(f"backend {backend!r} is unknown; choose one of: {', '.join(BACKENDS)}")
     if backend == "reference" or (backend == "auto" and (logits.device.type not in ACCELERATORS or not HAVE_TRITON)):
         inv = float(inv_temperature) if not isinstance(inv_temperature, torch.Tensor) else float(inv_temperature.item())
-        return sample_torch(logits, seeds, positions, inv, strict)
+        return sample_torch(logits, seeds, positions, inv, strict, consume=consume)
     if not HAVE_TRITON:
         raise RuntimeError("backend='triton' needs the triton package")
     if logits.device.type not in ACCELERATORS and not _interpreting():

@@ -133,7 +133,7 @@ def test_the_check_fails_for_host_side_noise(meta_accelerator, monkeypatch):
     the device grow with V, and the comparison above catches them."""
     import fastrft.engine.engine as engine_module
 
-    def host_noise_draw(logits, params, seeds, positions, backend="auto"):
+    def host_noise_draw(logits, params, seeds, positions, **kwargs):
         gens = [torch.Generator().manual_seed(int(s)) for s in range(logits.shape[0])]
         uniform = torch.stack([torch.rand(logits.shape[-1], generator=g) for g in gens]).to(logits.device)
         tokens = (logits.float().softmax(-1) / uniform.log().neg()).argmax(-1)

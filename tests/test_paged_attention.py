@@ -453,3 +453,53 @@ def test_batched_cpu_path_equals_reference(dtype, hq, hkv):
     assert torch.isfinite(got).all()
     tol = 1e-5 if dtype == torch.float32 else 2 * 2.0**-7
     assert (got.float() - want.float()).abs().max() <= tol * max(1.0, float(want.float().abs().max()))
+
+
+@pytest.mark.parametrize("consecutive", [True, False])
+@pytest.mark.parametrize("n", [1, 16, 37])
+def test_cpu_path_of_a_lone_sequence_reads_exactly_its_tokens(consecutive, n):
+    """Batch 1 on CPU reads its n tokens as a view of consecutive blocks (or gathered when they are not)
+    and needs no mask: NaN and inf in every other slot, the tail of its last block included, leave the
+    result equal to the reference's."""
+    from fastrft.kernels.paged_attention import paged_attention_decode_reference, paged_attention_decode_torch
+
+    g = torch.Generator().manual_seed(n)
+    page, hq, hkv, d = 16, 6, 2, 32
+    blocks = -(-n // page)
+    k_cache = torch.full((12, page, hkv, d), float("nan"))
+    v_cache = torch.full((12, page, hkv, d), float("inf"))
+    ids = list(range(3, 3 + blocks)) if consecutive else [9, 2, 5][:blocks]
+    for j, phys in enumerate(ids):
+        valid = min(page, n - j * page)
+        k_cache[phys, :valid] = torch.randn(valid, hkv, d, generator=g)
+        v_cache[phys, :valid] = torch.randn(valid, hkv, d, generator=g)
+    table = torch.tensor([ids + [-1]], dtype=torch.int32)
+    q = torch.randn(1, hq, d, generator=g)
+    ctx = torch.tensor([n], dtype=torch.int32)
+    got = paged_attention_decode_torch(q, k_cache, v_cache, table, ctx, 0.2)
+    want = paged_attention_decode_reference(q, k_cache, v_cache, table, ctx, 0.2)
+    assert torch.isfinite(got).all()
+    assert (got - want).abs().max() <= 1e-5 * max(1.0, float(want.abs().max()))
+
+
+def test_finite_pages_skips_the_zeroing_and_keeps_the_result():
+    """The engine's caches start zeroed, so it may skip zeroing the slots past each context: with finite
+    garbage there (1e4, which would dominate the output if it were read unmasked), the result is the
+    reference's."""
+    from fastrft.kernels.paged_attention import paged_attention_decode_reference, paged_attention_decode_torch
+
+    g = torch.Generator().manual_seed(3)
+    page, hq, hkv, d, lens = 16, 8, 2, 64, [5, 33, 16]
+    k_cache = torch.full((10, page, hkv, d), 1e4)
+    v_cache = torch.full((10, page, hkv, d), 1e4)
+    table = torch.tensor([[0, -1, -1], [1, 2, 3], [4, -1, -1]], dtype=torch.int32)
+    for b, n in enumerate(lens):
+        for j in range(-(-n // page)):
+            valid = min(page, n - j * page)
+            k_cache[table[b, j], :valid] = torch.randn(valid, hkv, d, generator=g)
+            v_cache[table[b, j], :valid] = torch.randn(valid, hkv, d, generator=g)
+    q = torch.randn(3, hq, d, generator=g)
+    ctx = torch.tensor(lens, dtype=torch.int32)
+    want = paged_attention_decode_reference(q, k_cache, v_cache, table, ctx, 0.125)
+    got = paged_attention_decode_torch(q, k_cache, v_cache, table, ctx, 0.125, finite_pages=True)
+    assert (got - want).abs().max() <= 1e-5 * max(1.0, float(want.abs().max()))

@@ -230,7 +230,8 @@ class Engine:
                 logits = logits.index_select(0, torch.tensor(index, device=logits.device))
             seeds, positions = self._stream(rows)
             dev = logits.device
-            return rows, draw(logits, self._params, torch.as_tensor(seeds).to(dev), torch.as_tensor(positions).to(dev))
+            return rows, draw(logits, self._params, torch.as_tensor(seeds).to(dev), torch.as_tensor(positions).to(dev),
+                              consume=True)  # the runner's scratch logits
         if batch.kind == "decode":
             self.runner.copy_blocks(batch.copies)
             seeds, positions = self._stream(seqs)

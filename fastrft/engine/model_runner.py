@@ -1,9 +1,8 @@
 """Runs the model over the paged KV cache: builds a step's inputs, calls the model; prefill returns the
 last tokens' logits, decode returns the sampled tokens.
 
-The cache is one (k, v) pair of (num_blocks, block_size, Hkv, D) tensors per layer, allocated with
-``torch.empty`` (pages past a sequence's context are never read, so they need no initialisation, and on
-CPU untouched memory costs nothing). On CUDA, decode steps replay CUDA graphs captured once per
+The cache is one (k, v) pair of (num_blocks, block_size, Hkv, D) tensors per layer, zero-filled (see
+:func:`zeroed`: on CPU untouched pages cost nothing). On CUDA, decode steps replay CUDA graphs captured once per
 batch-size bucket: the step's launch sequence then costs one graph launch instead of hundreds of
 kernel launches, which is what bounds batch-1 decode. The graphs include the LM head and the sampler.
 """
@@ -21,6 +20,17 @@ from fastrft.models.paged import PagedMeta
 
 
 GRAPH_DEVICES = ("cuda",)  # device types whose decode steps replay CUDA graphs
+
+
+def zeroed(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A zero-filled KV cache tensor: every page slot finite from the start, so decode attention may read
+    slots past a context under a mask without zeroing them first. On CPU the zeros come from calloc
+    (numpy), whose pages the OS maps lazily: a 2 GiB budget costs memory only where tokens are written,
+    where torch.zeros would touch every page."""
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    size = torch.empty((), dtype=dtype).element_size()
+    return torch.from_numpy(np.zeros(shape, dtype={1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[size])).view(dtype)
 
 
 def kv_budget_blocks(model, block_size: int, memory: float | int | None) -> int:
@@ -43,10 +53,12 @@ class ModelRunner:
     def __init__(self, model, num_blocks: int, block_size: int, max_model_len: int, max_num_seqs: int,
                  cuda_graphs: bool = True):
         self.model = model
+        self.max_num_seqs = max_num_seqs
         c = model.config
         shape = (num_blocks, block_size, c.num_kv_heads, c.head_dim)
-        self.kv = [(torch.empty(shape, dtype=model.dtype, device=model.device),
-                    torch.empty(shape, dtype=model.dtype, device=model.device)) for _ in range(c.num_layers)]
+        self.kv = [(zeroed(shape, model.dtype, model.device), zeroed(shape, model.dtype, model.device))
+                   for _ in range(c.num_layers)]
+        self._logits_out: torch.Tensor | None = None  # CPU: reused across steps (see _logits)
         self.block_size = block_size
         self.vocab_size = c.vocab_size
         self.max_blocks_per_seq = -(-max_model_len // block_size)
@@ -68,7 +80,15 @@ class ModelRunner:
             v.index_copy_(0, dst, v.index_select(0, src))
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return (hidden @ self.model.lm_head_weight.T).float()
+        """(n, V) fp32 logits of n hidden states. On CPU they go into one buffer kept across steps: a fresh
+        B x V result would fault in its pages at every step (12 MiB at B = 64 for SmolLM2, ~15 ms)."""
+        w = self.model.lm_head_weight
+        n = hidden.shape[0]
+        if hidden.device.type != "cpu" or w.dtype != torch.float32:
+            return (hidden @ w.T).float()
+        if self._logits_out is None or self._logits_out.shape[0] < n:
+            self._logits_out = torch.empty((max(n, self.max_num_seqs), w.shape[0]), dtype=torch.float32)
+        return torch.mm(hidden, w.T, out=self._logits_out[:n])
 
     @torch.no_grad()
     def prefill(self, seqs, starts, lens, slot_mapping, block_tables) -> torch.Tensor:
@@ -82,7 +102,7 @@ class ModelRunner:
         meta = PagedMeta(is_prefill=True, slot_mapping=self._tensor(slot_mapping, torch.long),
                          block_tables=self._tensor(block_tables, torch.int32),
                          context_lens=self._tensor(lens, torch.int32), cu_seqlens_q=self._tensor(cu, torch.int32),
-                         has_prefix=bool((starts > 0).any()))
+                         has_prefix=bool((starts > 0).any()), trusted=True)
         hidden = self.model.forward_paged(self._tensor(ids, torch.long), self._tensor(pos, torch.long), self.kv, meta)
         return self._logits(hidden.index_select(0, self._tensor(cu[1:] - 1, torch.long)))
 
@@ -98,9 +118,10 @@ class ModelRunner:
                                    params.inv_temperature)
         meta = PagedMeta(is_prefill=False, slot_mapping=self._tensor(slots, torch.long),
                          block_tables=self._tensor(block_tables, torch.int32),
-                         context_lens=self._tensor(context_lens, torch.int32))
+                         context_lens=self._tensor(context_lens, torch.int32), trusted=True)
         hidden = self.model.forward_paged(self._tensor(ids, torch.long), self._tensor(pos, torch.long), self.kv, meta)
-        return draw(self._logits(hidden), params, self._tensor(seeds, torch.long), self._tensor(positions, torch.long))
+        return draw(self._logits(hidden), params, self._tensor(seeds, torch.long), self._tensor(positions, torch.long),
+                    consume=True)
 
 
 def cuda_graph_capture(fn, pool):
@@ -157,7 +178,7 @@ class CudaGraphDecoder:
         """The captured work for bucket b: everything reads the static buffers."""
         ids, pos, slots, ctx, seeds, positions = self.inputs[:, :b]
         meta = PagedMeta(is_prefill=False, slot_mapping=slots, block_tables=self.block_tables[:b],
-                         context_lens=ctx.to(torch.int32))
+                         context_lens=ctx.to(torch.int32), trusted=True)
         model = self.runner.model
         hidden = model.forward_paged(ids, pos, self.runner.kv, meta)
         logits = hidden @ model.lm_head_weight.T  # in the model dtype: the sampler reads bf16 directly

@@ -97,14 +97,15 @@ def sampling_logprobs(logits: torch.Tensor, params: SamplingParams) -> torch.Ten
 
 
 def draw(logits: torch.Tensor, params: SamplingParams, seeds: torch.Tensor, positions: torch.Tensor,
-         backend: str = "auto") -> torch.Tensor:
+         backend: str = "auto", consume: bool = False) -> torch.Tensor:
     """Sample one token per row on the logits' device; returns the (2, B) int32 result of
     :func:`fastrft.kernels.sampling.sample_tokens` (tokens, -1 for bad logits; log-prob bits).
 
     logits (B, V); seeds (B,) int64 request seeds; positions (B,) int64 response positions (the number
-    of tokens the request has generated so far), both on the logits' device."""
+    of tokens the request has generated so far), both on the logits' device. consume: the logits are a
+    scratch buffer the sampler may overwrite (the engine's)."""
     if not params.filters(logits.shape[-1]):
-        return sample_tokens(logits, seeds, positions, params.inv_temperature, backend=backend)
+        return sample_tokens(logits, seeds, positions, params.inv_temperature, backend=backend, consume=consume)
     bad = ~torch.isfinite(logits).all(-1)  # checked before filtering writes its own -inf
     out = sample_tokens(filtered_logits(logits, params), seeds, positions, 1.0, strict=False, backend=backend)
     out[0] = torch.where(bad, -1, out[0])

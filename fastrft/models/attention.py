@@ -119,9 +119,11 @@ class Attention(nn.Module):
         from fastrft.kernels.paged_attention import paged_attention_decode, store_kv
 
         q, k, v = self._qkv(x, cos, sin)
-        store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        trusted = meta.trusted or None  # None: the kernels' default checks
+        store_kv(k, v, k_cache, v_cache, meta.slot_mapping, validate=False if trusted else None)
         if not meta.is_prefill:
-            o = paged_attention_decode(q, k_cache, v_cache, meta.block_tables, meta.context_lens, self.scale)
+            o = paged_attention_decode(q, k_cache, v_cache, meta.block_tables, meta.context_lens, self.scale,
+                                       validate=False if trusted else None, finite_pages=meta.trusted)
         elif not meta.has_prefix:
             o = varlen_attention(q, k, v, meta.cu_seqlens_q, self.scale)
         else:

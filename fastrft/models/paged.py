@@ -15,6 +15,7 @@ class PagedMeta:
     block_tables (B, max_blocks) int32, -1 padded; context_lens (B,) int32: tokens each sequence attends
     to after this step (cached + new). Prefill also has cu_seqlens_q (B+1,) int32 over the new tokens and
     has_prefix: whether any sequence starts with prefix-cached tokens (then attention reads the pages).
+    trusted: see the field.
     """
 
     is_prefill: bool
@@ -23,3 +24,6 @@ class PagedMeta:
     context_lens: torch.Tensor
     cu_seqlens_q: torch.Tensor | None = None
     has_prefix: bool = False
+    # The engine's own steps: its caches start zeroed (every slot finite) and it computes slots and tables
+    # itself, so the kernels skip the value checks and the zeroing of unused slots.
+    trusted: bool = False
