@@ -31,11 +31,17 @@
 #                transformers at batch 1, 64 and 256.
 #     Each benchmark estimates a case before it starts it and drops the cases that would not fit (the
 #     largest N, G or batch first); the summary lists what was dropped.
-#   - --stages picks and orders the stages (default tests,logprob,round,rollout); one more is available:
+#   - --stages picks and orders the stages (default tests,logprob,round,rollout); two more are available:
 #       dist     bench/bench_dist.py: torchrun at world size 1 (NCCL) with a sharded checkpoint and its
 #                export, then `fastrft ladder --jobs 1` against `--jobs 2` on the one GPU (dist.json,
 #                dist.md; BENCH_DIST_ARGS adds flags). Its share is 60 % of the time left; the last stage
 #                listed gets all of it.
+#       trl      bench/bench_trl.py: one RFT round through TRL's GRPOTrainer and through fastrft, interleaved
+#                in one process, G = 4 and 8, 96-token responses, random-weight Qwen2.5-0.5B, bf16 (TRL
+#                generates with transformers: no vLLM there); needs trl and datasets from .whl/ (below).
+#                Its share is 50 % of the time left; its table is appended to summary.md (trl.md and
+#                trl.json go into suite.tar.gz, its rows into results.csv). BENCH_TRL_ARGS adds flags
+#                (e.g. --shape qwen2.5-1.5b).
 #
 # --cpu-smoke: every stage end to end on CPU with tiny shapes (a tiny model, N = 512, 8-token responses,
 # G = 2) in well under a minute of CPU time; installs nothing (fastrft must already be importable) and
@@ -52,12 +58,17 @@
 # dependencies and test extra lack math-verify (with latex2sympy2_extended and antlr4-python3-runtime;
 # sympy is there) and gguf (its numpy, pyyaml, requests and tqdm are there); liger-kernel is optional
 # (the LM-head benchmark's Liger provider; needs only torch and triton). triton, pinned ==3.7.1 in the
-# test extra, is never carried: the machine's 3.6 is the one its torch was built with. Fetch them once,
-# from the repo root (.whl/ is git-ignored, about 2.6 MB in all):
+# test extra, is never carried: the machine's 3.6 is the one its torch was built with. The trl stage
+# needs trl and datasets (the optional extra `peers`) with datasets' dill and multiprocess; their other
+# needs (accelerate, pandas, pyarrow, xxhash, fsspec, huggingface-hub, psutil) are in the image, at
+# versions not checked against datasets 5.2's pins (pyarrow >= 24, fsspec <= 2026.9.0). Fetch them once,
+# from the repo root (.whl/ is git-ignored, about 4.4 MB in all):
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
 #     -d .whl math-verify==0.9.0 latex2sympy2_extended==1.11.0 antlr4-python3-runtime==4.13.2 \
 #     gguf==0.19.0 liger-kernel==0.8.5
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     -d .whl trl==1.16.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19   # the trl stage, about 1.8 MB
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     -d .whl/fallback setuptools==80.9.0
 #
@@ -121,6 +132,7 @@ info() { echo "$*" >>"$WORK/suite.txt"; }
 # Rewrite OUT_DIR from WORK: the summary, the raw files, and the tarball of everything.
 finish() {
     $PY bench/harness.py summary "$WORK" "$OUT_DIR/summary.md" >>"$LOG" 2>&1 || say "summary failed"
+    [ -f "$WORK/trl.md" ] && printf '\n## RFT round: fastrft vs TRL\n\n%s\n' "$(cat "$WORK/trl.md")" >>"$OUT_DIR/summary.md"
     local f
     for f in pytest.txt logprob.json round.json rollout.json results.csv dist.json dist.md; do
         [ -f "$WORK/$f" ] && cp "$WORK/$f" "$OUT_DIR/$f"
@@ -283,6 +295,21 @@ stage_rollout() {
     else bench bench/bench_rollout.py --in-process --shapes qwen2.5-1.5b; fi
 }
 
+# fastrft against TRL's GRPOTrainer (bench/bench_trl.py); trl and datasets come from .whl/.
+stage_trl() {
+    local why
+    if ! why=$($PY -c 'import trl, datasets' 2>&1); then
+        why=$(echo "$why" | tail -n 1)
+        printf '_not run_: trl and datasets are not importable (%s); carry their wheels in .whl/ (see the header)\n' \
+            "$why" >"$WORK/trl.md"
+        say "stage trl: trl and datasets are not importable: $why"
+        return 1
+    fi
+    # shellcheck disable=SC2086
+    if [ $SMOKE = 1 ]; then bench bench/bench_trl.py --device cpu --smoke ${BENCH_TRL_ARGS:-}
+    else bench bench/bench_trl.py ${BENCH_TRL_ARGS:-}; fi
+}
+
 # ------------------------------------------------------------------------------------------ main
 say "fastrft GPU suite into $OUT_DIR (budget $BUDGET s$([ $SMOKE = 1 ] && echo ', cpu-smoke'))"
 if ! setup; then
@@ -291,11 +318,11 @@ if ! setup; then
     finish
     exit 3
 fi
-declare -A SHARE=([tests]=22 [logprob]=35 [round]=50 [rollout]=100 [dist]=60)
+declare -A SHARE=([tests]=22 [logprob]=35 [round]=50 [rollout]=100 [dist]=60 [trl]=50)
 IFS=, read -r -a ORDER <<<"$STAGES"
 for i in "${!ORDER[@]}"; do
     name=${ORDER[$i]}
-    [ -n "${SHARE[$name]:-}" ] || { say "unknown stage '$name' (tests, logprob, round, rollout, dist)"; continue; }
+    [ -n "${SHARE[$name]:-}" ] || { say "unknown stage '$name' (tests, logprob, round, rollout, dist, trl)"; continue; }
     pct=${SHARE[$name]}
     [ "$i" -eq $((${#ORDER[@]} - 1)) ] && pct=100
     stage "$name" "$pct" "stage_$name"
