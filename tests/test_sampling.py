@@ -229,3 +229,27 @@ def test_bad_arguments_are_refused():
     for t in (-1.0, float("nan"), float("inf")):
         with pytest.raises(Exception, match="temperature"):
             SamplingParams(temperature=t)
+
+
+def test_the_engine_names_the_request_and_position_of_nan_logits(tiny_models):
+    """A model whose logits turn NaN for one request: generate raises SamplingError naming that request
+    and the response position, instead of returning token 0; the engine is left idle and reusable."""
+    import fastrft
+    from fastrft.engine import Engine, EngineConfig, SamplingError
+
+    model = fastrft.load_model(tiny_models["qwen2"])
+    engine = Engine(model, config=EngineConfig(kv_cache_memory=2**22, max_num_seqs=8))
+    prompts = [[2, 10, 11, 12], [2, 20, 21]]
+    clean = engine.generate(prompts, n=2, max_new_tokens=6, seed=1, eos_token_ids=[])
+    poisoned = clean[1][1].token_ids[2]  # request (1, 1) samples this token at response position 2
+    with torch.no_grad():
+        saved = model.model.embed_tokens.weight[poisoned].clone()
+        model.model.embed_tokens.weight[poisoned] = float("nan")  # its embedding: the next logits are NaN
+    try:
+        with pytest.raises(SamplingError, match=r"request \(prompt \d, sample \d\).*response token \d.*NaN or inf"):
+            engine.generate(prompts, n=2, max_new_tokens=6, seed=1, eos_token_ids=[])
+    finally:
+        with torch.no_grad():
+            model.model.embed_tokens.weight[poisoned] = saved
+    again = engine.generate(prompts, n=2, max_new_tokens=6, seed=1, eos_token_ids=[])
+    assert [[c.token_ids for c in g] for g in again] == [[c.token_ids for c in g] for g in clean]

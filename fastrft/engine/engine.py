@@ -248,6 +248,10 @@ class Engine:
 
     def _postprocess(self, rows: list[Sequence], draws: torch.Tensor) -> None:
         tokens, logps = unpack(draws)
+        broken = [s.seq_id for s, t in zip(rows, tokens) if t < 0]
+        if broken:  # their K/V may hold NaN: zero it before the abort frees it, so no later call reads it
+            self.runner.zero_blocks(sorted({b for sid in broken for b in self.block_manager.blocks_of(sid)}))
+            self.block_manager.reset_prefix_cache()
         check_draws(tokens, lambda i: f"request (prompt {rows[i].prompt_index}, sample {rows[i].sample_index})",
                     [len(s.output) for s in rows])
         live_ids, live_tokens = [], []

@@ -79,6 +79,14 @@ class ModelRunner:
             k.index_copy_(0, dst, k.index_select(0, src))
             v.index_copy_(0, dst, v.index_select(0, src))
 
+    def zero_blocks(self, blocks: list[int]) -> None:
+        """Zero these KV blocks in every layer (slots past a context must stay finite: see zeroed)."""
+        if blocks:
+            index = self._tensor(blocks, torch.long)
+            for k, v in self.kv:
+                k.index_fill_(0, index, 0)
+                v.index_fill_(0, index, 0)
+
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(n, V) fp32 logits of n hidden states. On CPU they go into one buffer kept across steps: a fresh
         B x V result would fault in its pages at every step (12 MiB at B = 64 for SmolLM2, ~15 ms)."""
