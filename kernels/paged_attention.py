@@ -473,11 +473,11 @@ def _decode_one(q, k_cache, v_cache, block_tables, n: int, scale: float) -> torc
     consecutive blocks (as a fresh engine hands them out), else gathered. Batch-1 decode is bound by the
     weight read, and this keeps attention a small part of it."""
     page, hkv, d = k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
-    blocks = block_tables[0, : -(-n // page)].long()
-    first = int(blocks[0])
-    if bool((blocks == torch.arange(first, first + blocks.numel())).all()):
-        keys, values = k_cache[first:first + blocks.numel()], v_cache[first:first + blocks.numel()]
+    ids = block_tables[0, : -(-n // page)].tolist()  # a few ints: cheaper on the host than as tensor ops
+    if ids == list(range(ids[0], ids[0] + len(ids))):
+        keys, values = k_cache[ids[0]:ids[0] + len(ids)], v_cache[ids[0]:ids[0] + len(ids)]
     else:
+        blocks = torch.tensor(ids, device=q.device)
         keys, values = k_cache.index_select(0, blocks), v_cache.index_select(0, blocks)
     keys = keys.view(-1, hkv, d)[:n].transpose(0, 1)[None]
     values = values.view(-1, hkv, d)[:n].transpose(0, 1)[None]

@@ -116,14 +116,22 @@ class Attention(nn.Module):
         """x (T, hidden): the batch's new tokens, packed; k_cache/v_cache (num_blocks, block_size, Hkv, D)
         for this layer; meta: a :class:`PagedMeta`. Writes the new K/V into their slots, then attends:
         prefill over each sequence's cached prefix + new tokens, decode over its pages."""
-        from fastrft.kernels.paged_attention import paged_attention_decode, store_kv
+        from fastrft.kernels import paged_attention as pa
 
         q, k, v = self._qkv(x, cos, sin)
-        trusted = meta.trusted or None  # None: the kernels' default checks
-        store_kv(k, v, k_cache, v_cache, meta.slot_mapping, validate=False if trusted else None)
-        if not meta.is_prefill:
-            o = paged_attention_decode(q, k_cache, v_cache, meta.block_tables, meta.context_lens, self.scale,
-                                       validate=False if trusted else None, finite_pages=meta.trusted)
+        # The engine's own CPU steps go straight to the PyTorch path: its inputs need no checks, and at
+        # batch 1 the checks cost a tenth of attention itself.
+        direct = meta.trusted and q.device.type == "cpu"
+        if direct:
+            pa.store_kv_reference(k, v, k_cache, v_cache, meta.slot_mapping)
+        else:
+            pa.store_kv(k, v, k_cache, v_cache, meta.slot_mapping, validate=False if meta.trusted else None)
+        if not meta.is_prefill and direct:
+            o = pa.paged_attention_decode_torch(q, k_cache, v_cache, meta.block_tables, meta.context_lens, self.scale,
+                                                finite_pages=True)
+        elif not meta.is_prefill:
+            o = pa.paged_attention_decode(q, k_cache, v_cache, meta.block_tables, meta.context_lens, self.scale,
+                                          validate=False if meta.trusted else None, finite_pages=meta.trusted)
         elif not meta.has_prefix:
             o = varlen_attention(q, k, v, meta.cu_seqlens_q, self.scale)
         else:
