@@ -254,3 +254,17 @@ def test_the_engine_names_the_request_and_position_of_nan_logits(tiny_models):
             model.model.embed_tokens.weight[poisoned] = saved
     again = engine.generate(prompts, n=2, max_new_tokens=6, seed=1, eos_token_ids=[])
     assert [[c.token_ids for c in g] for g in again] == [[c.token_ids for c in g] for g in clean]
+
+
+def test_sample_still_takes_generators():
+    """The interface of earlier versions, sample(logits, params, generators): each row takes a fresh seed
+    from its generator, so one shared generator gives independent rows and calls, at the right frequencies."""
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, -3.0]])
+    probs = torch.softmax(logits[0], -1)
+    gen = torch.Generator().manual_seed(11)
+    counts = torch.zeros(6)
+    for _ in range(50):
+        tokens, logps = sample(logits.expand(400, -1), SamplingParams(), [gen] * 400)
+        counts += torch.bincount(tokens, minlength=6)
+        torch.testing.assert_close(logps, probs.log()[tokens])
+    assert _chi_square_p(counts, probs) > 1e-6

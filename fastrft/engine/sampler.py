@@ -112,12 +112,19 @@ def draw(logits: torch.Tensor, params: SamplingParams, seeds: torch.Tensor, posi
     return out
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, seeds, positions, backend: str = "auto"):
-    """:func:`draw` for tests and scripts: seeds and positions as sequences or tensors; returns (tokens
-    (B,) int64, logprobs (B,) fp32) on the logits' device; token -1 marks a row with bad logits."""
+def sample(logits: torch.Tensor, params: SamplingParams, seeds, positions=None, backend: str = "auto"):
+    """:func:`draw` for tests and scripts. Returns (tokens (B,) int64, logprobs (B,) fp32) on the logits'
+    device; token -1 marks a row with bad logits.
+
+    seeds: B request seeds (ints or a tensor), or B ``torch.Generator`` objects, the interface of earlier
+    versions: each row then takes a fresh 63-bit seed from its generator, so repeated calls draw fresh
+    noise. positions: B response positions (default 0)."""
     dev = logits.device
-    out = draw(logits, params, torch.as_tensor(seeds, dtype=torch.int64).to(dev),
-               torch.as_tensor(positions, dtype=torch.int64).to(dev), backend)
+    if isinstance(seeds, (list, tuple)) and seeds and isinstance(seeds[0], torch.Generator):
+        seeds = [int(torch.randint(0, 2**63 - 1, (), generator=g)) for g in seeds]
+    seeds = torch.as_tensor(seeds, dtype=torch.int64).to(dev)
+    positions = torch.zeros_like(seeds) if positions is None else torch.as_tensor(positions, dtype=torch.int64).to(dev)
+    out = draw(logits, params, seeds, positions, backend)
     return out[0].long(), out[1].view(torch.float32)
 
 
