@@ -94,7 +94,7 @@ def test_kernel_noise_is_the_spec_bit_for_bit(b, v, splits):
 def _implementations():
     impls = {"torch-search": lambda *a, **k: S.sample_torch(*a, search="torch", **k),
              "triton": lambda *a, **k: S.sample_tokens(*a, backend="triton", **k),
-             "triton-split": lambda x, s, p, t, **k: S._sample_triton(x, s, p, torch.tensor([t], dtype=torch.float32),
+             "triton-split": lambda x, s, p, t, **k: S.tri.sample_triton(x, s, p, torch.tensor([t], dtype=torch.float32),
                                                                     k.get("strict", True), num_splits=3)}
     if _engine is not None:
         impls["cpp-search"] = lambda *a, **k: S.sample_torch(*a, search="cpp", **k)
