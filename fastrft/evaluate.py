@@ -19,7 +19,7 @@ from typing import Any
 from fastrft import rewards
 from fastrft.data import Example
 from fastrft.errors import ConfigError
-from fastrft.report import write_json
+from fastrft.report.records import write_json
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -94,7 +94,7 @@ class BaseEvalCache:
     and the exact prompts. Presets that differ in a training choice (advantage, reward, G) share it; a
     ladder of five presets evaluates each seed's base model once instead of up to five times. Entries are
     ``{key hash: {"result": metrics, "run": the run that measured it}}``; the file is rewritten atomically,
-    and writers from several processes add to it under a lock (:func:`fastrft.report.locked`).
+    and writers from several processes add to it under a lock (:func:`fastrft.report.records.locked`).
     """
 
     def __init__(self, path: str | os.PathLike[str]):
@@ -124,7 +124,7 @@ class BaseEvalCache:
         """Add ``run``'s measurement of ``key``. The file is re-read under a lock (``fastrft ladder --jobs``
         runs write it from several processes), so no other run's entry is lost. When another run stored
         the same key meanwhile, its entry is kept: runs may already have recorded it as ``shared_from``."""
-        from fastrft.report import locked
+        from fastrft.report.records import locked
 
         with locked(self.path):
             data = self._read()

@@ -23,8 +23,9 @@ base-model evaluation. Sequentially the first pair in plan order measures it and
 evaluation depends on (model; rollout but group_size; eval but eval_every; data; seed); a pair that is
 not the first of its group (its leader) starts only once base-eval.json holds an entry measured by the
 leader's run, or the leader's process has ended, or the leader was complete before the study started.
-The grouping is a prediction of Trainer._base_eval_key from the config; where it is wrong, a run
-measures the evaluation itself, as a run outside the group would, and its numbers stay correct.
+The grouping is a prediction of fastrft.loop.evaluator.Evaluator.base_key from the config; where it is
+wrong, a run measures the evaluation itself, as a run outside the group would, and its numbers stay
+correct.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from fastrft import presets
+from fastrft import presets, rundir
 from fastrft.config import GROUPS, TrainConfig, build_group
 from fastrft.errors import ConfigError
 from fastrft.report import MIN_EFFECT, baseline, dynamics_table, ladder_table, plot_ladder, plural, read_metrics
@@ -83,13 +84,6 @@ def plan(base: dict[str, dict[str, Any]], flags: dict[str, dict[str, Any]], laye
     return pairs
 
 
-def _complete(run_dir: Path) -> bool:
-    try:
-        return bool(json.loads((run_dir / "summary.json").read_text()).get("complete"))
-    except (OSError, json.JSONDecodeError):
-        return False
-
-
 def run_ladder(pairs: list[Pair], out: Path, settings: dict[str, Any], *, force: bool = False,
                keep_checkpoints: bool = False, jobs: int = 1) -> dict[str, Any]:
     """Run every pair not yet complete, up to ``jobs`` at once (1: in this process, one after another);
@@ -108,7 +102,7 @@ def run_ladder(pairs: list[Pair], out: Path, settings: dict[str, Any], *, force:
             raise ConfigError(f"{out} holds a ladder with other settings ({changed}); use a new --out, or --force "
                               "to continue it with these settings")
     meta.write_text(json.dumps(settings, indent=2))
-    todo = [p for p in pairs if not _complete(p.out)]
+    todo = [p for p in pairs if not rundir.is_complete(p.out)]
     print(f"fastrft ladder: {plural(len(pairs), 'run')} ({len(pairs) - len(todo)} already complete) in {out}",
           file=sys.stderr)
     overall = tqdm(total=len(pairs), initial=len(pairs) - len(todo), desc="ladder", unit="run", file=sys.stderr,
@@ -162,7 +156,7 @@ def collect(pairs: list[Pair]) -> list[dict[str, Any]]:
         choice = pair.preset.choice_text(pair.config.to_dict())
         entry = layers.setdefault(pair.preset.name, {"name": pair.preset.name, "layer": pair.preset.layer,
                                                      "choice": choice, "runs": []})
-        if _complete(pair.out):
+        if rundir.is_complete(pair.out):
             entry["runs"].append({"seed": pair.seed, "records": read_metrics(pair.out / "metrics.jsonl"),
                                   "summary": json.loads((pair.out / "summary.json").read_text())})
     return list(layers.values())

@@ -3,7 +3,7 @@
 One small run does not fill a machine: on a CPU, torch's threads scale poorly at 135M parameters and
 below, and on a GPU one short-sequence run leaves most of it idle. Independent runs side by side do.
 
-Each pair runs ``python -m fastrft.ladder_jobs`` (its config as JSON on stdin), so every child starts
+Each pair runs ``python -m fastrft.ladder_pair`` (its config as JSON on stdin), so every child starts
 with a fresh interpreter and the environment it is given, read before torch is imported:
 
 - on CPU, ``OMP_NUM_THREADS`` = ``MKL_NUM_THREADS`` = cores // N (at least 1; ``--threads`` wins when
@@ -38,8 +38,6 @@ continues the study.
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import json
 import os
 import subprocess
@@ -50,6 +48,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable
 
+from fastrft import rundir
 from fastrft.errors import ConfigError, FastRFTError
 
 LOG = "job.log"
@@ -73,8 +72,9 @@ def check_jobs(jobs: int) -> None:
 
 def sharing_group(config) -> str:
     """What a pair's base-model (round-0) evaluation depends on, as far as the config tells: the fields
-    Trainer._base_eval_key hashes (model; rollout but G; evaluation but its interval; the seed) and the
-    data section, which decides the evaluated prompts. Pairs with equal groups share that evaluation."""
+    fastrft.loop.evaluator.Evaluator.base_key hashes (model; rollout but G; evaluation but its interval;
+    the seed) and the data section, which decides the evaluated prompts. Pairs with equal groups share
+    that evaluation."""
     c = config.to_dict()
     rollout = {k: v for k, v in c["rollout"].items() if k != "group_size"}
     ev = {k: v for k, v in c["eval"].items() if k != "eval_every"}
@@ -166,7 +166,7 @@ def visible_cuda_devices() -> list[str] | None:
 def start(pair, slot: int, jobs: int, cuda_devices: list[str] | None, base_eval_cache: Path, force: bool) -> Job:
     env, given = child_env(pair.config, slot, jobs, cuda_devices)
     pair.out.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "fastrft.ladder_jobs", "--base-eval-cache", str(base_eval_cache)]
+    cmd = [sys.executable, "-m", "fastrft.ladder_pair", "--base-eval-cache", str(base_eval_cache)]
     if force:
         cmd.append("--force")
     with open(pair.out / LOG, "a", encoding="utf-8") as log:
@@ -204,7 +204,6 @@ def run_parallel(pairs: list, todo: list, out: Path, jobs: int, *, force: bool, 
                  finished: Callable[[Any, float], None]) -> None:
     """Run ``todo`` (pairs of ``pairs``, in plan order) with up to ``jobs`` children at once; call
     ``finished(pair, t0)`` in this process after each pair that completed."""
-    from fastrft.ladder import _complete
     from fastrft.models.embedded import ALIASES, ensure_converted
 
     cuda_devices = visible_cuda_devices()
@@ -234,7 +233,7 @@ def run_parallel(pairs: list, todo: list, out: Path, jobs: int, *, force: bool, 
             free.sort()
             ended.add(job.pair.config.run.name)
             # A run that wrote its complete summary is done, even if a signal then cut its exit short.
-            if job.proc.returncode == 0 or _complete(job.pair.out):
+            if job.proc.returncode == 0 or rundir.is_complete(job.pair.out):
                 done.append(job.pair)
                 finished(job.pair, job.t0)
             elif not interrupted:  # an interrupted child exits non-zero after writing its checkpoint
@@ -273,58 +272,3 @@ def run_parallel(pairs: list, todo: list, out: Path, jobs: int, *, force: bool, 
         held = f"; {len(pending)} pair(s) were not started" if pending else ""
         raise FastRFTError(f"ladder: {len(failed)} pair(s) failed{held}:\n{why}\nThe finished pairs are kept: fix "
                            "the cause and rerun the same command to continue the study")
-
-
-# ------------------------------------------------------------------------------------------ the child
-def _worker(argv: list[str] | None = None) -> int:
-    """One pair, in this process: the config (JSON) on stdin; the exit status says how it ended."""
-    parser = argparse.ArgumentParser(prog="python -m fastrft.ladder_jobs",
-                                     description="one pair of `fastrft ladder --jobs` (started by the ladder)")
-    parser.add_argument("--base-eval-cache", required=True)
-    parser.add_argument("--force", action="store_true")
-    args = parser.parse_args(argv)
-    try:
-        from fastrft.config import TrainConfig
-
-        config = TrainConfig.from_dict(json.loads(sys.stdin.read()))
-        run_pair(config, Path(args.base_eval_cache), force=args.force)
-    except FastRFTError as e:
-        print(f"fastrft: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt as e:
-        print(f"fastrft: {e or 'aborted'}", file=sys.stderr)
-        return getattr(e, "exit_code", 130)
-    return 0
-
-
-def run_pair(config, base_eval_cache: Path, *, force: bool = False) -> dict[str, Any]:
-    """Train ``config`` as the sequential ladder does, without progress bars, in this (child) process."""
-    import torch
-
-    from fastrft.trainer import Trainer
-
-    threads = os.environ.get("OMP_NUM_THREADS")
-    if threads and threads.isdigit() and not config.run.threads:
-        torch.set_num_threads(int(threads))
-    # The bars are switched off through the config (tqdm's TQDM_DISABLE does not override the trainer's
-    # explicit disable=False). run.progress is a display switch that a resume ignores; config.json is then
-    # given back the pair's own value, so it is byte for byte the sequential ladder's.
-    trainer = Trainer(config.replace(run=dataclasses.replace(config.run, progress=False)), force=force,
-                      base_eval_cache=base_eval_cache)
-    _restore_progress_field(trainer, config.run.progress)
-    return trainer.run()
-
-
-def _restore_progress_field(trainer, progress: bool) -> None:
-    cfg_file = trainer.out_dir / "config.json"
-    ran = trainer.cfg.to_json()
-    if trainer.cfg.run.progress == progress or not cfg_file.exists() or cfg_file.read_text() != ran:
-        return  # nothing to give back, or config.json was written by another session (it has its own value)
-    wanted = trainer.cfg.replace(run=dataclasses.replace(trainer.cfg.run, progress=progress)).to_json()
-    tmp = cfg_file.with_name(f".config.json.tmp{os.getpid()}")
-    tmp.write_text(wanted)
-    os.replace(tmp, cfg_file)
-
-
-if __name__ == "__main__":
-    sys.exit(_worker())

@@ -26,6 +26,7 @@ rollout copy from it. Nothing of this design has to be undone for that.
 from __future__ import annotations
 
 import copy
+import sys
 from functools import partial
 
 import torch
@@ -131,6 +132,18 @@ def update_absorbed_fraction(model: torch.nn.Module, step: float) -> float:
         moved += int(((p == 0) | (step >= spacing / 2)).sum())
         total += p.numel()
     return moved / max(total, 1)
+
+
+def warn_unabsorbed_updates(precision: Precision, lr: float) -> None:
+    """Pure low-precision weights: say loudly when an AdamW step of size lr cannot move most of them."""
+    if precision.master_dtype == torch.float32:
+        return
+    moved = update_absorbed_fraction(precision.master, lr)
+    if moved < 0.5:
+        print(f"fastrft: WARNING: with --precision {precision.name} the weights are stored in "
+              f"{str(precision.master_dtype).removeprefix('torch.')}, and an AdamW step at --lr {lr:g} can change "
+              f"only {moved:.1%} of them: the rest round back to their old value, so the run barely learns. "
+              "Use --precision bf16-mixed (fp32 master weights, bf16 compute) or fp32.", file=sys.stderr)
 
 
 FUSED_ADAMW_DEVICES = ("cpu", "cuda")

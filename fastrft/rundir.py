@@ -129,6 +129,14 @@ def _count_lines(path: Path) -> int:
         return sum(1 for line in f if line.strip())
 
 
+def is_complete(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds a finished run (its summary.json says complete)."""
+    try:
+        return bool(json.loads((Path(run_dir) / "summary.json").read_text()).get("complete"))
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
 def stamp() -> str:
     """A timestamp for the names of files kept aside (config.before-<time>.json and the like)."""
     return f"{datetime.now():%Y%m%d-%H%M%S}"

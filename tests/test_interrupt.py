@@ -99,12 +99,12 @@ def test_stop_during_an_evaluation_resumes_with_that_evaluation(tiny_llama, tmp_
     measures it first: the records equal the uninterrupted run's."""
     import torch
 
-    import fastrft.trainer as trainer_mod
+    import fastrft.loop.evaluator as evaluator_mod
 
     torch.set_num_threads(1)  # as in the reference subprocess: summation order, hence the bits, follow it
     handler_before = signal.getsignal(signal.SIGTERM)
-    real = trainer_mod.evaluate
-    monkeypatch.setattr(trainer_mod, "evaluate", _stopped_in_call(real, 2))  # the evaluation after round 4
+    real = evaluator_mod.evaluate
+    monkeypatch.setattr(evaluator_mod, "evaluate", _stopped_in_call(real, 2))  # the evaluation after round 4
     out = tmp_path / "run"
     assert main(_args(tiny_llama, out)) == 128 + signal.SIGTERM
     err = capsys.readouterr().err
@@ -114,7 +114,7 @@ def test_stop_during_an_evaluation_resumes_with_that_evaluation(tiny_llama, tmp_
     assert [r for r, _ in checkpoint_dirs(out)] == [4]
     assert signal.getsignal(signal.SIGTERM) is handler_before  # the run put the old handler back
 
-    monkeypatch.setattr(trainer_mod, "evaluate", real)
+    monkeypatch.setattr(evaluator_mod, "evaluate", real)
     assert main(_args(tiny_llama, out)) == 0
     _same_as(reference, out)
 
@@ -146,23 +146,23 @@ def test_stop_right_after_the_base_evaluation_checkpoints_round_0(tiny_llama, tm
     (it neither refuses for want of a checkpoint nor measures round 0 twice)."""
     import torch
 
-    import fastrft.trainer as trainer_mod
+    from fastrft.loop.recorder import Recorder
 
     torch.set_num_threads(1)
-    real = trainer_mod.Trainer._tb_write
+    real = Recorder.evaluation
 
-    def log_then_stop(self, record, step, prefix="train/"):
-        real(self, record, step, prefix)
-        if record.get("kind") == "eval" and step == 0:  # the evaluation is logged: round 1 never starts
+    def log_then_stop(self, record, line):
+        real(self, record, line)
+        if record["round"] == 0:  # the evaluation is logged: round 1 never starts
             os.kill(os.getpid(), signal.SIGTERM)
 
-    monkeypatch.setattr(trainer_mod.Trainer, "_tb_write", log_then_stop)
+    monkeypatch.setattr(Recorder, "evaluation", log_then_stop)
     out = tmp_path / "run"
     assert main(_args(tiny_llama, out)) == 128 + signal.SIGTERM
     assert "after round 0" in capsys.readouterr().err
     assert [r for r, _ in checkpoint_dirs(out)] == [0]
     assert [(r["kind"], r["round"]) for r in read_metrics(out / "metrics.jsonl")] == [("eval", 0)]
-    monkeypatch.setattr(trainer_mod.Trainer, "_tb_write", real)
+    monkeypatch.setattr(Recorder, "evaluation", real)
     assert main(_args(tiny_llama, out)) == 0
     _same_as(reference, out)
 
@@ -172,15 +172,15 @@ def test_stop_during_the_base_evaluation_leaves_nothing_to_resume(tiny_llama, tm
     """Nothing was recorded, so there is no checkpoint and the rerun simply starts the run."""
     import torch
 
-    import fastrft.trainer as trainer_mod
+    import fastrft.loop.evaluator as evaluator_mod
 
     torch.set_num_threads(1)
-    real = trainer_mod.evaluate
-    monkeypatch.setattr(trainer_mod, "evaluate", _stopped_in_call(real, 1))
+    real = evaluator_mod.evaluate
+    monkeypatch.setattr(evaluator_mod, "evaluate", _stopped_in_call(real, 1))
     out = tmp_path / "run"
     assert main(_args(tiny_llama, out)) == 128 + signal.SIGTERM
     assert "no checkpoint (nothing was completed)" in capsys.readouterr().err
     assert checkpoint_dirs(out) == [] and read_metrics(out / "metrics.jsonl") == []
-    monkeypatch.setattr(trainer_mod, "evaluate", real)
+    monkeypatch.setattr(evaluator_mod, "evaluate", real)
     assert main(_args(tiny_llama, out)) == 0
     _same_as(reference, out)

@@ -161,15 +161,18 @@ def test_l3_negative_reward_behaves_as_the_loss_predicts(tiny_llama, tmp_path):
     for r in rows:
         assert r["loss"] == pytest.approx(-r["reward_mean"] + 0.001 * r["kl_mean"], abs=1e-6)
 
+    from fastrft.loop.scoring import score
+    from fastrft.loop.types import Rollouts, TrainBatch
+
     t = Trainer(_cfg(tiny_llama, tmp_path / "step", rounds=1, preset="L3"))
-    examples, prompts = t.examples_for_round(1)
-    groups = t.rollout(1, prompts)
-    _, rewards_, advantages = t.score(examples, groups)
-    assert rewards_ == [-1.0]  # the random model fails
-    seq_prompts, seqs = [prompts[0]], [groups[0][0]]
-    before = float(t._old_logp(seq_prompts, seqs)[0].sum())
-    t.update(1, prompts, groups, advantages)
-    after = float(t._old_logp(seq_prompts, seqs)[0].sum())
+    batch = t.data.for_round(1)
+    rollouts = Rollouts(t.rollout(1, batch.prompt_ids))
+    scores = score(batch, rollouts, t.cfg.algo, history={})
+    assert scores.rewards == [-1.0]  # the random model fails
+    train = TrainBatch.of(batch, rollouts, scores)
+    before = float(t.learner.current_logprobs(train)[0].sum())
+    t.learner.update(1, train, first_update=0)
+    after = float(t.learner.current_logprobs(train)[0].sum())
     assert after < before
 
 

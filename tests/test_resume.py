@@ -99,7 +99,7 @@ def test_adamw_is_fused_and_a_checkpoint_of_the_unfused_step_resumes_exactly(tin
     round-3 checkpoint by today's code, ends with the weights and records of the uninterrupted run."""
     import shutil
 
-    import fastrft.trainer as trainer_module
+    import fastrft.loop.learner as learner_module
     from fastrft.config import RunConfig
     from fastrft.precision import make_adamw
     from fastrft.trainer import Trainer
@@ -116,13 +116,13 @@ def test_adamw_is_fused_and_a_checkpoint_of_the_unfused_step_resumes_exactly(tin
         return torch.optim.AdamW(params, **kw)
 
     with monkeypatch.context() as m:  # the optimizer of earlier versions, for two whole runs
-        m.setattr(trainer_module, "make_adamw", unfused)
+        m.setattr(learner_module, "make_adamw", unfused)
         for name in ("old", "resumed"):
             Trainer(config(tmp_path / name)).run()
     resumed = tmp_path / "resumed"
     shutil.rmtree(resumed / "checkpoints" / "round-000006")  # as if it had stopped after round 3's checkpoint
     (resumed / "summary.json").unlink()
-    assert trainer_module.make_adamw is make_adamw
+    assert learner_module.make_adamw is make_adamw
     trainer = Trainer(config(resumed))
     assert trainer.resumed_from == 3 and trainer.optimizer.param_groups[0]["fused"] is None
     trainer.run()

@@ -262,7 +262,9 @@ def test_unknown_reward_is_a_config_error(bad: str) -> None:
 
 
 def test_register(monkeypatch) -> None:
-    monkeypatch.setattr(rewards, "_REGISTRY", dict(rewards._REGISTRY))
+    from fastrft.rewards import registry
+
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
 
     @register("always")
     def always(response: str, answer: str) -> float:

@@ -24,7 +24,7 @@ from typing import Any, Callable
 from fastrft.config import parse_difficulty
 from fastrft.data.example import Example
 from fastrft.errors import ConfigError
-from fastrft.report import locked, write_json
+from fastrft.report.records import locked, write_json
 
 
 def pool_indices(split_size: int, pool: int | None, seed: int) -> list[int]:

@@ -23,40 +23,15 @@ from __future__ import annotations
 import math
 import numbers
 import reprlib
-from typing import Callable
 
 from fastrft.errors import ConfigError, FastRFTError
 from fastrft.rewards import custom
+# Importing the reward modules is what fills the registry (each registers its function by name).
+from fastrft.rewards.arithmetic import arithmetic_reward, extract_last_number
 from fastrft.rewards.custom import RewardFn
-
-_REGISTRY: dict[str, RewardFn] = {}
-
-
-def register(name: str) -> Callable[[RewardFn], RewardFn]:
-    """Decorator that makes a reward function available under ``name``.
-
-    Registering a *different* function under a taken name is a programming error and raises, because
-    silently replacing a reward would change what a run optimises. Re-registering a function with the
-    same qualified name is allowed: that happens when a module is executed twice (``importlib.reload``,
-    or ``python -m doctest fastrft/rewards/gsm8k.py``, which imports the file as a top-level module as
-    well as through this package).
-    """
-
-    def decorator(fn: RewardFn) -> RewardFn:
-        existing = _REGISTRY.get(name)
-        if existing is not None and existing.__qualname__ != fn.__qualname__:
-            raise ValueError(
-                f"reward {name!r} is already registered to {existing.__module__}.{existing.__qualname__}"
-            )
-        _REGISTRY[name] = fn
-        return fn
-
-    return decorator
-
-
-def names() -> list[str]:
-    """Sorted names of all registered rewards."""
-    return sorted(_REGISTRY)
+from fastrft.rewards.gsm8k import extract_hash_answer, gsm8k_reward
+from fastrft.rewards.hendrycks_math import extract_boxed, math_reward
+from fastrft.rewards.registry import names, register, registered
 
 
 def get(name: str) -> RewardFn:
@@ -67,8 +42,9 @@ def get(name: str) -> RewardFn:
     ``module:function`` that cannot be used, saying why, because the name normally comes straight from
     a CLI flag or config file that the user has to fix.
     """
-    if isinstance(name, str) and name in _REGISTRY:
-        return _REGISTRY[name]
+    fn = registered(name) if isinstance(name, str) else None
+    if fn is not None:
+        return fn
     if custom.is_custom(name):
         return custom.load(name)
     raise ConfigError(f"unknown reward {name!r}; choose one of: {', '.join(names())}, or write "
@@ -90,12 +66,6 @@ def score(name: str, response: str, answer: str) -> float:
                        f"{reprlib.repr(response)} and answer {answer!r}; a reward must return a float in [0, 1] "
                        "(1.0 = correct)")
 
-
-# The reward modules import ``register`` from this package, so they must be imported after it is
-# defined; importing them here is what populates the registry.
-from fastrft.rewards.arithmetic import arithmetic_reward, extract_last_number  # noqa: E402
-from fastrft.rewards.gsm8k import extract_hash_answer, gsm8k_reward  # noqa: E402
-from fastrft.rewards.hendrycks_math import extract_boxed, math_reward  # noqa: E402
 
 __all__ = [
     "RewardFn",

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from fractions import Fraction
 
-from fastrft.rewards import register
+from fastrft.rewards.registry import register
 
 # A minus sign belongs to the number only when it cannot be a binary operator: after a digit, a closing
 # bracket or a letter ("5-3", "(2)-3", "x-3") it is subtraction, so the number there is positive.

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from fractions import Fraction
 
-from fastrft.rewards import register
+from fastrft.rewards.registry import register
 
 _HASH = "####"
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import re
 import threading
 
-from fastrft.rewards import register
+from fastrft.rewards.registry import register
 
 try:
     from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify

@@ -1,0 +1,156 @@
+"""Stage: the round's update, and the owner of everything it needs.
+
+The learner owns the optimizer and its lr schedule, the token budget and micro-batch plan, and the
+frozen reference model. It is the only caller of the compute copy's refresh (Precision.after_step) and
+of the engine's prefix-cache reset: cached prompt KV belongs to the weights it was computed with.
+
+One update = ``ppo_epochs`` passes over the round's sequences, each cut into ``mini_batches`` optimizer
+steps (fastrft.loop.plan). With one step per round on fresh samples, old_logp is the current policy's
+own detached log-prob and the ratio is exactly 1 (REINFORCE, clipping inert); with more, old_logp is the
+policy's log-prob before the round's first step, so the clip acts. Each step: micro-batches of packed
+sequences through the model (final hidden states) and the fused LM-head loss (fastrft.kernels), backward
+with gradients accumulating in the fp32 masters, gradient clipping, AdamW, the compute-copy refresh.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+import time
+from typing import Any
+
+import torch
+
+from fastrft.config import TrainConfig
+from fastrft.distributed import World
+from fastrft.kernels import fused_linear_pg_loss
+from fastrft.loop import seeds
+from fastrft.loop.logprobs import old_logprobs, packed, reference_logprobs, response_hidden
+from fastrft.loop.plan import split_parts, step_plan
+from fastrft.loop.types import TrainBatch
+from fastrft.microbatch import default_token_budget, merge_micro_stats
+from fastrft.precision import make_adamw
+
+
+def token_budget(cfg: TrainConfig, precision, device: torch.device, world: World) -> int | None:
+    """Packed tokens per forward + backward: --max-tokens-per-step, or what the device's memory allows."""
+    if cfg.optim.max_tokens_per_step is not None:
+        return cfg.optim.max_tokens_per_step
+    budget, how = default_token_budget(precision, device, cfg.model.activation_checkpointing)
+    if device.type == "cuda" and world.main:
+        print(f"fastrft: {budget:,} packed tokens per forward + backward ({how}); "
+              "set --max-tokens-per-step to change it", file=sys.stderr)
+    return budget
+
+
+def reference_model(precision, cfg: TrainConfig):
+    """The KL reference: the frozen initial policy in the compute precision; None when KL is off."""
+    return copy.deepcopy(precision.rollout_model).requires_grad_(False) if cfg.loss_spec.needs_ref else None
+
+
+class Learner:
+    def __init__(self, cfg: TrainConfig, precision, *, ref, engine, token_budget: int | None, world: World,
+                 device: torch.device):
+        self.cfg, self.precision, self.ref, self.engine = cfg, precision, ref, engine
+        self.token_budget, self.world, self.device = token_budget, world, device
+        self.spec = cfg.loss_spec
+        o = cfg.optim
+        self.optimizer = make_adamw(precision.master.parameters(), lr=o.lr, betas=(o.beta1, o.beta2),
+                                    weight_decay=o.weight_decay, device=device)
+
+    def reset_prefix_cache(self) -> None:
+        """Forget the engine's cached prompt KV: after a weight change, and wherever a computation must not
+        depend on what an earlier one left cached (an evaluation, a checkpoint)."""
+        self.engine.reset_prefix_cache()
+
+    def refresh(self) -> None:
+        """Give the compute copy the masters' values (after a step or a restore)."""
+        self.precision.after_step()
+
+    def update(self, r: int, train: TrainBatch, first_update: int) -> dict[str, Any]:
+        """Round ``r``'s optimizer steps over ``train``; ``first_update`` is the number of steps taken
+        before (the lr schedule's position). Returns the update's metrics (``optimizer_steps`` taken)."""
+        cfg, a = self.cfg, self.cfg.algo
+        multi = a.ppo_epochs * a.mini_batches > 1
+        old = self.current_logprobs(train) if multi else None
+        total_steps = cfg.run.rounds * a.ppo_epochs * a.mini_batches
+        steps, t_fb, t_opt, n_tokens, lr = [], 0.0, 0.0, 0, cfg.optim.lr
+        self.precision.train_model.train()
+        for epoch in range(a.ppo_epochs):
+            order = (seeds.minibatch_order(cfg.run.seed, r, epoch, len(train)) if a.mini_batches > 1
+                     else list(range(len(train))))
+            for part in split_parts(order, a.mini_batches):
+                t0 = time.monotonic()
+                lr = cfg.optim.lr_at(first_update + len(steps), total_steps)
+                micro_stats, micro_tokens = self._accumulate(train, part, old, lr)
+                t1 = time.monotonic()
+                grad_norm = self._step()
+                t_fb, t_opt = t_fb + t1 - t0, t_opt + time.monotonic() - t1
+                n_tokens += sum(micro_tokens)
+                stats = micro_stats[0] if len(micro_stats) == 1 else merge_micro_stats(micro_stats, micro_tokens)
+                loss_value = stats.pop("loss")
+                steps.append({"loss": loss_value, "grad_norm": grad_norm, **stats, "micro_batches": len(micro_stats)})
+        return {**_merge_steps(steps), "lr": lr, "train_tokens": n_tokens, "optimizer_steps": len(steps),
+                "time_fwd_bwd": t_fb, "time_optim": t_opt}
+
+    def _accumulate(self, train: TrainBatch, part: list[int], old, lr: float):
+        """Forward and backward of one optimizer step's micro-batches; (their stats, their tokens)."""
+        cfg = self.cfg
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        # On CPU, freeing the gradients makes every backward fault in fresh pages for all of them
+        # (about a third of a SmolLM2 step, measured); CUDA's caching allocator makes freeing cheap.
+        self.optimizer.zero_grad(set_to_none=self.device.type == "cuda")
+        micro_stats, micro_tokens = [], []
+        kw = dict(temperature=cfg.rollout.temperature, backend=cfg.model.kernels)
+        for micro, real in step_plan(train.select(part), self.token_budget, self.spec, self.world):
+            ids = [part[j] for j in micro.members]
+            batch = packed(train.select(ids), self.device)
+            old_logp = None if old is None else torch.cat([old[i] for i in ids]).to(self.device)
+            ref_logp = None if self.ref is None else reference_logprobs(self.ref, batch, **kw)
+            hidden, weight = response_hidden(self.precision.train_model, batch)
+            # The model gives hidden states; the fused op computes log-probs, entropy and the loss
+            # without ever forming [N, V] logits.
+            weights = None if micro.weights is None else micro.weights.to(self.device)
+            loss, stats = fused_linear_pg_loss(hidden, weight, batch.targets, batch.advantages, batch.seq_ids,
+                                               old_logp=old_logp, ref_logp=ref_logp, spec=self.spec,
+                                               rollout_logp=batch.rollout_logp, weights=weights, **kw)
+            # FSDP averages the ranks' gradients; each rank's loss is its slice of one global sum.
+            (loss * self.world.size if self.world.distributed else loss).backward()
+            if real:  # (a zero-weight stand-in keeps this rank in step with the others' collectives)
+                micro_stats.append({"loss": float(loss.detach()), **stats})
+                micro_tokens.append(batch.num_tokens)
+            del hidden, weight, loss
+        if self.world.distributed:  # the step's stats over every rank's micro-batches
+            parts = self.world.gather((micro_stats, micro_tokens))
+            micro_stats = [x for st, _ in parts for x in st]
+            micro_tokens = [x for _, nt in parts for x in nt]
+        return micro_stats, micro_tokens
+
+    def _step(self) -> float:
+        """Clip the gradient norm, AdamW step, refresh the compute copy; returns the norm before clipping."""
+        clip = self.cfg.optim.grad_clip
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.precision.master.parameters(),
+                                                   clip if clip > 0 else float("inf"))
+        if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
+            grad_norm = grad_norm.full_tensor()
+        self.optimizer.step()
+        self.refresh()
+        self.reset_prefix_cache()  # cached prompt KV belongs to the old weights
+        return float(grad_norm)
+
+    def current_logprobs(self, train: TrainBatch) -> list[torch.Tensor]:
+        """Per sequence of ``train``, the current policy's log-probs of its response tokens (CPU, fp32)."""
+        return old_logprobs(self.precision.rollout_model, train, budget=self.token_budget, world=self.world,
+                            device=self.device, temperature=self.cfg.rollout.temperature,
+                            backend=self.cfg.model.kernels)
+
+
+def _merge_steps(steps: list[dict[str, float]]) -> dict[str, float]:
+    """One record for a round's optimizer steps: the mean of each stat (the min of ``*_min``, the max of
+    ``*_max``)."""
+    out: dict[str, float] = {}
+    for k in steps[0]:
+        vals = [p[k] for p in steps if k in p]
+        out[k] = min(vals) if k.endswith("_min") else max(vals) if k.endswith("_max") else sum(vals) / len(vals)
+    return out

@@ -1,0 +1,101 @@
+"""What a run records: metrics.jsonl, rollouts.jsonl, TensorBoard scalars, the progress bar.
+
+Rank 0 records through a :class:`Recorder`; the other ranks get a :class:`NullRecorder`, which has the
+same methods and does nothing, so every stage runs the same code on every rank.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from fastrft.config import TrainConfig
+from fastrft.errors import ConfigError
+from fastrft.loop.types import Rollouts, RoundBatch, Scores
+from fastrft.report import MetricsLog
+
+
+class Recorder:
+    """Opens the run's logs for appending (a resumed run continues them) and the progress bar at
+    ``first_round - 1`` of ``rounds``."""
+
+    def __init__(self, cfg: TrainConfig, out_dir: Path, *, done: int, progress: bool):
+        self.cfg = cfg
+        self.metrics = MetricsLog(out_dir / "metrics.jsonl")
+        self.samples = MetricsLog(out_dir / "rollouts.jsonl") if cfg.run.log_samples else None
+        self.tb = _tensorboard(out_dir) if cfg.run.tensorboard else None
+        self.bar = tqdm(total=cfg.run.rounds, initial=done, desc=cfg.run.name, unit="round", disable=not progress,
+                        file=sys.stderr, dynamic_ncols=True)
+
+    def note(self, line: str) -> None:
+        """A line above the progress bar, on stderr."""
+        self.bar.write(line, file=sys.stderr)
+
+    def round(self, metrics: dict[str, Any], postfix: dict[str, str]) -> None:
+        self.metrics.write(metrics)
+        self.scalars(metrics, metrics["round"], prefix="train/")
+        self.bar.update(1)
+        self.bar.set_postfix(postfix, refresh=False)
+
+    def evaluation(self, record: dict[str, Any], line: str) -> None:
+        self.metrics.write(record)
+        self.scalars(record, record["round"], prefix="eval/")
+        self.note(line)
+
+    def rollouts(self, batch: RoundBatch, rollouts: Rollouts, scores: Scores) -> None:
+        """The round's first --log-samples responses with their rewards, to rollouts.jsonl."""
+        if self.samples is None:
+            return
+        flat = [(ex, c) for ex, g in zip(batch.examples, rollouts.groups) for c in g]
+        n = self.cfg.run.log_samples
+        self.samples.write({"round": batch.round, "samples": [
+            {"example": ex.id, "text": c.text, "reward": rw, "tokens": len(c.token_ids), "finish": c.finish_reason}
+            for (ex, c), rw in list(zip(flat, scores.rewards))[:n]]})
+
+    def scalars(self, record: dict[str, Any], step: int, prefix: str) -> None:
+        """The record's numbers as TensorBoard scalars (when --tensorboard)."""
+        if self.tb is None:
+            return
+        for k, v in record.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "round":
+                self.tb.add_scalar(prefix + k, v, step)
+        self.tb.flush()
+
+    def close(self) -> None:
+        self.bar.close()
+        self.metrics.close()
+        if self.samples is not None:
+            self.samples.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+class NullRecorder:
+    """What ranks other than 0 record to: nothing (rank 0 writes the run's records)."""
+
+    def note(self, line: str) -> None:
+        pass
+
+    def round(self, metrics: dict[str, Any], postfix: dict[str, str]) -> None:
+        pass
+
+    def evaluation(self, record: dict[str, Any], line: str) -> None:
+        pass
+
+    def rollouts(self, batch: RoundBatch, rollouts: Rollouts, scores: Scores) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _tensorboard(out_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ConfigError("tensorboard (--tensorboard) needs the tensorboard package: pip install tensorboard "
+                          "(or install fastrft with its [tensorboard] extra)") from None
+    return SummaryWriter(str(out_dir / "tb"))

@@ -1,0 +1,60 @@
+"""One round of reinforcement fine-tuning, as a list of stage calls (DESIGN.md §3).
+
+examples for the round -> rollouts -> scores and advantages -> sample records -> update -> round metrics.
+
+Each stage is a module of this package and hands the next a dataclass (fastrft.loop.types). What a
+round changes in the run state is explicit here: the window baseline's reward history (scoring), the
+optimizer step count (update) and the count of rounds skipped for want of a gradient signal. A round
+whose advantages are all zero, with KL and entropy off, carries no gradient and skips the update.
+Evaluation, checkpoints and stop requests happen between rounds (fastrft.loop.run).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from fastrft.config import TrainConfig
+from fastrft.loop.data import TrainingData
+from fastrft.loop.learner import Learner
+from fastrft.loop.metrics import rollout_metrics, timings
+from fastrft.loop.scoring import score
+from fastrft.loop.types import Rollouts, RunState, Scores, TrainBatch
+
+
+@dataclass
+class Stages:
+    """What a round calls into (fastrft.trainer.Trainer builds it)."""
+
+    cfg: TrainConfig
+    data: TrainingData
+    sample: Callable[[int, list[list[int]]], Rollouts]  # (round, prompt ids) -> rollouts (fastrft.loop.rollout)
+    learner: Learner
+    recorder: Any  # fastrft.loop.recorder.Recorder, or NullRecorder
+
+
+def train_round(s: Stages, state: RunState, r: int) -> dict[str, Any]:
+    """Run round ``r``; return its metrics record (the caller writes it)."""
+    t0 = time.monotonic()
+    batch = s.data.for_round(r)
+    rollouts = s.sample(r, batch.prompt_ids)
+    t1 = time.monotonic()
+    scores = score(batch, rollouts, s.cfg.algo, state.history)
+    t2 = time.monotonic()
+    s.recorder.rollouts(batch, rollouts, scores)
+    metrics = rollout_metrics(batch, rollouts, scores)
+    if _carries_gradient(s.cfg, scores):
+        stats = s.learner.update(r, TrainBatch.of(batch, rollouts, scores), first_update=state.updates)
+        state.updates += stats["optimizer_steps"]
+        metrics.update(stats, skipped=0, skipped_total=state.skipped)
+    else:
+        state.skipped += 1
+        metrics.update(skipped=1, skipped_total=state.skipped, time_fwd_bwd=0.0, time_optim=0.0)
+    metrics.update(timings(metrics, t1 - t0, t2 - t1, time.monotonic() - t2))
+    return metrics
+
+
+def _carries_gradient(cfg: TrainConfig, scores: Scores) -> bool:
+    spec = cfg.loss_spec
+    return scores.has_signal or not cfg.algo.skip_zero_signal or spec.needs_ref or spec.needs_entropy

@@ -1,0 +1,53 @@
+"""Stage: score a round's responses and turn the rewards into advantages.
+
+The reward function of each example says whether a response is correct; that score is mapped onto
+(reward_fail, reward_success), and the advantage estimator (fastrft.algo.ADVANTAGES) turns each group's
+rewards into per-response advantages, against a baseline when the estimator has one:
+
+- ``window``: the example's last ``window`` rewards over all rounds so far (this round's included). That
+  history is run state (:class:`~fastrft.loop.types.RunState.history`): the caller passes it in and a
+  checkpoint saves it;
+- ``extra``: the rewards of the round's extra samples of the example (never trained on).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastrft import rewards
+from fastrft.algo import ADVANTAGES, group_advantages, map_reward
+from fastrft.config import AlgoConfig
+from fastrft.loop.types import Rollouts, RoundBatch, Scores
+
+
+def correct(example, completion, fail_truncated: bool) -> float:
+    """The example's reward function on one response; a response cut off at max_new_tokens scores 0 when
+    ``fail_truncated``."""
+    if fail_truncated and completion.finish_reason == "length":
+        return 0.0
+    return rewards.score(example.reward, completion.text, example.answer)
+
+
+def score(batch: RoundBatch, rollouts: Rollouts, algo: AlgoConfig, history: dict[str, list[float]]) -> Scores:
+    """Scores, rewards and advantages of ``rollouts``; appends this round's rewards to ``history`` (the
+    window baseline's per-example record, updated in place) when the estimator uses it."""
+    pair = (algo.reward_fail, algo.reward_success)
+    scores = [[correct(ex, c, algo.fail_truncated) for c in g] for ex, g in zip(batch.examples, rollouts.groups)]
+    rewards_ = [[map_reward(s, pair) for s in g] for g in scores]
+    kind = ADVANTAGES[algo.advantage].baseline
+    advantages, baselines = [], []
+    for i, (ex, g) in enumerate(zip(batch.examples, rewards_)):
+        baseline = None
+        if kind == "window":
+            hist = history.setdefault(ex.id, [])
+            hist.extend(g)
+            del hist[:-algo.window]
+            baseline = torch.tensor(hist)
+        elif kind == "extra":
+            baseline = torch.tensor([map_reward(correct(ex, c, algo.fail_truncated), pair)
+                                     for c in rollouts.extra[i]])
+        if baseline is not None:
+            baselines.append(baseline.tolist())
+        advantages.append(group_advantages(algo.advantage, torch.tensor(g), algo.adv_eps, baseline).tolist())
+    return Scores(correct=[s for g in scores for s in g], rewards=[x for g in rewards_ for x in g],
+                  advantages=advantages, baselines=baselines)

@@ -1,0 +1,137 @@
+"""The layout rules of DESIGN.md §5 and issue 22, checked on the source (no import, no torch): small
+modules and classes, no import cycle, the round loop as stage calls, and no stage on the global RNG."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = {"fastrft": ROOT / "fastrft", "fastrft.kernels": ROOT / "kernels"}
+MODULE_LINES, CLASS_LINES = 300, 250
+OVER_THE_LIMIT = {"fastrft/config.py"}  # the field table of every flag; its docstring says why
+
+
+def _modules() -> dict[str, Path]:
+    mods = {}
+    for pkg, base in PACKAGES.items():
+        for p in base.rglob("*.py"):
+            parts = list(p.relative_to(base).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            mods[".".join([pkg, *parts])] = p
+    return mods
+
+
+def _imports(name: str, path: Path, mods: dict[str, Path]) -> set[str]:
+    """The modules of this project that ``name`` imports anywhere in its file (function bodies too)."""
+
+    def known(target: str) -> str | None:
+        while target and target not in mods:
+            target = target.rpartition(".")[0]
+        return target or None
+
+    package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = ".".join(package[:len(package) - node.level + 1] + ([node.module] if node.module else []))
+            # ``from pkg import sub`` imports the submodule; ``from mod import name`` the module
+            targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in mods else base for a in node.names]
+        else:
+            continue
+        out |= {t for t in map(known, targets) if t and t != name}
+    return out
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan)."""
+    index, low, stack, on, out = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in graph:
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_no_import_cycle():
+    mods = _modules()
+    graph = {m: _imports(m, p, mods) for m, p in mods.items()}
+    assert _cycles(graph) == []
+
+
+def test_the_cycle_finder_finds_one():
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_modules_and_classes_are_small():
+    too_long = []
+    for path in (ROOT / "fastrft").rglob("*.py"):
+        rel = str(path.relative_to(ROOT))
+        text = path.read_text()
+        if len(text.splitlines()) > MODULE_LINES and rel not in OVER_THE_LIMIT:
+            too_long.append(f"{rel}: {len(text.splitlines())} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.ClassDef) and node.end_lineno - node.lineno + 1 > CLASS_LINES:
+                too_long.append(f"{rel}: class {node.name} {node.end_lineno - node.lineno + 1} lines")
+    assert too_long == []
+    for rel in OVER_THE_LIMIT:
+        assert "limit" in ast.get_docstring(ast.parse((ROOT / rel).read_text())), f"{rel} must say why it is long"
+
+
+def _function(path: Path, name: str) -> ast.FunctionDef:
+    return next(n for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.FunctionDef) and n.name == name)
+
+
+def test_the_round_only_calls_stages():
+    """The round reads top to bottom: a short function without loops."""
+    fn = _function(ROOT / "fastrft/loop/round.py", "train_round")
+    assert fn.end_lineno - fn.lineno + 1 <= 30
+    assert not any(isinstance(n, (ast.For, ast.While)) for n in ast.walk(fn))
+
+
+LOOP = sorted((ROOT / "fastrft/loop").glob("*.py")) + [ROOT / "fastrft/trainer.py"]
+GLOBAL_RNG = {("random", f) for f in ("random", "shuffle", "sample", "choice", "choices", "randint", "seed",
+                                       "uniform", "getrandbits")} | {
+    ("torch", f) for f in ("rand", "randn", "randint", "randperm", "multinomial", "bernoulli", "normal")}
+
+
+@pytest.mark.parametrize("path", LOOP, ids=lambda p: p.name)
+def test_no_stage_draws_from_the_global_rng(path):
+    calls = [n for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.Call)
+             and isinstance(n.func, ast.Attribute) and isinstance(n.func.value, ast.Name)]
+    assert [ast.unparse(c.func) for c in calls if (c.func.value.id, c.func.attr) in GLOBAL_RNG] == []
+
+
+def test_seed_streams_are_defined_in_one_place():
+    """Only fastrft/loop/seeds.py derives generation seeds and shuffle orders."""
+    users = [p.name for p in LOOP if p.name != "seeds.py"
+             and ("request_seed(" in p.read_text() or "random.Random(" in p.read_text())]
+    assert users == []
