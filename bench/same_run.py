@@ -7,7 +7,7 @@ Checks, and exits non-zero on the first difference it reports:
   (``time_*``, ``*_per_s``, ``wall_s``), compared as JSON values (floats bit for bit);
 - rollouts.jsonl: byte for byte;
 - the exported weights (``fastrft export`` of each run into RUN/export): every tensor bit for bit;
-- the checkpoint rounds kept, and config.json.
+- the checkpoint rounds kept, and config.json (but run.out).
 
 A refactor changes nothing a user can observe (the developers' guide): this is how that is shown.
 """
@@ -25,6 +25,12 @@ def _wall(key: str) -> bool:
 
 def _records(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _config(run: Path) -> dict:
+    cfg = json.loads((run / "config.json").read_text())
+    cfg["run"].pop("out", None)  # where each run was written
+    return cfg
 
 
 def compare_metrics(a: Path, b: Path) -> list[str]:
@@ -74,8 +80,8 @@ def main(argv: list[str]) -> int:
     ra, rb = a / "rollouts.jsonl", b / "rollouts.jsonl"
     if ra.exists() != rb.exists() or (ra.exists() and ra.read_bytes() != rb.read_bytes()):
         problems.append("rollouts.jsonl differs")
-    if json.loads((a / "config.json").read_text()) != json.loads((b / "config.json").read_text()):
-        problems.append("config.json differs")
+    if _config(a) != _config(b):
+        problems.append("config.json differs (run.out aside)")
     ca = sorted(p.name for p in (a / "checkpoints").glob("round-*")) if (a / "checkpoints").exists() else []
     cb = sorted(p.name for p in (b / "checkpoints").glob("round-*")) if (b / "checkpoints").exists() else []
     if ca != cb:
