@@ -317,6 +317,29 @@ def test_ladder_table_says_which_choice_helps_and_which_hurts(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_one_seed_gives_a_difference_but_no_verdict():
+    """With one seed on either side the spread is unknown: no standard error of 0 and no "helps"."""
+    from fastrft.report import compare, ladder_table
+
+    l0 = _layer("L0-minimal", [{0: 0.2, 10: 0.3, 20: 0.3}])
+    up = _layer("L2-rollouts-4", [{0: 0.2, 10: 0.9, 20: 0.9}])
+    assert compare(up, l0, "test_pass1") == {"delta": pytest.approx(0.6), "se": None, "verdict": "no verdict"}
+    three = _layer("L0-minimal", [{0: 0.2, 10: 0.3, 20: 0.3}] * 3)
+    assert compare(up, three, "test_pass1")["verdict"] == "no verdict"  # one seed on one side is enough
+    row = [line for line in ladder_table([l0, up]).splitlines() if line.startswith("| L2")][0]
+    assert row.count("+0.60 (1 seed: no verdict)") == 2 and "helps" not in row and "± 0.00" not in row
+
+
+def test_a_zero_gradient_norm_counts_in_the_median():
+    """A step with a zero gradient (KL on, no reward signal) is a step; the median of [0.0, 14.8] is 7.4."""
+    from fastrft.report import dynamics_row
+
+    recs = [{"kind": "round", "round": i + 1, "correct_mean": 0.0, "grad_norm": g, "response_len_mean": 10,
+             "skipped": 0, "skipped_total": 0} for i, g in enumerate([0.0, 14.8])]
+    row = dynamics_row({"name": "L0-minimal", "runs": [{"seed": 0, "records": recs, "summary": {}}]})
+    assert row["grad norm median"] == "7.4" and row["grad norm max"] == "15"
+
+
 def test_dynamics_table_reads_the_rounds():
     from fastrft.report import dynamics_table
 

@@ -16,7 +16,6 @@ CURVES = (("train_pass1", "train Pass@1", "-", "tab:blue"), ("test_pass1", "test
           ("test_greedy", "test greedy", "--", "tab:orange"))
 
 
-
 def _pyplot():
     import matplotlib
 
@@ -26,7 +25,6 @@ def _pyplot():
     return plt
 
 
-
 def _save(fig: Any, png: str | Path) -> Path:
     png = Path(png)
     fig.savefig(png)
@@ -34,11 +32,9 @@ def _save(fig: Any, png: str | Path) -> Path:
     return png
 
 
-
 def plot_curves(records: list[dict[str, Any]], png: str | Path, title: str = "") -> Path:
     """A run's curves as a PNG: see :func:`curves_figure`."""
     return _save(curves_figure(records, title), png)
-
 
 
 def curves_figure(records: list[dict[str, Any]], title: str = "") -> Any:
@@ -75,11 +71,9 @@ def curves_figure(records: list[dict[str, Any]], title: str = "") -> Any:
     return fig
 
 
-
 def _moving_mean(ys: list[float], w: int) -> list[float]:
     """Trailing mean over the last ``w`` values (fewer at the start)."""
     return [sum(ys[max(0, i - w + 1):i + 1]) / (i + 1 - max(0, i - w + 1)) for i in range(len(ys))]
-
 
 
 def _round_panel(ax: Any, rounds: list[dict[str, Any]], series: list[tuple[str, str, str]], title: str) -> None:
@@ -97,7 +91,6 @@ def _round_panel(ax: Any, rounds: list[dict[str, Any]], series: list[tuple[str, 
     _finish(ax, title)
 
 
-
 def _finish(ax: Any, title: str) -> None:
     ax.set_title(title, fontsize=10)
     ax.set_xlabel("round")
@@ -106,11 +99,9 @@ def _finish(ax: Any, title: str) -> None:
         ax.legend(loc="best", fontsize=8)
 
 
-
 def plot_ladder(layers: list[dict[str, Any]], png: str | Path) -> Path:
     """The study's figure as a PNG: see :func:`ladder_figure`."""
     return _save(ladder_figure(layers), png)
-
 
 
 def ladder_figure(layers: list[dict[str, Any]]) -> Any:
@@ -157,15 +148,13 @@ def ladder_figure(layers: list[dict[str, Any]]) -> Any:
     return fig
 
 
-
 def delta_xlim(compares: list[dict[str, Any] | None], dots: list[float]) -> tuple[float, float]:
     """The difference panel's x range: symmetric, at least ±0.25 (a quarter of the Pass@1 scale) so that
     a difference within noise looks small, and wide enough for every bar with its 2 SE whisker and every
     seed's dot. Autoscaling would stretch a +0.04 across the whole panel."""
-    reach = [abs(c["delta"]) + 2 * c["se"] for c in compares if c] + [abs(x) for x in dots]
+    reach = [abs(c["delta"]) + 2 * (c["se"] or 0.0) for c in compares if c] + [abs(x) for x in dots]
     half = max([0.25] + [1.08 * x for x in reach])  # a margin, so an extreme dot is not cut in half
     return -half, half
-
 
 
 def _plot_deltas(ax: Any, layers: list[dict[str, Any]], base: dict[str, Any]) -> None:
@@ -179,9 +168,10 @@ def _plot_deltas(ax: Any, layers: list[dict[str, Any]], base: dict[str, Any]) ->
         cs = [compare(layer, base, key) for layer in layers]
         drawn += cs
         bars = ax.barh([y + off for y in ys], [c["delta"] if c else 0.0 for c in cs], height=0.34, color=color,
-                       xerr=[2 * c["se"] if c else 0.0 for c in cs], error_kw={"lw": 1, "capsize": 2}, label=label)
-        for bar, c in zip(bars, cs):  # an effect within noise is drawn pale
-            if c is None or c["verdict"] == "within noise":
+                       xerr=[2 * (c["se"] or 0.0) if c else 0.0 for c in cs], error_kw={"lw": 1, "capsize": 2},
+                       label=label)
+        for bar, c in zip(bars, cs):  # an effect within noise, or one seed's difference, is drawn pale
+            if c is None or c["verdict"] not in ("helps", "hurts"):
                 bar.set_alpha(0.3)
         ref = layer_means(base, key)
         if ref:
@@ -200,7 +190,6 @@ def _plot_deltas(ax: Any, layers: list[dict[str, Any]], base: dict[str, Any]) ->
     ax.set_title("vs baseline: right helps, left hurts, pale = within noise", fontsize=9)
     ax.grid(alpha=0.3, axis="x")
     ax.legend(loc="best", fontsize=7)
-
 
 
 def plot_overlay(runs: list[tuple[str, list[dict[str, Any]]]], png: str | Path) -> Path:

@@ -34,7 +34,6 @@ class MetricsLog:
         self._f.close()
 
 
-
 def write_json(path: str | Path, data: Any) -> None:
     """Write ``data`` as JSON to ``path`` atomically (a temporary sibling, then a rename): a reader, or a
     crash, never sees half a file. For the small caches a study shares between its runs."""
@@ -43,7 +42,6 @@ def write_json(path: str | Path, data: Any) -> None:
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     tmp.write_text(json.dumps(data, indent=1, sort_keys=True), encoding="utf-8")
     os.replace(tmp, path)
-
 
 
 @contextmanager
@@ -62,14 +60,12 @@ def locked(path: str | Path) -> Iterator[None]:
         yield
 
 
-
 def _jsonable(x: Any) -> Any:
     if isinstance(x, float) and not math.isfinite(x):
         return None
     if hasattr(x, "item"):
         return x.item()
     raise TypeError(f"not JSON serialisable: {type(x).__name__}")
-
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
@@ -88,15 +84,12 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     return records
 
 
-
 def eval_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [r for r in records if r.get("kind") == "eval"]
 
 
-
 def round_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [r for r in records if r.get("kind") == "round"]
-
 
 
 def plural(n: int, word: str) -> str:

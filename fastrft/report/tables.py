@@ -5,6 +5,7 @@ of the rounds). Markdown, for summary.json, ladder.md and the terminal.
 
 from __future__ import annotations
 
+import statistics
 from typing import Any
 
 from fastrft.report.records import eval_records, round_records
@@ -25,7 +26,6 @@ def before_after_table(records: list[dict[str, Any]], keys: tuple[str, ...] | No
     return "\n".join([header, rule, *rows])
 
 
-
 def _fmt(key: str, x: Any) -> str:
     if x is None:
         return "–"
@@ -34,10 +34,8 @@ def _fmt(key: str, x: Any) -> str:
     return str(x)
 
 
-
 def curve(records: list[dict[str, Any]], key: str) -> list[tuple[int, float]]:
     return [(r["round"], float(r[key])) for r in eval_records(records) if r.get(key) is not None]
-
 
 
 def mean_std(xs: list[float]) -> tuple[float, float]:
@@ -46,20 +44,18 @@ def mean_std(xs: list[float]) -> tuple[float, float]:
     return m, sd
 
 
-
-def _pm(xs: list[float]) -> str:
+def _pm(xs: list[float], fmt: str = ".2f") -> str:
+    """Mean ± standard deviation over seeds; one seed has no spread to show."""
     if not xs:
         return "–"
     m, sd = mean_std(xs)
-    return f"{m:.2f} ± {sd:.2f}"
-
+    return f"{m:{fmt}}" if len(xs) == 1 else f"{m:{fmt}} ± {sd:{fmt}}"
 
 
 def mean_curve(curves: list[list[tuple[int, float]]]) -> list[tuple[int, float]]:
     """Pointwise mean over the rounds every curve has."""
     common = set.intersection(*(set(dict(c)) for c in curves)) if curves else set()
     return [(r, sum(dict(c)[r] for c in curves) / len(curves)) for r in sorted(common)]
-
 
 
 def _run_mean(curve: list[tuple[int, float]]) -> float | None:
@@ -69,10 +65,8 @@ def _run_mean(curve: list[tuple[int, float]]) -> float | None:
     return sum(after) / len(after) if after else None
 
 
-
 def layer_means(layer: dict[str, Any], key: str) -> list[float]:
     return [m for m in (_run_mean(curve(r["records"], key)) for r in layer["runs"]) if m is not None]
-
 
 
 #: The smallest difference of run-mean Pass@1 called an effect, whatever the seeds say: on the CPU study's
@@ -80,16 +74,18 @@ def layer_means(layer: dict[str, Any], key: str) -> list[float]:
 MIN_EFFECT = 0.05
 
 
-
 def compare(layer: dict[str, Any], base: dict[str, Any], key: str) -> dict[str, Any] | None:
     """``layer`` against ``base`` on the run-mean of ``key``: the difference of the seed means, its standard
     error (Welch: both layers' seed spreads), and a verdict. "helps"/"hurts" need |Δ| >= 2 SE and
-    >= MIN_EFFECT; anything smaller is "within noise". None when either layer has no finished run."""
+    >= MIN_EFFECT; anything smaller is "within noise". With one seed on either side the spread is unknown:
+    the SE is None and the verdict "no verdict". None when either layer has no finished run."""
     a, b = layer_means(layer, key), layer_means(base, key)
     if not a or not b:
         return None
     (ma, sa), (mb, sb) = mean_std(a), mean_std(b)
     delta = ma - mb
+    if min(len(a), len(b)) < 2:  # one seed says nothing about how much another seed would differ
+        return {"delta": delta, "se": None, "verdict": "no verdict"}
     se = (sa ** 2 / len(a) + sb ** 2 / len(b)) ** 0.5
     if abs(delta) >= max(2 * se, MIN_EFFECT):
         verdict = "helps" if delta > 0 else "hurts"
@@ -98,19 +94,20 @@ def compare(layer: dict[str, Any], base: dict[str, Any], key: str) -> dict[str, 
     return {"delta": delta, "se": se, "verdict": verdict}
 
 
-
 def baseline(layers: list[dict[str, Any]]) -> dict[str, Any] | None:
     """The layer the others are compared with: L0-minimal when the study has it, else its first preset."""
     return next((x for x in layers if x["name"] == "L0-minimal"), layers[0] if layers else None)
-
 
 
 def _vs(layer: dict[str, Any], base: dict[str, Any] | None, key: str) -> str:
     if base is None or layer is base:
         return "(baseline)" if layer is base else "–"
     c = compare(layer, base, key)
-    return "–" if c is None else f"{c['delta']:+.2f} ± {c['se']:.2f} {c['verdict']}"
-
+    if c is None:
+        return "–"
+    if c["se"] is None:
+        return f"{c['delta']:+.2f} (1 seed: no verdict)"
+    return f"{c['delta']:+.2f} ± {c['se']:.2f} {c['verdict']}"
 
 
 def ladder_row(layer: dict[str, Any], base: dict[str, Any] | None = None) -> dict[str, str]:
@@ -139,10 +136,8 @@ def ladder_row(layer: dict[str, Any], base: dict[str, Any] | None = None) -> dic
     return row
 
 
-
 LADDER_COLUMNS = ("preset", "choice", "seeds", "train before", "train after", "test before", "test after",
                   "best test (round)", "to 0.9", "train vs L0", "test vs L0", "wall / run")
-
 
 
 def ladder_table(layers: list[dict[str, Any]]) -> str:
@@ -155,7 +150,6 @@ def ladder_table(layers: list[dict[str, Any]]) -> str:
     out = ["| " + " | ".join(names) + " |", "|---|---|" + "---:|" * (len(LADDER_COLUMNS) - 2)]
     out += ["| " + " | ".join(r[c] for c in LADDER_COLUMNS) + " |" for r in rows]
     return "\n".join(out)
-
 
 
 def dynamics_row(layer: dict[str, Any]) -> dict[str, str]:
@@ -173,30 +167,25 @@ def dynamics_row(layer: dict[str, Any]) -> dict[str, str]:
         last_fail = max((r["round"] for r, c in zip(rounds, correct) if c < 1.0), default=0)
         per_seed["settled"].append(float(last_fail))
         per_seed["flips"].append(float(sum((a >= 1.0) != (b >= 1.0) for a, b in zip(correct, correct[1:]))))
-        norms = sorted(float(r["grad_norm"]) for r in rounds if not r.get("skipped") and r.get("grad_norm"))
+        # A step whose gradient norm is 0 (no signal, KL on) is a step: only skipped rounds took none.
+        norms = [float(r["grad_norm"]) for r in rounds if not r.get("skipped") and r.get("grad_norm") is not None]
         if norms:
-            per_seed["gn_med"].append(norms[len(norms) // 2])
-            per_seed["gn_max"].append(norms[-1])
+            per_seed["gn_med"].append(statistics.median(norms))
+            per_seed["gn_max"].append(max(norms))
         tail = rounds[-5:]
         per_seed["len"].append(sum(float(r.get("response_len_mean", 0.0)) for r in tail) / len(tail))
         per_seed["skipped"].append(float(rounds[-1].get("skipped_total", 0)))
 
     def pm(key: str, fmt: str) -> str:
-        xs = per_seed[key]
-        if not xs:
-            return "–"
-        m, sd = mean_std(xs)
-        return f"{m:{fmt}} ± {sd:{fmt}}"
+        return _pm(per_seed[key], fmt)
 
     return {"preset": layer["name"], "correct rollouts": pm("correct", ".2f"), "last failed round": pm("settled", ".0f"),
             "flips": pm("flips", ".1f"), "grad norm median": pm("gn_med", ".2g"), "grad norm max": pm("gn_max", ".0f"),
             "final length": pm("len", ".0f"), "skipped rounds": pm("skipped", ".0f")}
 
 
-
 DYNAMICS_COLUMNS = ("preset", "correct rollouts", "last failed round", "flips", "grad norm median", "grad norm max",
                     "final length", "skipped rounds")
-
 
 
 def dynamics_table(layers: list[dict[str, Any]]) -> str:
