@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -171,7 +172,7 @@ def shard_dir(run_dir: Path, round_: int) -> Path:
 def load_round(run_dir: Path, round_: int) -> tuple[int, dict[str, Any]]:
     """The checkpoint of ``round_`` (already verified by the rank that chose it)."""
     path = Path(run_dir) / CKPT_DIR / f"round-{round_:06d}"
-    return round_, torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+    return round_, load_state(path / "state.pt")
 
 
 def check_layout(run_dir: Path, round_: int, payload: dict[str, Any], distributed: bool) -> None:
@@ -204,6 +205,35 @@ def verify(path: Path) -> str | None:
     return None
 
 
+def _plain_numpy() -> list:
+    """The numpy types a checkpoint holds (numpy's RNG state is an array): allowed, as data only."""
+    try:
+        import numpy as np
+    except ImportError:  # pragma: no cover
+        return []
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # numpy < 2
+        from numpy.core.multiarray import _reconstruct
+    return [np.ndarray, np.dtype, _reconstruct, type(np.dtype(np.uint32))]
+
+
+def load_state(path: Path) -> dict[str, Any]:
+    """A checkpoint's state.pt, read as data only: tensors, plain Python containers and numbers, numpy
+    arrays. torch's weights-only unpickler refuses anything else, so a crafted file (a run directory
+    received from someone else) cannot run code when it is resumed or exported; the SHA-256 manifest
+    cannot guard against the one who wrote it."""
+    with torch.serialization.safe_globals(_plain_numpy()):
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            found = re.search(r"GLOBAL:? ([\w.]+)", str(e))
+            what = f"a reference to {found.group(1)}" if found else "an object"
+            raise pickle.UnpicklingError(
+                f"it holds {what}, which is neither a tensor nor plain data, and loading it could run code; "
+                "fastrft writes only data, so this file was not written by fastrft or was altered") from None
+
+
 def load_latest(run_dir: Path, warn=None) -> tuple[int, dict[str, Any]] | None:
     """The newest whole checkpoint of a run as (round, payload), or None. Damaged ones are reported
     through ``warn`` (default: stderr) and skipped; they are left on disk for inspection."""
@@ -212,8 +242,9 @@ def load_latest(run_dir: Path, warn=None) -> tuple[int, dict[str, Any]] | None:
         problem = verify(path)
         if problem is None:
             try:
-                payload = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
-                return round_, payload
+                return round_, load_state(path / "state.pt")
+            except pickle.UnpicklingError as e:
+                problem = f"state.pt refused: {e}"
             except Exception as e:  # noqa: BLE001 - whole on disk but unreadable (another torch, a bug)
                 problem = f"state.pt cannot be loaded: {e.__class__.__name__}: {e}"
         warn(f"fastrft: checkpoint {path} is damaged ({problem}); skipped")
@@ -253,6 +284,10 @@ def export_run(run_dir: str | os.PathLike[str], out: str | os.PathLike[str]) -> 
     from fastrft.models.loader import resolve_model_dir
 
     run_dir, out = Path(run_dir), Path(out)
+    if out.exists() and not out.is_dir():
+        raise FastRFTError(f"--out {out} is a file; pass the path of a new directory")
+    if out.exists() and any(out.iterdir()):
+        raise FastRFTError(f"--out {out} exists and is not empty; choose a new directory")
     cfg_file = run_dir / "config.json"
     if not cfg_file.exists():
         raise FastRFTError(f"{run_dir}: no config.json; pass a run directory written by fastrft train")
@@ -274,9 +309,10 @@ def export_run(run_dir: str | os.PathLike[str], out: str | os.PathLike[str]) -> 
         state = dcp_full_model_state(shard_dir(run_dir, round_), template)
     if hf_config.get("tie_word_embeddings", False):
         state = {k: v for k, v in state.items() if k != "lm_head.weight"}
-    if out.exists() and any(out.iterdir()):
-        raise FastRFTError(f"--out {out} exists and is not empty; choose a new directory")
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise FastRFTError(f"--out {out}: cannot create it ({e.strerror}); choose a writable path") from None
     for f in sorted(source.iterdir()):
         if f.is_file() and not f.name.endswith(_WEIGHT_SUFFIXES) and f.name not in ("config.json",
                                                                                       "model.safetensors.index.json"):
@@ -284,6 +320,11 @@ def export_run(run_dir: str | os.PathLike[str], out: str | os.PathLike[str]) -> 
     dtype = next(iter(state.values())).dtype
     hf_config["torch_dtype"] = str(dtype).removeprefix("torch.")
     (out / "config.json").write_text(json.dumps(hf_config, indent=2))
-    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(out / "model.safetensors"),
+    weights = out / "model.safetensors"
+    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(weights),
               metadata={"format": "pt", "fastrft_run": str(run_dir), "fastrft_round": str(round_)})
+    # safetensors creates the file owner-only (0600); an exported model is shared like its other files.
+    umask = os.umask(0)
+    os.umask(umask)
+    weights.chmod(0o666 & ~umask)
     return out

@@ -149,6 +149,37 @@ def test_checkpoint_write_is_atomic_and_pruned(tmp_path):
     assert "round-000003" in warnings[0] and "SHA-256" in warnings[0]
 
 
+class _RunsCode:
+    """Pickled, it calls os.system when loaded by an unpickler that allows any global."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_crafted_checkpoint_is_refused_and_its_code_never_runs(tmp_path, capsys):
+    """state.pt is read as data only: a file whose manifest is right but which holds a call (written by
+    someone else, for resume or export) is refused with a line that says why, and nothing runs."""
+    marker = tmp_path / "code-ran"
+    save_checkpoint(tmp_path, 1, {"x": torch.ones(2)}, keep=5)
+    save_checkpoint(tmp_path, 2, {"x": _RunsCode(marker)}, keep=5)  # the newest, whole by its manifest
+    assert verify(checkpoint_dirs(tmp_path)[-1][1]) is None
+    warnings = []
+    round_, payload = load_latest(tmp_path, warn=warnings.append)
+    assert round_ == 1 and torch.equal(payload["x"], torch.ones(2)) and not marker.exists()
+    assert "round-000002" in warnings[0] and "posix.system" in warnings[0] and "could run code" in warnings[0]
+    # export of a run whose only checkpoint is crafted: one line, nothing run, nothing written
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "run" / "config.json").write_text(json.dumps({"model": {"model": "unused"}}))
+    save_checkpoint(tmp_path / "run", 1, {"x": _RunsCode(marker)}, keep=5)
+    assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "could run code" in err and "no whole checkpoint" in err and "Traceback" not in err
+    assert not marker.exists() and not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("family", ["llama", "llama-tied-bias", "qwen3"])
 def test_export_loads_in_transformers_with_the_same_logits(tiny_models, tmp_path, family, capsys):
     from safetensors.torch import load_file
@@ -180,6 +211,12 @@ def test_export_loads_in_transformers_with_the_same_logits(tiny_models, tmp_path
     base = AutoModelForCausalLM.from_pretrained(tiny_models[family], dtype=torch.float32).eval()
     with torch.no_grad():
         assert not torch.allclose(base(ids).logits[0], theirs)
-    # Export refuses to overwrite.
+    # Every exported file has the same mode: the process's default (model.safetensors was once 0600).
+    assert {f.stat().st_mode & 0o777 for f in out.iterdir()} == {(out / "config.json").stat().st_mode & 0o777}
+    # Export refuses to overwrite, and to write into a file, with one line.
     assert main(["export", str(run), "--out", str(out)]) == 2
     assert "not empty" in capsys.readouterr().err
+    (tmp_path / "a-file").write_text("x")
+    assert main(["export", str(run), "--out", str(tmp_path / "a-file")]) == 2
+    err = capsys.readouterr().err
+    assert "is a file" in err and "Traceback" not in err and (tmp_path / "a-file").read_text() == "x"
