@@ -60,7 +60,8 @@ def step_weights(response_lengths: list[int], spec: PGLossSpec) -> list[torch.Te
 
 def merge_micro_stats(parts: list[dict[str, float]], tokens: list[int]) -> dict[str, float]:
     """One step's stats from its micro-batches': losses add (they are slices of one normalised sum), means
-    are weighted by tokens, *_min / *_max are taken over all."""
+    are weighted by ``tokens`` (each micro-batch's response tokens: its means are over those), *_min /
+    *_max are taken over all."""
     total = sum(tokens)
     out: dict[str, float] = {}
     for k in parts[0]:

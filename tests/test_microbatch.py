@@ -118,8 +118,36 @@ def test_trainer_with_a_budget_follows_the_trainer_without(tiny_llama, tmp_path)
         assert r["clip_frac_low"] == 0.0 and r["clip_frac_high"] == 0.0
     for a, b in zip(split, whole):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
+        # The logged means are over response tokens whatever the budget (prompt tokens once weighted them).
+        for key in ("logp_mean", "entropy_mean", "logp_gap_mean"):
+            if not a["skipped"]:
+                assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (a["round"], key)
     for k in whole_params:
         torch.testing.assert_close(split_params[k], whole_params[k], atol=1e-5, rtol=1e-5)
+
+
+def test_a_steps_logged_means_do_not_depend_on_the_budget(tiny_llama, tmp_path):
+    """One step over sequences with prompts and responses of different lengths, whole and cut into
+    micro-batches: its logged means are over the response tokens, so they agree (fp32 rounding aside)."""
+    from fastrft.engine import Completion
+    from fastrft.loop.types import TrainBatch
+    from fastrft.trainer import Trainer
+
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 60, (n,), generator=g).tolist() for n in (30, 3, 17, 5)]
+    responses = [torch.randint(3, 60, (n,), generator=g).tolist() for n in (2, 11, 1, 6)]
+    train = TrainBatch(prompts, [Completion(r, [-1.0] * len(r), "length") for r in responses], [1.0, -0.5, 0.25, 2.0])
+    stats = {}
+    for budget in (None, 12):
+        cfg = TrainConfig(model=ModelConfig(model=str(tiny_llama)), data=DataConfig(dataset="arithmetic"),
+                          rollout=RolloutConfig(group_size=4),
+                          algo=AlgoConfig(advantage="grpo", kl_coef=0.1, entropy_coef=0.01),
+                          optim=OptimConfig(lr=1e-3, max_tokens_per_step=budget),
+                          run=RunConfig(rounds=1, out=str(tmp_path / str(budget)), progress=False))
+        stats[budget] = Trainer(cfg).learner.update(1, train, first_update=0)
+    assert stats[None]["micro_batches"] == 1 and stats[12]["micro_batches"] == 4
+    for key in ("loss", "logp_mean", "entropy_mean", "kl_mean", "logp_gap_mean", "clip_frac_low", "clip_frac_high"):
+        assert stats[12][key] == pytest.approx(stats[None][key], rel=1e-5, abs=1e-7), key
 
 
 def test_activation_checkpointing_gives_the_plain_gradients_bit_for_bit(tiny_llama):

@@ -82,26 +82,28 @@ class Learner:
             for part in split_parts(order, a.mini_batches):
                 t0 = time.monotonic()
                 lr = cfg.optim.lr_at(first_update + len(steps), total_steps)
-                micro_stats, micro_tokens = self._accumulate(train, part, old, lr)
+                micro_stats, micro_tokens, micro_targets = self._accumulate(train, part, old, lr)
                 t1 = time.monotonic()
                 grad_norm = self._step()
                 t_fb, t_opt = t_fb + t1 - t0, t_opt + time.monotonic() - t1
                 n_tokens += sum(micro_tokens)
-                stats = micro_stats[0] if len(micro_stats) == 1 else merge_micro_stats(micro_stats, micro_tokens)
+                # Each micro-batch's stats are means over its response tokens: merged, they weigh by those.
+                stats = micro_stats[0] if len(micro_stats) == 1 else merge_micro_stats(micro_stats, micro_targets)
                 loss_value = stats.pop("loss")
                 steps.append({"loss": loss_value, "grad_norm": grad_norm, **stats, "micro_batches": len(micro_stats)})
         return {**_merge_steps(steps), "lr": lr, "train_tokens": n_tokens, "optimizer_steps": len(steps),
                 "time_fwd_bwd": t_fb, "time_optim": t_opt}
 
     def _accumulate(self, train: TrainBatch, part: list[int], old, lr: float):
-        """Forward and backward of one optimizer step's micro-batches; (their stats, their tokens)."""
+        """Forward and backward of one optimizer step's micro-batches; (their stats, their packed tokens,
+        their response tokens)."""
         cfg = self.cfg
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         # On CPU, freeing the gradients makes every backward fault in fresh pages for all of them
         # (about a third of a SmolLM2 step, measured); CUDA's caching allocator makes freeing cheap.
         self.optimizer.zero_grad(set_to_none=self.device.type == "cuda")
-        micro_stats, micro_tokens = [], []
+        micro_stats, micro_tokens, micro_targets = [], [], []
         kw = dict(temperature=cfg.rollout.temperature, backend=cfg.model.kernels)
         for micro, real in step_plan(train.select(part), self.token_budget, self.spec, self.world):
             ids = [part[j] for j in micro.members]
@@ -120,12 +122,14 @@ class Learner:
             if real:  # (a zero-weight stand-in keeps this rank in step with the others' collectives)
                 micro_stats.append({"loss": float(loss.detach()), **stats})
                 micro_tokens.append(batch.num_tokens)
+                micro_targets.append(int(batch.targets.numel()))
             del hidden, weight, loss
         if self.world.distributed:  # the step's stats over every rank's micro-batches
-            parts = self.world.gather((micro_stats, micro_tokens))
-            micro_stats = [x for st, _ in parts for x in st]
-            micro_tokens = [x for _, nt in parts for x in nt]
-        return micro_stats, micro_tokens
+            parts = self.world.gather((micro_stats, micro_tokens, micro_targets))
+            micro_stats = [x for st, _, _ in parts for x in st]
+            micro_tokens = [x for _, nt, _ in parts for x in nt]
+            micro_targets = [x for _, _, nt in parts for x in nt]
+        return micro_stats, micro_tokens, micro_targets
 
     def _step(self) -> float:
         """Clip the gradient norm, AdamW step, refresh the compute copy; returns the norm before clipping."""
