@@ -134,3 +134,17 @@ def test_truncated_responses_can_be_scored_as_failures(tiny_llama, tmp_path):
     assert len(flat) == 24
     assert all(x["reward"] == 0.0 for x in flat if x["finish"] == "length")
     assert any(x["finish"] == "length" for x in flat)
+
+
+def test_the_progress_bar_shows_the_round_it_counts(tmp_path, capsys):
+    """The bar's reward, loss and entropy are those of the round just counted, not of the one before."""
+    from fastrft.config import RunConfig, TrainConfig
+    from fastrft.loop.recorder import Recorder
+
+    recorder = Recorder(TrainConfig(run=RunConfig(rounds=3, log_samples=0)), tmp_path, done=0, progress=True)
+    recorder.bar.mininterval = 0  # draw on every update
+    for r, reward in ((1, "0.25"), (2, "0.50")):
+        recorder.round({"kind": "round", "round": r}, {"reward": reward})
+        shown = capsys.readouterr().err.split("\r")[-1]
+        assert f"{r}/3" in shown and f"reward={reward}" in shown, shown
+    recorder.close()

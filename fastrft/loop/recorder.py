@@ -37,8 +37,8 @@ class Recorder:
     def round(self, metrics: dict[str, Any], postfix: dict[str, str]) -> None:
         self.metrics.write(metrics)
         self.scalars(metrics, metrics["round"], prefix="train/")
+        self.bar.set_postfix(postfix, refresh=False)  # before the update, which draws the bar with it
         self.bar.update(1)
-        self.bar.set_postfix(postfix, refresh=False)
 
     def evaluation(self, record: dict[str, Any], line: str) -> None:
         self.metrics.write(record)
