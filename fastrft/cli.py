@@ -220,6 +220,9 @@ def _train(config: TrainConfig, force: bool = False) -> int:
     from fastrft.trainer import Trainer
 
     trainer = Trainer(config, force=force)
+    if trainer.complete and trainer.world.main:
+        print(f"fastrft: {trainer.out_dir} holds this run, complete ({config.run.rounds} rounds): nothing to do; "
+              "its results follow (a new --out starts another run)", file=sys.stderr)
     summary = trainer.run()
     if not trainer.world.main:  # under torchrun, rank 0 speaks for the job
         return 0

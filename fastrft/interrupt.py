@@ -36,9 +36,13 @@ class _Abandon(Exception):
 
 
 class StopRequest:
-    """Catches SIGINT/SIGTERM while active; ``requested`` holds the first signal's number."""
+    """Catches SIGINT/SIGTERM while active; ``requested`` holds the first signal's number.
 
-    def __init__(self, describe=lambda: "the current round"):
+    ``describe(abandoning)`` says what the run does next, printed when the signal arrives: ``abandoning``
+    is True when the signal interrupts an abandonable section (an evaluation)."""
+
+    def __init__(self, describe=lambda abandoning: ("abandoning the evaluation" if abandoning
+                                                     else "finishing the current round") + ", then writing a checkpoint"):
         self.requested: int | None = None
         self._describe = describe
         self._abandonable = False
@@ -48,8 +52,7 @@ class StopRequest:
         if self.requested is not None:
             raise KeyboardInterrupt  # the second signal: abort now
         self.requested = signum
-        action = "abandoning the evaluation" if self._abandonable else f"finishing {self._describe()}"
-        print(f"\nfastrft: {signal.Signals(signum).name} received: {action}, then writing a checkpoint "
+        print(f"\nfastrft: {signal.Signals(signum).name} received: {self._describe(self._abandonable)} "
               "(send it again to abort at once)", file=sys.stderr, flush=True)
         if self._abandonable:
             self._abandonable = False

@@ -45,7 +45,7 @@ def test_rerun_into_same_directory(tiny_llama, tmp_path, capsys):
     capsys.readouterr()
     assert main(_train_args(tiny_llama, out)) == 0
     assert (out / "metrics.jsonl").read_bytes() == before
-    capsys.readouterr()
+    assert f"{out} holds this run, complete" in capsys.readouterr().err  # said, not only the table again
     assert main(_train_args(tiny_llama, out, "--lr", "2e-3")) == 2
     err = capsys.readouterr().err
     assert "another config" in err and "optim.lr: 0.001 -> 0.002" in err and "--force" in err

@@ -115,6 +115,8 @@ GOOD = json.dumps(GSM8K_ROWS[0])
     ([GOOD, json.dumps({"question": 5, "answer": "#### 5"})], ["line 2", "field 'question'", "string"]),
     ([json.dumps({"question": "  ", "answer": "#### 5"})], ["line 1", "field 'question'", "empty"]),
     (["", "", GOOD, "{oops"], ["line 4", "not valid JSON"]),
+    ([GOOD, '{"question": "q", "answer": "#### 1", "extra": [1, 2,, 3]}'], ["line 2", "Expecting value at column 54"]),
+    ([GOOD, '{"question": "q", "answer": "#### 1"'], ["line 2", "Expecting ',' delimiter at the end of the line"]),
 ])
 def test_malformed_gsm8k_lines_name_file_line_and_field(tmp_path, lines, needles):
     path = write_jsonl(tmp_path / "gsm8k_train.jsonl", lines)

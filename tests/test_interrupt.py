@@ -135,6 +135,7 @@ def test_without_out_the_message_names_the_directory(tiny_llama, tmp_path, monke
     monkeypatch.setattr(trainer_mod.Trainer, "round", round_then_stop)
     assert main(args) == 128 + signal.SIGINT
     err = capsys.readouterr().err
+    assert "finishing round 2, then checkpointing it" in err and "stopped by SIGINT after round 2" in err
     (run_dir,) = (tmp_path / "runs").iterdir()
     assert f"with --out {run_dir.relative_to(tmp_path)} to continue" in err
     assert [r for r, _ in checkpoint_dirs(run_dir)] == [2]  # round 2 finished before the stop
@@ -159,7 +160,9 @@ def test_stop_right_after_the_base_evaluation_checkpoints_round_0(tiny_llama, tm
     monkeypatch.setattr(Recorder, "evaluation", log_then_stop)
     out = tmp_path / "run"
     assert main(_args(tiny_llama, out)) == 128 + signal.SIGTERM
-    assert "after round 0" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    # The signal came between rounds: the message says so, not "finishing round 1".
+    assert "stopping after round 0, then checkpointing it" in err and "stopped by SIGTERM after round 0" in err
     assert [r for r, _ in checkpoint_dirs(out)] == [0]
     assert [(r["kind"], r["round"]) for r in read_metrics(out / "metrics.jsonl")] == [("eval", 0)]
     monkeypatch.setattr(Recorder, "evaluation", real)
@@ -179,7 +182,9 @@ def test_stop_during_the_base_evaluation_leaves_nothing_to_resume(tiny_llama, tm
     monkeypatch.setattr(evaluator_mod, "evaluate", _stopped_in_call(real, 1))
     out = tmp_path / "run"
     assert main(_args(tiny_llama, out)) == 128 + signal.SIGTERM
-    assert "no checkpoint (nothing was completed)" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "no checkpoint (nothing was completed)" in err
+    assert "nothing is recorded yet, so there is nothing to checkpoint" in err and "then checkpointing" not in err
     assert checkpoint_dirs(out) == [] and read_metrics(out / "metrics.jsonl") == []
     monkeypatch.setattr(evaluator_mod, "evaluate", real)
     assert main(_args(tiny_llama, out)) == 0

@@ -93,12 +93,12 @@ def _read_jsonl(p: Path, shown: str, opener: Callable[[Path], Any]) -> Iterator[
             for number, line in enumerate(text, start=1):
                 if not line.strip():
                     continue
+                line = line.rstrip("\r\n")  # else an error at the line's end is "line 2, column 1"
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError as exc:
-                    raise DataError(
-                        f"{shown} line {number}: not valid JSON ({exc.msg} at column {exc.colno})"
-                    ) from None
+                    where = "the end of the line" if exc.pos >= len(line) else f"column {exc.colno}"
+                    raise DataError(f"{shown} line {number}: not valid JSON ({exc.msg} at {where})") from None
                 if not isinstance(record, dict):
                     raise DataError(
                         f"{shown} line {number}: not a JSON object (got {type(record).__name__})"

@@ -47,10 +47,11 @@ class RunLoop:
         self.cfg, self.out_dir, self.state, self.round_fn = cfg, out_dir, state, round_fn
         self.evaluator, self.checkpoints, self.recorder = evaluator, checkpoints, recorder
         self.learner, self.world, self.clock, self.resumed_from = learner, world, clock, resumed_from
+        self._in_round = False  # between round_fn's start and the round's record (what a stop finishes)
 
     def run(self, train_example_ids: list[str]) -> dict[str, Any]:
         """Train until round ``run.rounds``; return the run's summary (rank 0 writes summary.json)."""
-        stop = StopRequest(describe=lambda: f"round {self.state.round + 1}")
+        stop = StopRequest(describe=self._next_step)
         if self.resumed_from is not None:
             self.recorder.note(f"[resume] {self.out_dir}: continuing after round {self.resumed_from}")
         try:
@@ -59,8 +60,9 @@ class RunLoop:
                 for r in range(self.state.round + 1, self.cfg.run.rounds + 1):
                     if self.world.any(stop.requested is not None):  # agreed: a signal may reach ranks apart
                         self._stop(stop)
+                    self._in_round = True
                     metrics = self.round_fn(r)
-                    self.state.round = r
+                    self.state.round, self._in_round = r, False
                     self.recorder.round(metrics, postfix(metrics, kl=self.cfg.loss_spec.needs_ref))
                     self._after_round(r, stop)
         except KeyboardInterrupt as e:
@@ -80,6 +82,17 @@ class RunLoop:
         """Checkpoint the end of round ``state.round``."""
         self.state.wall = self.clock.total()
         return self.checkpoints.save(self.state)
+
+    def _next_step(self, abandoning: bool) -> str:
+        """What the run does after a stop request, said when the signal arrives."""
+        done = self.state.round
+        if abandoning and done == 0 and self.resumed_from is None and self.state.pending_eval is None:
+            return "abandoning the base model's evaluation; nothing is recorded yet, so there is nothing to checkpoint"
+        if abandoning:
+            return f"abandoning the evaluation after round {done}, then checkpointing round {done} with it pending"
+        if self._in_round:
+            return f"finishing round {done + 1}, then checkpointing it"
+        return f"stopping after round {done}, then checkpointing it (unless that checkpoint exists)"
 
     def resume_hint(self) -> str:
         # Without --out the run directory has a timestamp, so the same command would start a new run.
