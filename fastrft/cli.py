@@ -21,9 +21,16 @@ from fastrft.errors import ConfigError, FastRFTError, read_json_object
 _UNSET = object()
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line, naming the flag, with where to read more (not the 50-line usage)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _parse_optional(inner):
     def parse(text: str):
-        return None if text.lower() in ("none", "null", "") else inner(text)
+        return None if text.lower() in ("none", "null") else inner(text)
 
     return parse
 
@@ -46,15 +53,32 @@ def _converter(tp: Any):
     return tp
 
 
-def add_config_flags(parser: argparse.ArgumentParser) -> None:
+#: What ``fastrft ladder`` does with a flag instead of the train default, for its --help.
+LADDER_HELP = {
+    ("run", "out"): "the study's directory (default: runs/ladder-<profile>)",
+    ("run", "seed"): "the study's first seed: its runs use seeds S, S+1, ..., S + --seeds - 1 (default: 0)",
+    ("run", "name"): "not accepted by the ladder: each run is named <preset>/seed-<s>",
+}
+
+
+def add_config_flags(parser: argparse.ArgumentParser, ladder: bool = False) -> None:
+    """One flag per config field. ``ladder``: say where the ladder's values come from instead of the train
+    defaults (the profile and the presets set many fields; --out, --seed and --name mean other things)."""
+    from fastrft.presets import fields_set_by_presets
+
+    preset_fields = fields_set_by_presets() if ladder else set()
     for group_name, cls in GROUPS.items():
         group = parser.add_argument_group(group_name)
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
-            kwargs: dict[str, Any] = dict(dest=f"{group_name}.{f.name}", default=_UNSET,
-                                          help=f"{f.metadata.get('help', '')} (default: {shown})")
+            text = f"{f.metadata.get('help', '')} (default: {f.metadata.get('shown', shown)})"
+            if (group_name, f.name) in LADDER_HELP and ladder:
+                text = LADDER_HELP[group_name, f.name]
+            elif (group_name, f.name) in preset_fields:
+                text = f"{f.metadata.get('help', '')} (default: set by --profile and the preset)"
+            kwargs: dict[str, Any] = dict(dest=f"{group_name}.{f.name}", default=_UNSET, help=text)
             if hints[f.name] is bool:
                 kwargs["action"] = argparse.BooleanOptionalAction
             else:
@@ -99,13 +123,14 @@ def load_config_file(path: str) -> TrainConfig:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fastrft", description="Reinforcement fine-tuning of LLMs, bottom-up.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="fastrft", description="Reinforcement fine-tuning of LLMs, bottom-up.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     train = sub.add_parser("train", help="train with any configuration (flags override --preset, --profile, "
                                          "--config and the defaults, in that order)")
     train.add_argument("--config", help="a JSON file of config sections (as written to a run's config.json)")
     train.add_argument("--preset", help="a layer preset, e.g. L0-minimal or L3 (see fastrft presets)")
-    train.add_argument("--profile", default="paper", help="machine sizing: paper (default) | cpu-mini")
+    train.add_argument("--profile", default="paper", help="machine sizing: paper (default) | cpu-mini | auto "
+                                                          "(cpu-mini on CPU with the embedded model, else paper)")
     train.add_argument("--force", action="store_true", help="resume into --out even if its config differs")
     add_config_flags(train)
     ladder = sub.add_parser("ladder", help="run every (layer, seed) pair of a bottom-up study; writes "
@@ -124,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "(on CUDA: the visible GPUs in turn), its output in <run dir>/job.log; the results "
                              "of --jobs 1, bit for bit with the same --threads (default: 1, one pair after "
                              "another in this process)")
-    add_config_flags(ladder)
+    add_config_flags(ladder, ladder=True)
     sub.add_parser("presets", help="list the layer presets and profiles")
     export = sub.add_parser("export", help="write a run's newest checkpoint as an HF-format model directory")
     export.add_argument("run_dir")
@@ -170,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
         from fastrft import presets
 
         base = load_config_file(args.config) if args.config else TrainConfig()
-        layers = [presets.L0_FIELDS, presets.profile(args.profile)] if args.preset else [presets.profile(args.profile)]
+        profile = _resolve_profile(args.profile, flag_values(args), base, "fastrft train")
+        layers = [presets.L0_FIELDS, presets.profile(profile)] if args.preset else [presets.profile(profile)]
         if args.preset:
             layers.append(presets.resolve(args.preset).overrides)
         return _train(config_from_args(args, base, *layers), force=args.force)
@@ -188,23 +214,29 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def _resolve_profile(profile: str, flags: dict[str, dict[str, Any]], base: TrainConfig, command: str) -> str:
+    """``auto``: cpu-mini on a CPU with the embedded model, else paper (said on stderr); others as given."""
+    if profile != "auto":
+        return profile
+    from fastrft.models.embedded import DEFAULT_MODEL
+
+    model = flags.get("model", {}).get("model", base.model.model)
+    device = flags.get("model", {}).get("device", base.model.device)
+    import torch
+
+    on_cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+    chosen = "cpu-mini" if on_cpu and model == DEFAULT_MODEL else "paper"
+    print(f"{command}: profile {chosen} (chosen by --profile auto; flags override its sizing)", file=sys.stderr)
+    return chosen
+
+
 def _ladder(args) -> int:
     from fastrft import ladder
-    from fastrft.models.embedded import DEFAULT_MODEL
 
     base = load_config_file(args.config) if args.config else TrainConfig()
     flags = flag_values(args)
-    out = flags.get("run", {}).pop("out", None) or f"runs/ladder-{args.profile}"
-    profile = args.profile
-    if profile == "auto":
-        model = flags.get("model", {}).get("model", base.model.model)
-        device = flags.get("model", {}).get("device", base.model.device)
-        import torch
-
-        on_cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
-        profile = "cpu-mini" if on_cpu and model == DEFAULT_MODEL else "paper"
-        print(f"fastrft ladder: profile {profile} (chosen by --profile auto; flags override its sizing, and "
-              "ladder.md states the settings every run used)", file=sys.stderr)
+    profile = _resolve_profile(args.profile, flags, base, "fastrft ladder")
+    out = flags.get("run", {}).pop("out", None) or f"runs/ladder-{profile}"
     layers = [x.strip() for x in args.layers.split(",") if x.strip()]
     pairs = ladder.plan(base.to_dict(), flags, layers, args.seeds, profile, Path(out))
     settings = {"layers": [p.name for p in dict.fromkeys(x.preset for x in pairs)], "seeds": args.seeds,

@@ -311,7 +311,7 @@ class EvalConfig:
 class RunConfig:
     rounds: int = opt(200, "training rounds (one optimizer step each, unless skipped)")
     seed: int = opt(0, "seed of sampling, data subsets and initialisation")
-    out: str | None = opt(None, "run directory (default: runs/<name>-<timestamp>)")
+    out: str | None = opt(None, "run directory", shown="runs/<name>-<timestamp>")
     name: str = opt("train", "run name, used in the default run directory")
     progress: bool = opt(True, "show a progress bar")
     log_samples: int = opt(1, "responses per round written to rollouts.jsonl with their rewards (0 = none)")
@@ -331,6 +331,9 @@ class RunConfig:
         _require(self.save_every >= 0, "save_every", f"must be >= 0, got {self.save_every}")
         _require(self.keep_checkpoints >= 1, "keep_checkpoints", f"must be >= 1, got {self.keep_checkpoints}")
         _require(self.log_samples >= 0, "log_samples", f"must be >= 0, got {self.log_samples}")
+        _require(self.out is None or self.out.strip() != "", "out", "is empty; give a directory (or leave the "
+                 "flag out for runs/<name>-<timestamp>)")
+        _require(self.name.strip() != "", "name", "is empty; give the run a name (it starts the default --out)")
 
 
 @dataclass(frozen=True)

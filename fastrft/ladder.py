@@ -68,10 +68,14 @@ def plan(base: dict[str, dict[str, Any]], flags: dict[str, dict[str, Any]], laye
             chosen.append(p)
     if not chosen:
         raise ConfigError("layers (--layers) is empty; e.g. --layers L0,L1,L2,L3,L4")
+    if "name" in flags.get("run", {}):
+        raise ConfigError("name (--name) is not accepted by the ladder: each run is named <preset>/seed-<s>; "
+                          "name the study with --out")
     prof = presets.profile(profile_name)
+    first = flags.get("run", {}).get("seed", base.get("run", {}).get("seed", 0))  # --seed: the study's first
     pairs = []
     for p in chosen:
-        for s in range(seeds):
+        for s in range(first, first + seeds):
             run = {"seed": s, "out": str(out / p.name / f"seed-{s}"), "name": f"{p.name}/seed-{s}"}
             values = presets.overlay(base, presets.L0_FIELDS, prof, p.overrides, flags, {"run": run})
             if values["data"].get("difficulty_cache") is None:
@@ -205,12 +209,17 @@ def flags_text(pairs: list[Pair], settings: dict[str, Any]) -> str:
     prof = presets.PROFILES[profile][1] if profile in presets.PROFILES else {}
     base = settings.get("base") or TrainConfig().to_dict()
     chosen = list(dict.fromkeys(p.preset for p in pairs))
-    given = [_flag(field, value) + _replaced(chosen, base, (profile, prof), section, field, value)
+    given = [_flag(field, value) + (_seeds(value, settings.get("seeds", 1)) if (section, field) == ("run", "seed")
+                                    else _replaced(chosen, base, (profile, prof), section, field, value))
              for section, fields in (settings.get("flags") or {}).items() for field, value in fields.items()
              if (section, field) != ("run", "progress")]  # a display switch, not a setting of the study
     if not given:
         return f"Profile `{profile}`; no setting given on the command line."
     return f"Profile `{profile}`; given on the command line, over the profile and the presets: {', '.join(given)}."
+
+
+def _seeds(first: int, n: int) -> str:
+    return f" (the first seed: runs seed-{first}" + (f" to seed-{first + n - 1})" if n > 1 else ")")
 
 
 def _replaced(chosen: list[presets.Preset], base: dict[str, dict[str, Any]], profile: tuple[str, dict], section: str,

@@ -114,6 +114,13 @@ def profile(name: str) -> dict[str, dict[str, Any]]:
     return PROFILES[name][1]
 
 
+def fields_set_by_presets() -> set[tuple[str, str]]:
+    """(section, field) of every field L0, a profile or a preset sets: their ladder value is not the
+    train default."""
+    layers = [L0_FIELDS, *(fields for _, fields in PROFILES.values()), *(p.overrides for p in PRESETS.values())]
+    return {(section, name) for layer in layers for section, fields in layer.items() for name in fields}
+
+
 def overlay(values: dict[str, dict[str, Any]], *layers: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Config dict ``values`` with each layer's fields written over it, in order (a new dict)."""
     out = {k: dict(v) for k, v in values.items()}

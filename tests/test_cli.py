@@ -104,3 +104,29 @@ def test_help_is_fast_because_it_imports_no_torch():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "--max-new-tokens" in proc.stdout and "--threads" in proc.stdout and "--reward" in proc.stdout
+
+
+def test_cli_flags_do_what_their_help_says(tiny_llama, tmp_path, capsys):
+    """train accepts --profile auto like the ladder; --out "" and a malformed value are one line each and
+    write nothing; --out's help states its default once; the ladder's help says where its values come from."""
+    import pytest
+
+    from fastrft.cli import build_parser
+
+    assert main(_train_args(tiny_llama, tmp_path / "auto", "--profile", "auto", "--rounds", "1")) == 0
+    assert "profile paper (chosen by --profile auto" in capsys.readouterr().err  # a directory model: paper
+    assert main(_train_args(tiny_llama, tmp_path / "x")[:-3] + ["--out", ""]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "out (--out) is empty" in err and not (tmp_path / "x").exists()
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--lr", "fast", "--out", str(tmp_path / "y")])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err.count("\n") == 1 and "argument --lr: invalid float value: 'fast'" in err
+    train_help = build_parser()._subparsers._group_actions[0].choices["train"].format_help()
+    out_help = " ".join(train_help.split("--out OUT")[2].split("--name")[0].split())
+    assert out_help == "run directory (default: runs/<name>-<timestamp>)"
+    ladder_help = " ".join(build_parser()._subparsers._group_actions[0].choices["ladder"].format_help().split())
+    assert "--rounds ROUNDS training rounds (one optimizer step each, unless skipped) (default: set by " \
+           "--profile and the preset)" in ladder_help
+    assert "--out OUT the study's directory (default: runs/ladder-<profile>)" in ladder_help
+    assert "(default: 200)" not in ladder_help

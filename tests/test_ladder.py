@@ -246,6 +246,23 @@ def test_ladder_md_states_what_ran_not_the_profile(tiny_llama, tmp_path, capsys)
     assert rows["L2-rollouts-4"] == "G = 4 rollouts per round"
 
 
+def test_ladder_seed_is_the_first_seed_and_name_is_refused(tiny_llama, tmp_path, capsys):
+    """--seed 7 runs seeds 7 and 8 (and ladder.md says so); --name, which the ladder cannot honour, is
+    refused in one line before anything is written."""
+    out = tmp_path / "study"
+    args = ["ladder", "--layers", "L0", "--seeds", "2", "--profile", "paper", "--model", str(tiny_llama), "--rounds",
+            "1", "--max-new-tokens", "2", "--eval-every", "0", "--test-size", "2", "--train-samples", "1", "--out",
+            str(out), "--no-progress"]
+    assert main([*args, "--name", "mine"]) == 2
+    err = capsys.readouterr().err
+    assert "name (--name) is not accepted by the ladder" in err and not out.exists()
+    assert main([*args, "--seed", "7"]) == 0
+    assert sorted(p.name for p in (out / "L0-minimal").iterdir()) == ["seed-7", "seed-8"]
+    seeds = [json.loads((out / "L0-minimal" / d / "config.json").read_text())["run"]["seed"] for d in ("seed-7", "seed-8")]
+    assert seeds == [7, 8]
+    assert "--seed 7 (the first seed: runs seed-7 to seed-8)" in (out / "ladder.md").read_text()
+
+
 def test_a_corrupt_base_evaluation_cache_is_named_not_used(tiny_llama, tmp_path, capsys):
     out = tmp_path / "study"
     out.mkdir()
