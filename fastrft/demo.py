@@ -31,8 +31,8 @@ def demo_config() -> TrainConfig:
         optim=OptimConfig(lr=2e-5, weight_decay=0.01, grad_clip=1.0),
         # Sized so that `make demo` prints its table within 6 minutes of a clean 2-core machine, install
         # included, even on a day the machine runs 3x slower (bench/RESULTS.md): decoding is what costs, so
-        # the evaluation samples 8 answers to the training example and 1 to each of 40 held-out sums
-        # (32 of the 80, a seeded subset), without greedy decoding.
+        # the evaluation samples 8 answers to the training example and 1 to each of 32 held-out sums
+        # (a seeded subset of the 80), without greedy decoding.
         eval=EvalConfig(eval_every=8, train_samples=8, test_size=32, greedy=False, extra_rewards=("gsm8k",)),
         # One checkpoint at the end (for fastrft export): SmolLM2 + AdamW state is 1.6 GB per checkpoint.
         run=RunConfig(rounds=16, seed=0, name="demo", save_every=0, keep_checkpoints=1),

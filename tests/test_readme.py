@@ -70,3 +70,21 @@ def test_readme_block(session, monkeypatch, section, line, source):
     else:
         # Padding puts a traceback's line numbers on the README's own lines.
         exec(compile("\n" * (line - 1) + source, str(README), "exec"), namespace)
+
+
+def test_the_readme_states_the_demos_own_settings():
+    """The Python API section and the demo section describe the config `fastrft demo` runs."""
+    import re
+
+    from fastrft.demo import demo_config
+
+    cfg = demo_config()
+    text = README.read_text()
+    stated = dict(re.findall(r"`(\w+)=([\w.]+)`", text.split("The demo itself uses")[1].split("```")[0]))
+    assert stated == {"rounds": str(cfg.run.rounds), "max_new_tokens": str(cfg.rollout.max_new_tokens),
+                      "fail_truncated": str(cfg.algo.fail_truncated), "eval_every": str(cfg.eval.eval_every),
+                      "train_samples": str(cfg.eval.train_samples), "test_size": str(cfg.eval.test_size)}
+    demo = text.split("## The demo")[1].split("It prints a before/after table")[0]
+    assert f"{cfg.run.rounds} rounds" in demo and f"{cfg.eval.train_samples} samples" in demo
+    assert f"each of {cfg.eval.test_size} other single-digit sums" in demo
+    assert f"at rounds 0, {cfg.eval.eval_every} and {cfg.run.rounds}" in demo
