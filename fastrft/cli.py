@@ -281,7 +281,7 @@ def _plot(run_dirs: list[Path], out: str | None) -> int:
         return 0
     for name, records in runs:
         print(f"## {name}\n\n{before_after_table(records)}\n")
-    print(f"plot: {plot_overlay(runs, out or 'overlay.png')}")
+    print(f"plot: {plot_overlay(runs, out or 'overlay.png').resolve()}")
     return 0
 
 

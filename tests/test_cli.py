@@ -17,7 +17,7 @@ def _train_args(model, out, *extra):
             "--lr", "1e-3", "--out", str(out), "--no-progress", *extra]
 
 
-def test_train_end_to_end(tiny_llama, tmp_path, capsys):
+def test_train_end_to_end(tiny_llama, tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
     assert main(_train_args(tiny_llama, out, "--kl-coef", "0.01", "--extra-rewards", "gsm8k")) == 0
     printed = capsys.readouterr().out
@@ -34,6 +34,10 @@ def test_train_end_to_end(tiny_llama, tmp_path, capsys):
 
     assert main(["plot", str(out)]) == 0
     assert "| round |" in capsys.readouterr().out
+    # Two runs overlaid: the figure goes to the current directory by default, and the path says where.
+    monkeypatch.chdir(tmp_path)
+    assert main(["plot", str(out), str(out)]) == 0
+    assert f"plot: {tmp_path / 'overlay.png'}" in capsys.readouterr().out and (tmp_path / "overlay.png").exists()
 
 
 def test_rerun_into_same_directory(tiny_llama, tmp_path, capsys):

@@ -85,5 +85,27 @@ def test_ladder_figure_panel_limits_and_titles():
     assert band and band[0].get_width() == pytest.approx(2 * MIN_EFFECT)
 
 
+def test_figures_keep_their_text_inside_and_rounds_on_integers():
+    """A 2-round, 2-preset study: every title and axis label lies inside the figure (the difference panel's
+    caption was once cut off), and the round axes tick whole rounds only (not 0.5)."""
+    l0 = _layer("L0-minimal", [{0: 0.2, 1: 0.5, 2: 0.6}])
+    up = _layer("L2-rollouts-4", [{0: 0.2, 1: 0.9, 2: 0.9}])
+    records = [{"kind": "eval", "round": 0, "train_pass1": 0.1, "test_pass1": 0.2},
+               {"kind": "round", "round": 1, "reward_mean": 0.5, "loss": 0.1, "kl_mean": 0.01},
+               {"kind": "round", "round": 2, "reward_mean": 1.0, "loss": 0.2, "kl_mean": 0.02},
+               {"kind": "eval", "round": 2, "train_pass1": 0.9, "test_pass1": 0.5}]
+    for fig in (ladder_figure([l0, up]), curves_figure(records, "a run")):
+        fig.canvas.draw()
+        box = fig.bbox
+        for ax in [a for a in fig.axes if a.get_visible()]:
+            for text in (ax.title, ax.xaxis.label, ax.yaxis.label):
+                if text.get_text():
+                    bb = text.get_window_extent()
+                    assert box.x0 - 1 <= bb.x0 and bb.x1 <= box.x1 + 1 and box.y0 - 1 <= bb.y0, text.get_text()
+            if ax.get_xlabel() == "round":
+                ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+                assert ticks and all(float(t).is_integer() for t in ticks), ticks
+
+
 def test_plural():
     assert [plural(n, "seed") for n in (0, 1, 2)] == ["0 seeds", "1 seed", "2 seeds"]

@@ -91,9 +91,17 @@ def _round_panel(ax: Any, rounds: list[dict[str, Any]], series: list[tuple[str, 
     _finish(ax, title)
 
 
+def _round_axis(ax: Any) -> None:
+    """x is the round: integer ticks only (a 2-round study would otherwise get ticks at 0.5)."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax.set_xlabel("round")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
 def _finish(ax: Any, title: str) -> None:
     ax.set_title(title, fontsize=10)
-    ax.set_xlabel("round")
+    _round_axis(ax)
     ax.grid(alpha=0.3)
     if ax.get_lines():
         ax.legend(loc="best", fontsize=8)
@@ -134,7 +142,7 @@ def ladder_figure(layers: list[dict[str, Any]]) -> Any:
         ax.set_title(f"{layer['name']} ({plural(len(layer['runs']), 'seed')})", fontsize=10)
         ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)
-        ax.set_xlabel("round")
+        _round_axis(ax)
         ax.set_ylabel("Pass@1")
     if others:
         _plot_deltas(axes.flat[len(layers)], others, base)
@@ -185,8 +193,8 @@ def _plot_deltas(ax: Any, layers: list[dict[str, Any]], base: dict[str, Any]) ->
     ax.set_xlim(*delta_xlim(drawn, dots))
     ax.set_yticks(list(ys), [x["name"] for x in layers], fontsize=8)
     ax.invert_yaxis()
-    ax.set_xlabel(f"run-mean Pass@1 minus {base['name']}'s\n(bars: seed mean ± 2 SE; dots: seeds; "
-                  f"grey: |Δ| < {MIN_EFFECT}, never an effect)", fontsize=8)
+    ax.set_xlabel(f"run-mean Pass@1 minus {base['name']}'s\nbars: seed mean ± 2 SE; dots: seeds\n"
+                  f"grey: |Δ| < {MIN_EFFECT}, never an effect", fontsize=8)
     ax.set_title("vs baseline: right helps, left hurts, pale = within noise", fontsize=9)
     ax.grid(alpha=0.3, axis="x")
     ax.legend(loc="best", fontsize=7)
@@ -203,7 +211,7 @@ def plot_overlay(runs: list[tuple[str, list[dict[str, Any]]]], png: str | Path) 
                 ax.plot(*zip(*c), color=color, marker="o", ms=3, label=name)
     for ax, title in zip(axes, ("train Pass@1", "test Pass@1 (T=1)")):
         ax.set_title(title)
-        ax.set_xlabel("round")
+        _round_axis(ax)
         ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)
     axes[1].legend(loc="best", fontsize=8)
