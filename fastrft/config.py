@@ -72,9 +72,9 @@ class ModelConfig:
                                     f"or the embedded alias '{DEFAULT_MODEL}'")
     precision: str = opt("auto", "numeric precision: auto (bf16-mixed on CUDA, fp32 on CPU) | fp32 | bf16-mixed "
                                  "(fp32 master weights and AdamW state, bf16 forward/backward, rollouts and "
-                                 "evaluation) | bf16 | fp16 (pure low-precision weights: an update below the "
-                                 "format's resolution rounds away; the paper's lr 1e-6 does). --dtype float32 | "
-                                 "bfloat16 | float16 is the older spelling of fp32 | bf16 | fp16")
+                                 "evaluation) | bf16 (pure low-precision weights: an update below the format's "
+                                 "resolution rounds away; the paper's lr 1e-6 does). fp16 is refused: its AdamW "
+                                 "state underflows. --dtype float32 | bfloat16 is the older spelling of fp32 | bf16")
     device: str = opt("auto", "auto (cuda when available, else cpu) | cpu | cuda | cuda:N")
     kernels: str = opt("auto", "LM-head loss implementation: auto (Triton on CUDA, PyTorch reference on CPU) | "
                                "triton | reference")
@@ -85,6 +85,11 @@ class ModelConfig:
     def __post_init__(self):
         _require(self.precision in PRECISIONS, "precision",
                  f"must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        # fp16 weights, gradients and AdamW moments: AdamW's eps (1e-8) is 0 in fp16, so a parameter whose
+        # gradient moments underflow takes a 0/0 step and turns NaN (measured on SmolLM2 in round 2).
+        _require(self.precision != "fp16", "precision", "fp16 cannot train: its AdamW state underflows (eps "
+                 "1e-8 is 0 in fp16) and the weights turn NaN within rounds; use --precision bf16-mixed (fp32 "
+                 "master weights, 16-bit compute) or fp32")
         _require(re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None, "device",
                  f"must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         _require(self.kernels in ("auto", "triton", "reference"), "kernels",

@@ -45,7 +45,8 @@ def check_writable(out: Path) -> None:
 
 def existing_run(out_dir: Path, requested: dict[str, Any], force: bool) -> str | None:
     """None: a new run. "resume": the directory holds this run, unfinished. "complete": finished.
-    "forced": it holds another config and --force was given. A differing config is refused with
+    "forced": it holds another config and --force was given. "unstarted": it holds another config of a
+    run that failed before its first round, which this one replaces. A differing config is refused with
     its diff otherwise."""
     cfg_file = out_dir / "config.json"
     if not cfg_file.exists():
@@ -59,6 +60,11 @@ def existing_run(out_dir: Path, requested: dict[str, Any], force: bool) -> str |
         raise ConfigError(f"{cfg_file}: not valid JSON ({e}); choose a new --out") from None
     diff = config_diff(stored, requested)
     if diff:
+        if not force and _unstarted(out_dir):
+            print(f"fastrft: {out_dir} holds a run that stopped before its first round (nothing but a base "
+                  "evaluation recorded, no checkpoint); starting it over with the requested config, keeping the "
+                  "old config.json and records beside the new ones", file=sys.stderr)
+            return "unstarted"
         if not force:
             raise ConfigError(f"out (--out) {out_dir} holds a run with another config; refusing to resume "
                               f"into it. Differences (stored -> requested):\n{diff}\nUse a new --out, or pass "
@@ -72,6 +78,22 @@ def existing_run(out_dir: Path, requested: dict[str, Any], force: bool) -> str |
         except json.JSONDecodeError:
             pass
     return "resume"
+
+
+def _unstarted(out_dir: Path) -> bool:
+    """No checkpoint, and no record but the round-0 evaluation: a run that failed before its first round
+    (a bad flag found late, a reward that broke), which the corrected command may take over."""
+    from fastrft.checkpoint import checkpoint_dirs
+
+    if checkpoint_dirs(out_dir) or _count_lines(out_dir / "rollouts.jsonl"):
+        return False
+    metrics = out_dir / "metrics.jsonl"
+    try:
+        records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()] \
+            if metrics.exists() else []
+    except (OSError, json.JSONDecodeError):
+        return False
+    return all(r.get("kind") == "eval" and r.get("round") == 0 for r in records)
 
 
 def config_diff(stored: dict[str, Any], requested: dict[str, Any]) -> str:
@@ -107,7 +129,8 @@ def start_over(out_dir: Path, damaged: list[str], force: bool) -> None:
     records = sum(_count_lines(p) for p in logs)
     if records and not force:
         found = (f"{len(damaged)} checkpoint(s), every one damaged ({'; '.join(damaged)})" if damaged
-                 else "no checkpoint (the run was killed before its first one)")
+                 else "no checkpoint (the run crashed or was killed before writing its first one; its output "
+                      "said which)")
         raise ConfigError(f"out (--out) {out_dir} holds {records} recorded lines in metrics.jsonl and "
                           f"rollouts.jsonl but {found}, so the run cannot continue from them; nothing was "
                           "changed. Pass --force to start it over (the old records are kept as "

@@ -103,6 +103,7 @@ class Trainer:
         self.data = TrainingData(config, self.tokenizer, lambda cands, encode: difficulty.pass_counts(
             cands, cfg=config, gen=self._gen, model=self.precision.rollout_model, encode=encode,
             out_dir=self.out_dir, world=self.world, progress=self._progress))
+        self.data.check_lengths(self.engine.check_fits)
         self._create_run_dir(existing)
         # 6. The evaluator and the checkpoints; then, for a run that exists, its last checkpoint.
         self.evaluator = Evaluator(config, self._gen, self.precision.rollout_model, self.data.train_set,
@@ -111,8 +112,8 @@ class Trainer:
                                    base_eval_cache=base_eval_cache)
         self.checkpoints = Checkpoints(config, self.out_dir, self.learner, self.data.train_example_ids, self.world)
         self.resumed_from: int | None = None
-        if existing in ("resume", "forced") and not self.complete:
-            restored = self.checkpoints.restore(force)
+        if existing in ("resume", "forced", "unstarted") and not self.complete:
+            restored = self.checkpoints.restore(force or existing == "unstarted")
             if restored is not None:
                 self.resumed_from, self.state = restored
         self._clock = WallClock(self.state.wall)
@@ -121,8 +122,8 @@ class Trainer:
     def _create_run_dir(self, existing: str | None) -> None:
         try:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            if existing in (None, "forced") and self.world.main:
-                if existing == "forced":
+            if existing in (None, "forced", "unstarted") and self.world.main:
+                if existing in ("forced", "unstarted"):
                     (self.out_dir / "config.json").rename(self.out_dir / f"config.before-{rundir.stamp()}.json")
                 (self.out_dir / "config.json").write_text(self.cfg.to_json())
         except OSError as e:

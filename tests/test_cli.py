@@ -134,3 +134,46 @@ def test_cli_flags_do_what_their_help_says(tiny_llama, tmp_path, capsys):
            "--profile and the preset)" in ladder_help
     assert "--out OUT the study's directory (default: runs/ladder-<profile>)" in ladder_help
     assert "(default: 200)" not in ladder_help
+
+
+def test_a_run_that_failed_before_its_first_round_leaves_a_usable_directory(tiny_llama, tmp_path, capsys,
+                                                                            monkeypatch):
+    """A response budget beyond the model's context is refused before anything is written; a reward that
+    breaks in the base evaluation leaves a directory that the corrected command takes over."""
+    (tmp_path / "myrewards.py").write_text("def broken(response, answer):\n    return 2.0\n\n"
+                                           "def fine(response, answer):\n    return 1.0\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = tmp_path / "run"
+    assert main(_train_args(tiny_llama, out, "--max-new-tokens", "100000000")) == 2
+    err = capsys.readouterr().err
+    assert "max_new_tokens (--max-new-tokens) 100000000" in err and "context of 512" in err and not out.exists()
+    assert main(_train_args(tiny_llama, out, "--reward", "myrewards:broken")) == 2
+    assert "returned 2.0" in capsys.readouterr().err and (out / "config.json").exists()
+    assert main(_train_args(tiny_llama, out, "--reward", "myrewards:fine")) == 0
+    assert "stopped before its first round" in capsys.readouterr().err
+    assert json.loads((out / "config.json").read_text())["data"]["reward"] == "myrewards:fine"
+    assert [r["round"] for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "round"] == [1, 2, 3]
+    assert len(list(out.glob("config.before-*.json"))) == 1  # the failed attempt's config, kept
+
+
+def test_fp16_is_refused_and_a_diverged_round_is_reported(tiny_llama, tmp_path, capsys, monkeypatch):
+    """fp16 cannot train (its AdamW state underflows): one line naming the alternatives, nothing written.
+    A round whose update produced NaN stops the run with what happened, its record never written."""
+    import fastrft.trainer as trainer_mod
+
+    assert main(_train_args(tiny_llama, tmp_path / "fp16", "--precision", "fp16")) == 2
+    err = capsys.readouterr().err
+    assert "fp16 cannot train" in err and "bf16-mixed" in err and not (tmp_path / "fp16").exists()
+    real = trainer_mod.Trainer.round
+
+    def diverging(self, r):
+        metrics = real(self, r)
+        return {**metrics, "loss": float("nan")} if r == 2 else metrics
+
+    monkeypatch.setattr(trainer_mod.Trainer, "round", diverging)
+    out = tmp_path / "run"
+    assert main(_train_args(tiny_llama, out, "--save-every", "1")) == 2
+    err = capsys.readouterr().err
+    assert "round 2 diverged: loss not finite" in err and "last checkpoint is round 1" in err
+    assert "Traceback" not in err
+    assert [r["round"] for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "round"] == [1]

@@ -85,7 +85,7 @@ def test_invalid_table_covers_every_validated_field():
 
 
 @pytest.mark.parametrize(("cls", "kwargs"), [
-    (ModelConfig, dict(precision="bf16-mixed", device="cuda:1")), (ModelConfig, dict(precision="fp16", device="cpu")),
+    (ModelConfig, dict(precision="bf16-mixed", device="cuda:1")), (ModelConfig, dict(precision="bf16", device="cpu")),
     (DataConfig, dict(dataset="gsm8k", train_file="a.jsonl", test_file="b.jsonl")),
     (DataConfig, dict(example_index=(0, 5, 2), level="mul")),
     (RolloutConfig, dict(group_size=256, max_batch_size=256, top_p=1.0, top_k=0, temperature=1e-3)),

@@ -154,7 +154,7 @@ class Engine:
         for p, (prompt, budget, count) in enumerate(zip(prompt_ids, budgets, counts)):
             if budget < 1:
                 raise ConfigError(f"max_new_tokens must be >= 1, got {budget} for prompt {p}")
-            self._check_fits([prompt], budget, count)
+            self.check_fits([prompt], budget, count)
         self._stop = set(self.model.eos_token_ids if eos_token_ids is None else eos_token_ids)
         # A prefill step packs at most max_num_batched_tokens tokens, or one request of this call if that
         # is longer (a preempted sequence comes back with its generated tokens: prompt + budget at most).
@@ -190,7 +190,9 @@ class Engine:
         self._postprocess(rows, draws.cpu())  # the step's one device-to-host copy
 
     # ----------------------------------------------------------------------------------- internals
-    def _check_fits(self, prompt_ids, max_new_tokens: int, n: int) -> None:
+    def check_fits(self, prompt_ids, max_new_tokens: int, n: int = 1) -> None:
+        """Refuse (ConfigError) requests this engine cannot hold: a prompt plus its response beyond the
+        model's context or the KV cache, or more samples than it decodes together."""
         longest = max(len(p) for p in prompt_ids) + max_new_tokens
         if longest > self.max_model_len:
             raise ConfigError(f"a prompt of {max(len(p) for p in prompt_ids)} tokens plus max_new_tokens="

@@ -48,6 +48,18 @@ class TrainingData:
                 self._prompt_cache[i] = self.encode(self.pool[i])
         return RoundBatch(r, [self.pool[i] for i in idx], [self._prompt_cache[i] for i in idx])
 
+    def check_lengths(self, fits: Callable[[list[list[int]], int], None]) -> None:
+        """Refuse, before anything is written, response budgets that the evaluated prompts (and, with fixed
+        examples, the trained ones) cannot take: ``fits(prompt_ids, max_new_tokens)`` is the engine's check."""
+        ro, e = self.cfg.rollout, self.cfg.eval
+        prompts = self.train_set.prompt_ids + self.test_set.prompt_ids
+        for name, n in (("max_new_tokens", ro.max_new_tokens),
+                        ("eval_max_new_tokens", e.eval_max_new_tokens or ro.max_new_tokens)):
+            try:
+                fits(prompts, n)
+            except ConfigError as err:
+                raise ConfigError(f"{name} (--{name.replace('_', '-')}) {n}: {err}; lower it") from None
+
     @property
     def train_example_ids(self) -> list[str]:
         return [x.id for x in self.train_set.examples]

@@ -13,12 +13,14 @@ which the resumed run measures first. Every rank runs this loop; rank 0 records.
 from __future__ import annotations
 
 import json
+import math
 import signal
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 from fastrft.config import TrainConfig
+from fastrft.errors import FastRFTError
 from fastrft.interrupt import RunInterrupted, StopRequest
 from fastrft.loop.checkpointing import Checkpoints
 from fastrft.loop.evaluator import Evaluator
@@ -62,6 +64,7 @@ class RunLoop:
                         self._stop(stop)
                     self._in_round = True
                     metrics = self.round_fn(r)
+                    _check_finite(metrics, self.checkpoints.saved(), self.resume_hint())
                     self.state.round, self._in_round = r, False
                     self.recorder.round(metrics, postfix(metrics, kl=self.cfg.loss_spec.needs_ref))
                     self._after_round(r, stop)
@@ -153,3 +156,15 @@ class RunLoop:
                    "plot": plot, "table": before_after_table(records)}
         (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary
+
+
+def _check_finite(metrics: dict[str, Any], saved: dict[int, Path], hint: str) -> None:
+    """A round whose update produced NaN or inf has diverged: stop with what happened, before its record
+    is written (metrics.jsonl holds numbers only), pointing at the checkpoint a rerun continues from."""
+    bad = [k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)]
+    if bad:
+        last = f"round {max(saved)}" if saved else "none yet"
+        raise FastRFTError(f"round {metrics['round']} diverged: {', '.join(bad)} not finite (NaN or inf), so "
+                           f"nothing of it was recorded. The last checkpoint is {last}; to continue from it with a "
+                           f"lower --lr (or --precision fp32), {hint} with the change and --force")
+
