@@ -34,17 +34,20 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
 
 
 def resolve_model_dir(path_or_alias: str | Path) -> Path:
-    """A directory path, or an alias of an embedded model (converted into the cache on first use)."""
-    from fastrft.models import embedded
+    """A directory path, an alias of an embedded model (converted into the cache on first use), or a
+    Hugging Face hub id ``owner/name[@revision]`` (fastrft.models.hub; downloaded into the HF cache)."""
+    from fastrft.models import embedded, hub
 
     name = str(path_or_alias)
     if name in embedded.ALIASES:
         return embedded.ensure_converted(name)
     path = Path(name).expanduser()
+    if not path.is_dir() and hub.is_hub_id(name):
+        return hub.snapshot(name)
     if not path.is_dir():
-        hint = "; it is neither a directory nor a known alias (" + ", ".join(sorted(embedded.ALIASES)) + ")"
-        raise ModelLoadError(f"model {name!r} not found{hint}. Pass a local HF-format directory "
-                             "(config.json + *.safetensors + tokenizer files); hub names are not downloaded.")
+        hint = "; it is neither a directory, a known alias (" + ", ".join(sorted(embedded.ALIASES)) + ")"
+        raise ModelLoadError(f"model {name!r} not found{hint} nor a hub id (owner/name). Pass a local HF-format "
+                             "directory (config.json + *.safetensors + tokenizer files) or a hub id.")
     if not (path / "config.json").is_file():
         raise ModelLoadError(f"{path / 'config.json'}: not found; a model directory needs a config.json (plus "
                              "*.safetensors and tokenizer files): pass the directory that holds them")
