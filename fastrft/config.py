@@ -124,6 +124,12 @@ class DataConfig:
                                    "name (arithmetic | gsm8k | math) or your own 'module.path:function', "
                                    "f(response: str, answer: str) -> float in [0, 1], importable from "
                                    "PYTHONPATH; none = the dataset's own")
+    reward_funcs: tuple[str, ...] = opt((), "TRL-style training reward: functions whose weighted sum is the reward "
+                                            "(registered names or 'module.path:function'; f(response, answer) or "
+                                            "batched f(completions, **columns)); each is logged. Pass@1 still uses "
+                                            "--reward (or the dataset's own); empty = that reward, mapped by "
+                                            "--reward-fail/--reward-success")
+    reward_weights: tuple[float, ...] = opt((), "one weight per --reward-funcs function (empty = all 1.0)")
 
     def __post_init__(self):
         from fastrft.data import DATASETS, LEVELS
@@ -149,6 +155,18 @@ class DataConfig:
                 rewards.get(self.reward)  # imports and checks a module:function now, before a model loads
             except ConfigError as e:
                 raise ConfigError(f"reward ({flag('reward')}) {e}") from None
+        _require(not self.reward_weights or len(self.reward_weights) == len(self.reward_funcs), "reward_weights",
+                 f"has {len(self.reward_weights)} weight(s) for {len(self.reward_funcs)} --reward-funcs function(s); "
+                 "give one weight per function, or none (all 1.0)")
+        _require(all(math.isfinite(w) for w in self.reward_weights), "reward_weights", "must be finite numbers")
+        from fastrft.rewards import funcs
+
+        for spec in self.reward_funcs:
+            if not spec.startswith(funcs.PYTHON):  # a function passed from Python comes back with the Trainer
+                try:
+                    funcs.load(spec)
+                except ConfigError as e:
+                    raise ConfigError(f"reward_funcs ({flag('reward_funcs')}) {e}") from None
         if self.dataset == "arithmetic":
             for name in ("train_file", "test_file"):
                 _require(getattr(self, name) is None, name,
@@ -375,6 +393,10 @@ class TrainConfig:
                 and self.data.examples_per_round > self.data.train_pool:
             raise ConfigError(f"examples_per_round (--examples-per-round) {self.data.examples_per_round} exceeds "
                               f"train_pool (--train-pool) {self.data.train_pool}")
+        if self.data.reward_funcs and (self.algo.reward_fail, self.algo.reward_success) != (0.0, 1.0):
+            raise ConfigError("reward_fail/reward_success (--reward-fail/--reward-success) map the correctness score, "
+                              "but reward_funcs (--reward-funcs) sets the reward itself; scale or shift the reward "
+                              "with --reward-weights or in the functions, and drop the mapping flags")
         if self.eval.train_samples > self.rollout.max_batch_size:
             raise ConfigError(f"train_samples (--train-samples) {self.eval.train_samples} exceeds max_batch_size "
                               f"(--max-batch-size) {self.rollout.max_batch_size}: the samples of one prompt are "

@@ -47,14 +47,23 @@ from fastrft.loop.run import RunLoop, WallClock
 from fastrft.loop.types import Rollouts, RunState
 from fastrft.models import load_model, load_tokenizer
 from fastrft.precision import DTYPES, Precision, resolve_precision, warn_unabsorbed_updates
+from fastrft.rewards.funcs import resolve as resolve_rewards
 
 __all__ = ["RunState", "Trainer"]
 
 
 class Trainer:
-    def __init__(self, config: TrainConfig, *, force: bool = False, base_eval_cache: str | Path | None = None):
+    def __init__(self, config: TrainConfig, *, force: bool = False, base_eval_cache: str | Path | None = None,
+                 reward_funcs: list | None = None, reward_weights: list[float] | None = None):
         """``base_eval_cache``: a JSON file of round-0 evaluations shared with other runs of the same base
-        model (see :class:`fastrft.evaluate.BaseEvalCache`); ``fastrft ladder`` passes one per study."""
+        model (see :class:`fastrft.evaluate.BaseEvalCache`); ``fastrft ladder`` passes one per study.
+        ``reward_funcs``, ``reward_weights``: TRL-style reward functions (callables or names) whose weighted
+        sum is the training reward; they replace ``config.data.reward_funcs`` (and its weights) and are
+        recorded there by name (fastrft.rewards.funcs)."""
+        if reward_funcs is not None:
+            config, given = _with_reward_funcs(config, reward_funcs, reward_weights)
+        else:
+            given = None
         # 1. Under torchrun each rank joins the job here and takes its device; a plain process is world size 1.
         self.world, self.device = init_world(_resolve_device(config.model.device), config.run.dist_timeout)
         if self.world.distributed and self.world.main:
@@ -66,6 +75,7 @@ class Trainer:
         if precision != config.model.precision:
             config = config.replace(model=dataclasses.replace(config.model, precision=precision))
         self.cfg = config
+        self.reward_funcs = resolve_rewards(config.data.reward_funcs, config.data.reward_weights, given)
         run = config.run
         self.out_dir = Path(run.out) if run.out else Path("runs") / f"{run.name}-{rundir.stamp()}"
         rundir.check_writable(self.out_dir)
@@ -147,7 +157,8 @@ class Trainer:
 
     def round(self, r: int) -> dict[str, Any]:
         """Run round ``r`` (rollouts, scores, update) and return its metrics record; the run loop records it."""
-        return train_round(Stages(self.cfg, self.data, self._sample, self.learner, self._recorder), self.state, r)
+        return train_round(Stages(self.cfg, self.data, self._sample, self.learner, self._recorder,
+                                  self.reward_funcs), self.state, r)
 
     def save(self) -> Path:
         """Checkpoint the end of round ``state.round``."""
@@ -215,6 +226,21 @@ class Trainer:
     @property
     def skipped(self) -> int:
         return self.state.skipped
+
+
+def _with_reward_funcs(config: TrainConfig, funcs: list, weights: list[float] | None) -> tuple[TrainConfig, list]:
+    """``config`` recording ``funcs`` (callables or names) in data.reward_funcs, and the callables."""
+    from fastrft.rewards.funcs import load, spec_of
+
+    if not isinstance(funcs, (list, tuple)) or not funcs:
+        raise ConfigError("reward_funcs (Trainer argument) must be a non-empty list of functions or names")
+    specs = [f if isinstance(f, str) else spec_of(f) for f in funcs]
+    bad = [f for f in funcs if not isinstance(f, str) and not callable(f)]
+    if bad:
+        raise ConfigError(f"reward_funcs (Trainer argument): {bad[0]!r} is neither a function nor a name")
+    weights = tuple(float(w) for w in weights) if weights is not None else config.data.reward_weights
+    data = dataclasses.replace(config.data, reward_funcs=tuple(specs), reward_weights=weights)  # validated
+    return config.replace(data=data), [load(f) if isinstance(f, str) else f for f in funcs]
 
 
 def _enable_checkpointing(model) -> None:

@@ -23,6 +23,8 @@ def rollout_metrics(batch: RoundBatch, rollouts: Rollouts, scores: Scores) -> di
         "stop_frac": _mean([c.finish_reason == "stop" for c in completions]),
         "rollout_tokens": rollouts.tokens, "extra_rollout_tokens": rollouts.extra_tokens,
     }
+    for name, values in scores.by_function.items():  # --reward-funcs: each function's mean where it applied
+        metrics[f"reward_{name}_mean"] = _mean([v for v in values if v is not None])
     if scores.baselines:  # window / extra_samples: the rewards the baseline was taken from
         metrics.update(baseline_mean=_mean([_mean(b) for b in scores.baselines]),
                        baseline_std=_mean([_std(b) for b in scores.baselines]))

@@ -12,7 +12,7 @@ Evaluation, checkpoints and stop requests happen between rounds (fastrft.loop.ru
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from fastrft.config import TrainConfig
@@ -21,6 +21,7 @@ from fastrft.loop.learner import Learner
 from fastrft.loop.metrics import rollout_metrics, timings
 from fastrft.loop.scoring import score
 from fastrft.loop.types import Rollouts, RunState, Scores, TrainBatch
+from fastrft.rewards.funcs import RewardFunc
 
 
 @dataclass
@@ -32,6 +33,7 @@ class Stages:
     sample: Callable[[int, list[list[int]]], Rollouts]  # (round, prompt ids) -> rollouts (fastrft.loop.rollout)
     learner: Learner
     recorder: Any  # fastrft.loop.recorder.Recorder, or NullRecorder
+    reward_funcs: list[RewardFunc] = field(default_factory=list)  # --reward-funcs (fastrft.rewards.funcs)
 
 
 def train_round(s: Stages, state: RunState, r: int) -> dict[str, Any]:
@@ -40,7 +42,7 @@ def train_round(s: Stages, state: RunState, r: int) -> dict[str, Any]:
     batch = s.data.for_round(r)
     rollouts = s.sample(r, batch.prompt_ids)
     t1 = time.monotonic()
-    scores = score(batch, rollouts, s.cfg.algo, state.history)
+    scores = score(batch, rollouts, s.cfg.algo, state.history, s.reward_funcs)
     t2 = time.monotonic()
     s.recorder.rollouts(batch, rollouts, scores)
     metrics = rollout_metrics(batch, rollouts, scores)

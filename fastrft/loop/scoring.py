@@ -8,6 +8,9 @@ rewards into per-response advantages, against a baseline when the estimator has 
   history is run state (:class:`~fastrft.loop.types.RunState.history`): the caller passes it in and a
   checkpoint saves it;
 - ``extra``: the rewards of the round's extra samples of the example (never trained on).
+
+With --reward-funcs (fastrft.rewards.funcs) the reward is the weighted sum of those functions; the
+correctness score is still measured, for the logs and Pass@1.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from fastrft import rewards
 from fastrft.algo import ADVANTAGES, group_advantages, map_reward
 from fastrft.config import AlgoConfig
 from fastrft.loop.types import Rollouts, RoundBatch, Scores
+from fastrft.rewards import funcs as reward_funcs
+from fastrft.rewards.funcs import RewardFunc
 
 
 def correct(example, completion, fail_truncated: bool) -> float:
@@ -28,12 +33,20 @@ def correct(example, completion, fail_truncated: bool) -> float:
     return rewards.score(example.reward, completion.text, example.answer)
 
 
-def score(batch: RoundBatch, rollouts: Rollouts, algo: AlgoConfig, history: dict[str, list[float]]) -> Scores:
+def score(batch: RoundBatch, rollouts: Rollouts, algo: AlgoConfig, history: dict[str, list[float]],
+          funcs: list[RewardFunc] | None = None) -> Scores:
     """Scores, rewards and advantages of ``rollouts``; appends this round's rewards to ``history`` (the
-    window baseline's per-example record, updated in place) when the estimator uses it."""
+    window baseline's per-example record, updated in place) when the estimator uses it. With ``funcs``
+    (--reward-funcs) the reward is their weighted sum instead of the mapped correctness score."""
     pair = (algo.reward_fail, algo.reward_success)
     scores = [[correct(ex, c, algo.fail_truncated) for c in g] for ex, g in zip(batch.examples, rollouts.groups)]
-    rewards_ = [[map_reward(s, pair) for s in g] for g in scores]
+    by_function: dict[str, list] = {}
+    if funcs:
+        totals, by_function = _weighted(funcs, batch.examples, rollouts.groups)
+        sizes = [len(g) for g in rollouts.groups]
+        rewards_ = [totals[sum(sizes[:i]):sum(sizes[:i + 1])] for i in range(len(sizes))]
+    else:
+        rewards_ = [[map_reward(s, pair) for s in g] for g in scores]
     kind = ADVANTAGES[algo.advantage].baseline
     advantages, baselines = [], []
     for i, (ex, g) in enumerate(zip(batch.examples, rewards_)):
@@ -43,6 +56,8 @@ def score(batch: RoundBatch, rollouts: Rollouts, algo: AlgoConfig, history: dict
             hist.extend(g)
             del hist[:-algo.window]
             baseline = torch.tensor(hist)
+        elif kind == "extra" and funcs:
+            baseline = torch.tensor(_weighted(funcs, [ex], [rollouts.extra[i]])[0])
         elif kind == "extra":
             baseline = torch.tensor([map_reward(correct(ex, c, algo.fail_truncated), pair)
                                      for c in rollouts.extra[i]])
@@ -50,4 +65,10 @@ def score(batch: RoundBatch, rollouts: Rollouts, algo: AlgoConfig, history: dict
             baselines.append(baseline.tolist())
         advantages.append(group_advantages(algo.advantage, torch.tensor(g), algo.adv_eps, baseline).tolist())
     return Scores(correct=[s for g in scores for s in g], rewards=[x for g in rewards_ for x in g],
-                  advantages=advantages, baselines=baselines)
+                  advantages=advantages, baselines=baselines, by_function=by_function)
+
+
+def _weighted(funcs: list[RewardFunc], examples, groups) -> tuple[list[float], dict[str, list]]:
+    """The reward functions over the groups' responses, flat in rollout order."""
+    flat = [(ex, c) for ex, g in zip(examples, groups) for c in g]
+    return reward_funcs.score(funcs, [c.text for _, c in flat], [ex for ex, _ in flat])

@@ -53,6 +53,8 @@ class Scores:
     advantages: list[list[float]]  # per example, per response
     # window / extra_samples: per example, the rewards its baseline was taken from; empty otherwise.
     baselines: list[list[float]] = field(default_factory=list)
+    # --reward-funcs: each function's values (None: did not apply), flat in rollout order.
+    by_function: dict[str, list] = field(default_factory=dict)
 
     @property
     def flat_advantages(self) -> list[float]:

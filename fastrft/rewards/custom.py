@@ -42,6 +42,18 @@ def load(spec: str) -> RewardFn:
     return fn
 
 
+def load_any(spec: str) -> Callable:
+    """Like :func:`load`, but also accepts TRL's batched signature ``f(completions, **kwargs)``."""
+    fn = _resolve(spec)
+    if not callable(fn):
+        raise ConfigError(f"{spec!r} is not callable (an object of type {type(fn).__name__})")
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return fn
+    return fn if "completions" in params else load(spec)
+
+
 def _resolve(spec: str) -> object:
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr or ":" in attr or any(not p.isidentifier() for p in attr.split(".")):
