@@ -130,11 +130,33 @@ class DataConfig:
                                             "--reward (or the dataset's own); empty = that reward, mapped by "
                                             "--reward-fail/--reward-success")
     reward_weights: tuple[float, ...] = opt((), "one weight per --reward-funcs function (empty = all 1.0)")
+    prompt_column: str = opt("prompt", "custom / hub datasets: the column holding the prompt (a string or a list of "
+                                       "chat messages)")
+    answer_column: str = opt("answer", "custom / hub datasets: the column holding the reference answer")
+    prompt_template: str | None = opt(None, "the user turn, with {prompt} standing for the question, e.g. "
+                                            "'{prompt} Answer after ####.'; none = the dataset's own instruction "
+                                            "(custom datasets: the prompt as written)")
+    system_prompt: str | None = opt(None, "a system turn before every prompt (rendered with the chat template)")
 
     def __post_init__(self):
         from fastrft.data import DATASETS, LEVELS
 
-        _require(self.dataset in DATASETS, "dataset", f"must be one of {', '.join(DATASETS)}, got {self.dataset!r}")
+        from fastrft.data.custom import is_custom
+
+        _require(self.dataset in DATASETS or is_custom(self.dataset), "dataset",
+                 f"must be one of {', '.join(DATASETS)}, custom (with --train-file) or a hub dataset id "
+                 f"(owner/name), got {self.dataset!r}")
+        _require(not is_custom(self.dataset) or self.reward is not None, "reward",
+                 f"must be given for dataset {self.dataset!r}: Pass@1 and the default training reward score "
+                 "responses with it, f(response, answer) in [0, 1] (a name such as gsm8k, or module.path:function)")
+        if self.prompt_template is not None:
+            try:
+                self.prompt_template.format(prompt="")
+            except (KeyError, IndexError, ValueError) as e:
+                raise ConfigError(f"prompt_template ({flag('prompt_template')}) {self.prompt_template!r} cannot be "
+                                  f"filled ({e.__class__.__name__}: {e}); write {{prompt}} where the question goes "
+                                  "and double other braces ({{ }})") from None
+            _require("{prompt}" in self.prompt_template, "prompt_template", "must contain {prompt}")
         levels = [lv.name for lv in LEVELS]
         _require(self.level in levels, "level", f"must be one of {', '.join(levels)}, got {self.level!r}")
         _require(len(self.example_index) >= 1, "example_index", "needs at least one index")

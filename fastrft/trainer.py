@@ -54,16 +54,25 @@ __all__ = ["RunState", "Trainer"]
 
 class Trainer:
     def __init__(self, config: TrainConfig, *, force: bool = False, base_eval_cache: str | Path | None = None,
-                 reward_funcs: list | None = None, reward_weights: list[float] | None = None):
+                 reward_funcs: list | None = None, reward_weights: list[float] | None = None,
+                 train_dataset=None, eval_dataset=None):
         """``base_eval_cache``: a JSON file of round-0 evaluations shared with other runs of the same base
         model (see :class:`fastrft.evaluate.BaseEvalCache`); ``fastrft ladder`` passes one per study.
         ``reward_funcs``, ``reward_weights``: TRL-style reward functions (callables or names) whose weighted
         sum is the training reward; they replace ``config.data.reward_funcs`` (and its weights) and are
-        recorded there by name (fastrft.rewards.funcs)."""
+        recorded there by name (fastrft.rewards.funcs). ``train_dataset``, ``eval_dataset``: rows of your
+        own (a ``datasets.Dataset``, a list of dicts) with the columns ``config.data.prompt_column`` and
+        ``answer_column`` (fastrft.data.custom); the run's dataset is then "custom"."""
+        given, rows = None, None
         if reward_funcs is not None:
             config, given = _with_reward_funcs(config, reward_funcs, reward_weights)
-        else:
-            given = None
+        if train_dataset is not None:
+            rows = {"train": list(train_dataset), **({"test": list(eval_dataset)} if eval_dataset is not None else {})}
+            if config.data.dataset != "custom":
+                config = config.replace(data=dataclasses.replace(config.data, dataset="custom", train_file=None,
+                                                                 test_file=None))
+        elif eval_dataset is not None:
+            raise ConfigError("eval_dataset (Trainer argument) needs a train_dataset as well")
         # 1. Under torchrun each rank joins the job here and takes its device; a plain process is world size 1.
         self.world, self.device = init_world(_resolve_device(config.model.device), config.run.dist_timeout)
         if self.world.distributed and self.world.main:
@@ -112,7 +121,7 @@ class Trainer:
         # run directory is created (a run that fails to start leaves nothing else behind).
         self.data = TrainingData(config, self.tokenizer, lambda cands, encode: difficulty.pass_counts(
             cands, cfg=config, gen=self._gen, model=self.precision.rollout_model, encode=encode,
-            out_dir=self.out_dir, world=self.world, progress=self._progress))
+            out_dir=self.out_dir, world=self.world, progress=self._progress), rows)
         self.data.check_lengths(self.engine.check_fits)
         self._create_run_dir(existing)
         # 6. The evaluator and the checkpoints; then, for a run that exists, its last checkpoint.

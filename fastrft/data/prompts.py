@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from fastrft.errors import ConfigError, DataError
+from fastrft.data.custom import is_custom
 from fastrft.data.example import Example
 
 #: The instruction appended to every question, per dataset (each starts with a space on purpose:
@@ -29,7 +30,7 @@ def _suffix(dataset: str) -> str:
     return PROMPT_SUFFIXES[dataset]
 
 
-def prompt_text(example: Example, dataset: str | None = None) -> str:
+def prompt_text(example: Example, dataset: str | None = None, template: str | None = None) -> str:
     """Return the user-message text: the raw question followed by the dataset's suffix.
 
     Args:
@@ -44,6 +45,10 @@ def prompt_text(example: Example, dataset: str | None = None) -> str:
     Raises:
         ConfigError: Unknown dataset.
     """
+    if template is not None:  # --prompt-template: "{prompt}" is the question
+        return template.format(prompt=example.question)
+    if dataset and is_custom(dataset):  # a dataset of the user's: its prompt as written
+        return example.question
     if not dataset:
         dataset = example.reward if example.reward in PROMPT_SUFFIXES else example.id.split("/", 1)[0]
     return example.question + _suffix(dataset)
@@ -61,7 +66,8 @@ def has_chat_template(tokenizer: Any) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
-def render_prompt(tokenizer: Any, example: Example, dataset: str | None = None) -> str:
+def render_prompt(tokenizer: Any, example: Example, dataset: str | None = None, *, template: str | None = None,
+                  system: str | None = None) -> str:
     """Render the prompt as the model expects it: one user turn, then the assistant header.
 
     Base models often ship without a chat template; for those the plain :func:`prompt_text` is used
@@ -76,16 +82,17 @@ def render_prompt(tokenizer: Any, example: Example, dataset: str | None = None) 
         str: The templated prompt (including any special-token text the template writes), or the
         plain prompt text when the tokenizer has no chat template.
     """
-    text = prompt_text(example, dataset)
+    messages = [dict(m) for m in example.meta.get("prompt_messages", ())] or \
+        [{"role": "user", "content": prompt_text(example, dataset, template)}]
+    if system is not None and messages[0]["role"] != "system":  # --system-prompt
+        messages.insert(0, {"role": "system", "content": system})
     if not has_chat_template(tokenizer):
-        return text
-    return tokenizer.apply_chat_template(
-        [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
-    )
+        return "\n\n".join(m["content"] for m in messages)
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
 def encode_prompt(tokenizer: Any, example: Example, dataset: str | None = None, *,
-                  max_prompt_tokens: int) -> list[int]:
+                  max_prompt_tokens: int, template: str | None = None, system: str | None = None) -> list[int]:
     """Tokenise the rendered prompt, refusing prompts longer than the configured budget.
 
     ``add_special_tokens=False`` because the chat template already wrote BOS/role tokens as text;
@@ -107,7 +114,8 @@ def encode_prompt(tokenizer: Any, example: Example, dataset: str | None = None, 
     if isinstance(max_prompt_tokens, bool) or not isinstance(max_prompt_tokens, int) \
             or max_prompt_tokens < 1:
         raise ConfigError(f"max_prompt_tokens must be a positive integer, got {max_prompt_tokens!r}")
-    ids = list(tokenizer.encode(render_prompt(tokenizer, example, dataset), add_special_tokens=False))
+    ids = list(tokenizer.encode(render_prompt(tokenizer, example, dataset, template=template, system=system),
+                                add_special_tokens=False))
     if len(ids) > max_prompt_tokens:
         # Truncating would cut off the question's end or the answer-format instruction, so the
         # model could not succeed and the example would only add noise; make the user decide.

@@ -9,10 +9,11 @@ mode caches those of the pool examples it has drawn.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Iterable
 
 from fastrft.config import TrainConfig
 from fastrft.data import Example, dedupe_against, encode_prompt, load_dataset, selection
+from fastrft.data.custom import examples_from_rows, is_custom, load_rows
 from fastrft.errors import ConfigError
 from fastrft.evaluate import EvalSet
 from fastrft.loop import seeds
@@ -23,10 +24,12 @@ class TrainingData:
     """Owner of the pool, the evaluation sets (``train_set``, ``test_set``) and the prompt cache."""
 
     def __init__(self, cfg: TrainConfig, tokenizer,
-                 pass_counts: Callable[[list[Example], Callable], dict[str, int]] | None = None):
+                 pass_counts: Callable[[list[Example], Callable], dict[str, int]] | None = None,
+                 rows: dict[str, Iterable] | None = None):
         """``pass_counts(candidates, encode)``: the base model's correct-of-k counts on the candidates,
-        whose prompts ``encode`` renders (needed with --difficulty)."""
-        self.cfg, self.tokenizer = cfg, tokenizer
+        whose prompts ``encode`` renders (needed with --difficulty). ``rows``: {"train": ..., "test": ...}
+        of a dataset passed from Python (fastrft.data.custom)."""
+        self.cfg, self.tokenizer, self._rows = cfg, tokenizer, rows or {}
         self._prompt_cache: dict[int, list[int]] = {}
         self.pool, test = self._load()
         if cfg.data.difficulty is not None:
@@ -35,7 +38,8 @@ class TrainingData:
 
     def encode(self, example: Example) -> list[int]:
         d = self.cfg.data
-        return encode_prompt(self.tokenizer, example, d.dataset, max_prompt_tokens=d.max_prompt_tokens)
+        return encode_prompt(self.tokenizer, example, d.dataset, max_prompt_tokens=d.max_prompt_tokens,
+                             template=d.prompt_template, system=d.system_prompt)
 
     def for_round(self, r: int) -> RoundBatch:
         """The examples round ``r`` trains on: the fixed ones, or the batch mode's draw from the pool."""
@@ -67,8 +71,13 @@ class TrainingData:
     # ------------------------------------------------------------------ construction
     def _load(self) -> tuple[list[Example], list[Example]]:
         d = self.cfg.data
-        train = load_dataset(d.dataset, "train", path=d.train_file, level=d.level, seed=d.data_seed, reward=d.reward)
-        test = load_dataset(d.dataset, "test", path=d.test_file, level=d.level, seed=d.data_seed, reward=d.reward)
+        if is_custom(d.dataset) or self._rows:
+            train, test = self._split("train", d.train_file), self._split("test", d.test_file)
+            test = train if test is None else test  # the rows not trained on are the test set
+        else:
+            train = load_dataset(d.dataset, "train", path=d.train_file, level=d.level, seed=d.data_seed,
+                                 reward=d.reward)
+            test = load_dataset(d.dataset, "test", path=d.test_file, level=d.level, seed=d.data_seed, reward=d.reward)
         if d.difficulty is None and not d.examples_per_round:
             bad = [i for i in d.example_index if i >= len(train)]
             if bad:
@@ -81,6 +90,17 @@ class TrainingData:
             raise ConfigError(f"examples_per_round (--examples-per-round) {d.examples_per_round} exceeds the training "
                               f"pool ({len(pool)} examples)")
         return pool, test
+
+    def _split(self, split: str, path) -> list[Example] | None:
+        d = self.cfg.data
+        rows = self._rows.get(split)
+        source = "python" if rows is not None else d.dataset
+        if rows is None:
+            rows = load_rows(d.dataset, split, path)
+        if rows is None:
+            return None
+        return examples_from_rows(rows, source=source, split=split, prompt_column=d.prompt_column,
+                                  answer_column=d.answer_column, reward=d.reward)
 
     def _by_difficulty(self, pass_counts) -> list[Example]:
         d = self.cfg.data
