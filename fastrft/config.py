@@ -28,6 +28,8 @@ from fastrft.models.embedded import DEFAULT_MODEL
 
 
 LR_SCHEDULES = ("constant", "linear", "cosine")
+#: --report-to names (TRL's report_to values that fastrft writes).
+REPORT_TO = ("tensorboard", "wandb", "none")
 #: --precision names (fastrft.precision implements them); auto = bf16-mixed on CUDA, fp32 elsewhere.
 PRECISIONS = ("auto", "fp32", "bf16-mixed", "bf16", "fp16")
 #: The former --dtype values, still accepted (flag and config files) as the pure precisions.
@@ -363,7 +365,9 @@ class RunConfig:
     save_every: int = opt(50, "write a checkpoint every N rounds, and at the end (0 = only at the end)")
     keep_checkpoints: int = opt(2, "how many of the latest checkpoints are kept")
     tensorboard: bool = opt(False, "also write TensorBoard event files under <run dir>/tb (needs the "
-                                   "tensorboard package)")
+                                   "tensorboard package); the same as --report-to tensorboard")
+    report_to: tuple[str, ...] = opt((), "where the metrics also go, as TRL's report_to: tensorboard, wandb (the "
+                                         "wandb package; WANDB_PROJECT, WANDB_MODE=offline), none; comma-separated")
     threads: int = opt(0, "torch CPU threads for this run; 0 = torch's default (one per core). On a machine "
                           "shared with other work, or for each of several jobs side by side, 1 is often faster")
     dist_timeout: float = opt(600.0, "seconds a rank of a torchrun job waits for the others (at the rendezvous "
@@ -376,6 +380,9 @@ class RunConfig:
         _require(self.save_every >= 0, "save_every", f"must be >= 0, got {self.save_every}")
         _require(self.keep_checkpoints >= 1, "keep_checkpoints", f"must be >= 1, got {self.keep_checkpoints}")
         _require(self.log_samples >= 0, "log_samples", f"must be >= 0, got {self.log_samples}")
+        _require(all(x in REPORT_TO for x in self.report_to), "report_to",
+                 f"must list {', '.join(REPORT_TO)}, got {','.join(self.report_to)!r}")
+        _require("none" not in self.report_to or len(self.report_to) == 1, "report_to", "none cannot be combined")
         _require(self.out is None or self.out.strip() != "", "out", "is empty; give a directory (or leave the "
                  "flag out for runs/<name>-<timestamp>)")
         _require(self.name.strip() != "", "name", "is empty; give the run a name (it starts the default --out)")

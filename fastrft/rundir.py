@@ -20,7 +20,7 @@ from fastrft.errors import ConfigError
 #: Config fields that change nothing a run computes; a resume may differ in them freely. The token budget
 #: only changes memory (up to rounding: it cuts a step into micro-batches whose gradients add up), so a
 #: run that ran out of memory can resume with a smaller one.
-RESUME_IGNORED = {("run", "progress"), ("run", "tensorboard"), ("run", "keep_checkpoints"), ("run", "threads"),
+RESUME_IGNORED = {("run", "progress"), ("run", "tensorboard"), ("run", "report_to"), ("run", "keep_checkpoints"), ("run", "threads"),
                   ("run", "dist_timeout"),
                   ("optim", "max_tokens_per_step")}
 

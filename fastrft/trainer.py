@@ -40,7 +40,7 @@ from fastrft.loop.checkpointing import Checkpoints
 from fastrft.loop.data import TrainingData
 from fastrft.loop.evaluator import Evaluator
 from fastrft.loop.learner import Learner, reference_model, token_budget
-from fastrft.loop.recorder import NullRecorder, Recorder
+from fastrft.loop.recorder import NullRecorder, Recorder, check_sinks
 from fastrft.loop.rollout import sample_extra, sample_groups
 from fastrft.loop.round import Stages, train_round
 from fastrft.loop.run import RunLoop, WallClock
@@ -83,6 +83,7 @@ class Trainer:
         precision = resolve_precision(config.model.precision, self.device)
         if precision != config.model.precision:
             config = config.replace(model=dataclasses.replace(config.model, precision=precision))
+        check_sinks(config)
         self.cfg = config
         self.reward_funcs = resolve_rewards(config.data.reward_funcs, config.data.reward_weights, given)
         run = config.run

@@ -26,7 +26,9 @@ class Recorder:
         self.cfg = cfg
         self.metrics = MetricsLog(out_dir / "metrics.jsonl")
         self.samples = MetricsLog(out_dir / "rollouts.jsonl") if cfg.run.log_samples else None
-        self.tb = _tensorboard(out_dir) if cfg.run.tensorboard else None
+        sinks = report_sinks(cfg)
+        self.tb = _tensorboard(out_dir) if "tensorboard" in sinks else None
+        self.wandb = _wandb(cfg, out_dir) if "wandb" in sinks else None
         self.bar = tqdm(total=cfg.run.rounds, initial=done, desc=cfg.run.name, unit="round", disable=not progress,
                         file=sys.stderr, dynamic_ncols=True)
 
@@ -56,13 +58,15 @@ class Recorder:
             for (ex, c), rw in list(zip(flat, scores.rewards))[:n]]})
 
     def scalars(self, record: dict[str, Any], step: int, prefix: str) -> None:
-        """The record's numbers as TensorBoard scalars (when --tensorboard)."""
-        if self.tb is None:
-            return
-        for k, v in record.items():
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "round":
-                self.tb.add_scalar(prefix + k, v, step)
-        self.tb.flush()
+        """The record's numbers as TensorBoard scalars and wandb metrics (--report-to), at step = round."""
+        numbers = {prefix + k: v for k, v in record.items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "round"}
+        if self.tb is not None:
+            for k, v in numbers.items():
+                self.tb.add_scalar(k, v, step)
+            self.tb.flush()
+        if self.wandb is not None:
+            self.wandb.log(numbers, step=step)
 
     def close(self) -> None:
         self.bar.close()
@@ -71,6 +75,8 @@ class Recorder:
             self.samples.close()
         if self.tb is not None:
             self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
 
 
 class NullRecorder:
@@ -90,6 +96,33 @@ class NullRecorder:
 
     def close(self) -> None:
         pass
+
+
+def report_sinks(cfg: TrainConfig) -> set[str]:
+    """Where metrics go besides metrics.jsonl: --report-to, and --tensorboard (its older spelling)."""
+    return (set(cfg.run.report_to) - {"none"}) | ({"tensorboard"} if cfg.run.tensorboard else set())
+
+
+def check_sinks(cfg: TrainConfig) -> None:
+    """Refuse, before anything loads, a --report-to whose package is missing."""
+    import importlib.util
+
+    for sink, module, extra in (("tensorboard", "tensorboard", "tensorboard"), ("wandb", "wandb", "wandb")):
+        if sink in report_sinks(cfg) and importlib.util.find_spec(module) is None:
+            flag = "--tensorboard / --report-to tensorboard" if sink == "tensorboard" else "--report-to wandb"
+            raise ConfigError(f"report_to ({flag}) needs the {module} package: pip install {module} (or install "
+                              f"fastrft with its [{extra}] extra)")
+
+
+def _wandb(cfg: TrainConfig, out_dir: Path):
+    """A wandb run for this run directory: the same id on every resume, so its history continues."""
+    import hashlib
+
+    import wandb
+
+    run_id = hashlib.sha1(str(out_dir.resolve()).encode()).hexdigest()[:16]
+    return wandb.init(project=None, name=cfg.run.name, id=run_id, resume="allow", dir=str(out_dir),
+                      config=cfg.to_dict())
 
 
 def _tensorboard(out_dir: Path):
