@@ -140,7 +140,7 @@ def test_a_steps_logged_means_do_not_depend_on_the_budget(tiny_llama, tmp_path):
     stats = {}
     for budget in (None, 12):
         cfg = TrainConfig(model=ModelConfig(model=str(tiny_llama)), data=DataConfig(dataset="arithmetic"),
-                          rollout=RolloutConfig(group_size=4),
+                          rollout=RolloutConfig(group_size=4, max_new_tokens=8),
                           algo=AlgoConfig(advantage="grpo", kl_coef=0.1, entropy_coef=0.01),
                           optim=OptimConfig(lr=1e-3, max_tokens_per_step=budget),
                           run=RunConfig(rounds=1, out=str(tmp_path / str(budget)), progress=False))
