@@ -101,3 +101,16 @@ def test_a_hub_dataset_goes_through_the_datasets_library(tiny_llama, tmp_path, m
     trainer = Trainer(_cfg(tiny_llama, tmp_path / "b", dataset="someone/sums"))
     assert calls == [("someone/sums", "train"), ("someone/sums", "test")]
     assert trainer.train_set.examples[0].id == "someone/sums/train/0" and len(trainer.test_set.examples) == 3
+
+
+def test_a_datasets_dataset_is_taken_as_is(tiny_llama, tmp_path):
+    """A real datasets.Dataset, as a TRL user passes one."""
+    datasets = pytest.importorskip("datasets")
+    from fastrft.trainer import Trainer
+
+    out = tmp_path / "run"
+    trainer = Trainer(_cfg(tiny_llama, out, example_index=(3,)), train_dataset=datasets.Dataset.from_list(ROWS))
+    assert trainer.train_set.examples[0].question == ROWS[3]["question"]
+    assert trainer.train_set.examples[0].meta["level"] == "easy"
+    trainer.run()
+    assert [r["examples"] for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "round"] == [["python/train/3"]]

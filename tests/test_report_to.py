@@ -46,3 +46,18 @@ def test_report_to_wandb_logs_every_round_and_evaluation(tiny_llama, tmp_path, m
     assert steps == [(0, "eval"), (1, "train"), (2, "train"), (2, "eval")]
     assert "train/reward_mean" in sent["log"][1][1] and "eval/test_pass1" in sent["log"][-1][1]
     assert sent["finish"] == 1 and any((out / "tb").iterdir())  # both sinks wrote
+
+
+def test_report_to_wandb_for_real_in_offline_mode(tiny_llama, tmp_path, monkeypatch):
+    """The real wandb package, WANDB_MODE=offline: the run's records land in <run dir>/wandb under the run
+    id derived from the run directory, rounds and evaluations both."""
+    import pytest
+
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    out = tmp_path / "run"
+    assert main(_args(tiny_llama, out, "--report-to", "wandb")) == 0
+    (log,) = list((out / "wandb").glob("offline-run-*/run-*.wandb"))
+    data = log.read_bytes()
+    assert b"train/reward_mean" in data and b"eval/test_pass1" in data and b"train/loss" in data
