@@ -63,16 +63,9 @@ class Trainer:
         recorded there by name (fastrft.rewards.funcs). ``train_dataset``, ``eval_dataset``: rows of your
         own (a ``datasets.Dataset``, a list of dicts) with the columns ``config.data.prompt_column`` and
         ``answer_column`` (fastrft.data.custom); the run's dataset is then "custom"."""
-        given, rows = None, None
-        if reward_funcs is not None:
-            config, given = _with_reward_funcs(config, reward_funcs, reward_weights)
-        if train_dataset is not None:
-            rows = {"train": list(train_dataset), **({"test": list(eval_dataset)} if eval_dataset is not None else {})}
-            if config.data.dataset != "custom":
-                config = config.replace(data=dataclasses.replace(config.data, dataset="custom", train_file=None,
-                                                                 test_file=None))
-        elif eval_dataset is not None:
-            raise ConfigError("eval_dataset (Trainer argument) needs a train_dataset as well")
+        # 0. What only Python can pass (functions, rows) is folded into the config, which records it.
+        config, given = _with_reward_funcs(config, reward_funcs, reward_weights)
+        config, rows = _with_rows(config, train_dataset, eval_dataset)
         # 1. Under torchrun each rank joins the job here and takes its device; a plain process is world size 1.
         self.world, self.device = init_world(_resolve_device(config.model.device), config.run.dist_timeout)
         if self.world.distributed and self.world.main:
@@ -238,10 +231,26 @@ class Trainer:
         return self.state.skipped
 
 
-def _with_reward_funcs(config: TrainConfig, funcs: list, weights: list[float] | None) -> tuple[TrainConfig, list]:
+def _with_rows(config: TrainConfig, train, test) -> tuple[TrainConfig, dict | None]:
+    """``config`` with dataset "custom" when rows were passed from Python, and those rows by split."""
+    if train is None:
+        if test is not None:
+            raise ConfigError("eval_dataset (Trainer argument) needs a train_dataset as well")
+        return config, None
+    rows = {"train": list(train), **({"test": list(test)} if test is not None else {})}
+    data = dataclasses.replace(config.data, dataset="custom", train_file=None, test_file=None)
+    return config.replace(data=data), rows
+
+
+def _with_reward_funcs(config: TrainConfig, funcs: list | None,
+                       weights: list[float] | None) -> tuple[TrainConfig, list | None]:
     """``config`` recording ``funcs`` (callables or names) in data.reward_funcs, and the callables."""
     from fastrft.rewards.funcs import load, spec_of
 
+    if funcs is None:
+        if weights is not None:
+            raise ConfigError("reward_weights (Trainer argument) needs reward_funcs as well")
+        return config, None
     if not isinstance(funcs, (list, tuple)) or not funcs:
         raise ConfigError("reward_funcs (Trainer argument) must be a non-empty list of functions or names")
     specs = [f if isinstance(f, str) else spec_of(f) for f in funcs]
