@@ -28,6 +28,7 @@ from typing import Callable
 import torch
 
 from fastrft.kernels import lm_head_triton as tri
+from fastrft.kernels.rows import exp_shifted_, log_rows, row_sums
 from fastrft.kernels.lm_head_triton import HAVE_TRITON, compile_cases  # re-exported: the compile gate reads it
 
 __all__ = ["BACKENDS", "HAVE_TRITON", "LinearLogprobFunction", "check_chunk", "check_inputs", "compile_cases",
@@ -50,10 +51,11 @@ def _torch_stats(h, w_t, tgt, inv_temp: float, zbuf, pbuf):
     m = z.amax(1, keepdim=True)
     zt = z.gather(1, tgt[:, None])
     z.sub_(m)
-    p = torch.exp(z, out=pbuf[:c])
-    s = p.sum(1, keepdim=True)
+    # exp, row sum and log as the sampler takes them (kernels.rows), so the two agree bit for bit
+    p = exp_shifted_(pbuf[:c].copy_(z))
+    s = row_sums(p)[:, None]
     c1 = torch.bmm(p.unsqueeze(1), z.unsqueeze(2)).view(c, 1) / s  # E_p[z - m]
-    log_s = s.log()
+    log_s = log_rows(s[:, 0])[:, None]
     logp = (zt - m - log_s).squeeze(1)
     entropy = (log_s - c1).squeeze(1)
     return logp, entropy, (z, p, s, c1, tgt)

@@ -33,6 +33,7 @@ import os
 import torch
 
 from fastrft.kernels import noise as nz
+from fastrft.kernels.rows import EXP_FLOOR, exp_shifted_, log_rows, row_sums
 from fastrft.kernels import sampling_triton as tri
 from fastrft.kernels.sampling_triton import HAVE_TRITON, compile_cases, triton_noise  # noqa: F401 (the gate reads it)
 
@@ -40,7 +41,6 @@ __all__ = ["compile_cases", "sample_reference", "sample_tokens", "sample_torch",
 
 _INT_BIG = 2**31 - 1
 ACCELERATORS = ("cuda",)  # device types the Triton kernel (as the custom op fastrft::sample_tokens) serves
-EXP_FLOOR = -87.0
 STAGE1_BLOCKS = 8  # blocks the CPU path searches first to set a best score
 
 
@@ -68,7 +68,7 @@ def _finish(z, m, token, bad, consume: bool = False) -> torch.Tensor:
     safe = token.clamp(0, z.shape[1] - 1)
     z_tok = z.gather(1, safe[:, None]).squeeze(1)
     shifted = z.sub_(m[:, None]) if consume else z - m[:, None]
-    logp = (z_tok - m) - torch.log(shifted.clamp_(min=EXP_FLOOR).exp_().sum(1))
+    logp = (z_tok - m) - log_rows(row_sums(exp_shifted_(shifted)))  # the trainer's formula (kernels.rows)
     tokens = torch.where(bad, -1, safe).to(torch.int32)
     return torch.stack([tokens, logp.view(torch.int32)])
 

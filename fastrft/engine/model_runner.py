@@ -59,6 +59,7 @@ class ModelRunner:
         self.kv = [(zeroed(shape, model.dtype, model.device), zeroed(shape, model.dtype, model.device))
                    for _ in range(c.num_layers)]
         self._logits_out: torch.Tensor | None = None  # CPU: reused across steps (see _logits)
+        self._head32, self._head_key = None, None  # fp32 copy of a low-precision LM head (see _head)
         self.block_size = block_size
         self.vocab_size = c.vocab_size
         self.max_blocks_per_seq = -(-max_model_len // block_size)
@@ -88,15 +89,31 @@ class ModelRunner:
                 v.index_fill_(0, index, 0)
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """(n, V) fp32 logits of n hidden states. On CPU they go into one buffer kept across steps: a fresh
-        B x V result would fault in its pages at every step (12 MiB at B = 64 for SmolLM2, ~15 ms)."""
-        w = self.model.lm_head_weight
+        """(n, V) fp32 logits of n hidden states, multiplied in fp32 as the trainer's LM-head loss does
+        (fastrft.kernels.linear_logprob): a bf16 head is widened once per weight version (:meth:`_head`),
+        never multiplied in bf16, whose rounded logits would put the sampler's log-probs a few percent
+        off the trainer's. On CPU they go into one buffer kept across steps: a fresh B x V result would
+        fault in its pages at every step (12 MiB at B = 64 for SmolLM2, ~15 ms)."""
+        w = self._head()
         n = hidden.shape[0]
-        if hidden.device.type != "cpu" or w.dtype != torch.float32:
-            return (hidden @ w.T).float()
+        hidden = hidden.float()
+        if hidden.device.type != "cpu":
+            return hidden @ w.T
         if self._logits_out is None or self._logits_out.shape[0] < n:
             self._logits_out = torch.empty((max(n, self.max_num_seqs), w.shape[0]), dtype=torch.float32)
         return torch.mm(hidden, w.T, out=self._logits_out[:n])
+
+    def _head(self) -> torch.Tensor:
+        """The LM-head weight in fp32: the model's own when fp32, else a copy refreshed whenever the
+        weight changes (an optimizer step's in-place refresh bumps its version counter)."""
+        w = self.model.lm_head_weight
+        if w.dtype == torch.float32:
+            return w
+        key = (w.data_ptr(), w._version)
+        if self._head_key != key:
+            self._head32 = w.detach().float()
+            self._head_key = key
+        return self._head32
 
     @torch.no_grad()
     def prefill(self, seqs, starts, lens, slot_mapping, block_tables) -> torch.Tensor:

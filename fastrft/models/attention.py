@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastrft.models.config import ArchConfig
-from fastrft.models.layers import RMSNorm, apply_rope
+from fastrft.models import exact
+from fastrft.models.layers import Linear, RMSNorm, apply_rope
 
 try:  # optional: only used on CUDA with fp16/bf16
     from flash_attn import flash_attn_varlen_func as _flash_varlen
@@ -76,16 +77,19 @@ def prefix_prefill_attention(q, k_cache, v_cache, meta, scale: float) -> torch.T
 
 
 class Attention(nn.Module):
+    #: batch-invariant attention (fastrft.models.exact.tiled_attention) on every path; CausalLM.set_exact
+    exact = False
+
     def __init__(self, cfg: ArchConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.scale = cfg.head_dim**-0.5
         q_dim, kv_dim = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-        self.q_proj = nn.Linear(cfg.hidden_size, q_dim, bias=cfg.qkv_bias)
-        self.k_proj = nn.Linear(cfg.hidden_size, kv_dim, bias=cfg.qkv_bias)
-        self.v_proj = nn.Linear(cfg.hidden_size, kv_dim, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(q_dim, cfg.hidden_size, bias=cfg.o_bias)
+        self.q_proj = Linear(cfg.hidden_size, q_dim, bias=cfg.qkv_bias)
+        self.k_proj = Linear(cfg.hidden_size, kv_dim, bias=cfg.qkv_bias)
+        self.v_proj = Linear(cfg.hidden_size, kv_dim, bias=cfg.qkv_bias)
+        self.o_proj = Linear(q_dim, cfg.hidden_size, bias=cfg.o_bias)
         self.qk_norm = cfg.qk_norm
         if cfg.qk_norm == "head":
             self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
@@ -109,7 +113,10 @@ class Attention(nn.Module):
     def forward_packed(self, x, cos, sin, cu_seqlens):
         """x (T, hidden) packed; cos/sin (T, D); returns (T, hidden)."""
         q, k, v = self._qkv(x, cos, sin)
-        o = varlen_attention(q, k, v, cu_seqlens, self.scale)
+        if self.exact:
+            o = exact.packed_attention(q, k, v, cu_seqlens, self.scale)
+        else:
+            o = varlen_attention(q, k, v, cu_seqlens, self.scale)
         return self.o_proj(o.flatten(-2))
 
     def forward_paged(self, x, cos, sin, k_cache, v_cache, meta):
@@ -126,7 +133,9 @@ class Attention(nn.Module):
             pa.store_kv_reference(k, v, k_cache, v_cache, meta.slot_mapping)
         else:
             pa.store_kv(k, v, k_cache, v_cache, meta.slot_mapping, validate=False if meta.trusted else None)
-        if not meta.is_prefill and direct:
+        if self.exact:
+            o = exact.paged_attention(q, k_cache, v_cache, meta, self.scale)
+        elif not meta.is_prefill and direct:
             o = pa.paged_attention_decode_torch(q, k_cache, v_cache, meta.block_tables, meta.context_lens, self.scale,
                                                 finite_pages=True)
         elif not meta.is_prefill:

@@ -17,7 +17,7 @@ from torch import nn
 from fastrft.models.attention import Attention
 from fastrft.models.config import ArchConfig
 from fastrft.models.kv_cache import KVCache
-from fastrft.models.layers import MLP, RMSNorm, rope_cos_sin, rope_inv_freq
+from fastrft.models.layers import MLP, Linear, RMSNorm, rope_cos_sin, rope_inv_freq
 
 
 class DecoderLayer(nn.Module):
@@ -61,10 +61,27 @@ class CausalLM(nn.Module):
         super().__init__()
         self.config = cfg
         self.model = DecoderModel(cfg)
-        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.eos_token_ids: tuple[int, ...] = cfg.eos_token_ids
         self.register_buffer("inv_freq", rope_inv_freq(cfg.rope, cfg.head_dim), persistent=False)
         self.activation_checkpointing = False  # forward_packed recomputes each layer in the backward when set
+
+    @property
+    def exact(self) -> bool:
+        """Batch-invariant forward (fastrft.models.exact): decode, prefill and forward_packed give a
+        token the same bits whatever shares its batch."""
+        return bool(getattr(self, "_exact", False))
+
+    def set_exact(self, on: bool = True) -> None:
+        """Switch every layer to (or from) the batch-invariant ops of :mod:`fastrft.models.exact`."""
+        self._exact = bool(on)
+        for m in self.modules():
+            if hasattr(type(m), "exact") and m is not self:
+                m.exact = bool(on)
+
+    def linear_shapes(self) -> list[tuple[int, int]]:
+        """(in_features, out_features) of every linear layer the forward runs."""
+        return sorted({(m.in_features, m.out_features) for m in self.model.modules() if isinstance(m, nn.Linear)})
 
     def reset_buffers(self) -> None:
         """Recompute non-persistent buffers (after building on the meta device)."""

@@ -53,8 +53,11 @@ def rope_inv_freq(rope: RopeConfig, head_dim: int, device=None) -> torch.Tensor:
 def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype):
     """cos, sin of shape positions.shape + (head_dim,), cast to ``dtype``."""
     freqs = positions[..., None].float() * inv_freq
-    emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+    emb = torch.cat((freqs, freqs), dim=-1).double()
+    # cos and sin of the fp32 angles in float64, rounded once: PyTorch's fp32 CPU cos is not a pure function
+    # (the same input gave a different last bit in about 1 process in 20, measured on torch 2.13), which made
+    # seeded runs irreproducible and decode disagree with the training forward; float64's is.
+    return emb.cos().float().to(dtype), emb.sin().float().to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -65,12 +68,26 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
+class Linear(nn.Linear):
+    """nn.Linear (same parameters, same names) whose forward is batch-invariant when ``exact`` is set
+    (:func:`fastrft.models.exact.linear`; :meth:`fastrft.models.CausalLM.set_exact`)."""
+
+    exact = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.exact:
+            from fastrft.models import exact
+
+            return exact.linear(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias)
+
+
 class MLP(nn.Module):
     def __init__(self, cfg: ArchConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+        self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

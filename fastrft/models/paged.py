@@ -27,3 +27,5 @@ class PagedMeta:
     # The engine's own steps: its caches start zeroed (every slot finite) and it computes slots and tables
     # itself, so the kernels skip the value checks and the zeroing of unused slots.
     trusted: bool = False
+    # Exact mode: how fastrft.models.exact batches this step's query rows (made by its first layer).
+    tile_plan: object = None
