@@ -83,6 +83,11 @@ class ModelConfig:
     activation_checkpointing: bool = opt(False, "recompute each decoder layer's activations in the backward "
                                                 "instead of keeping them: less memory per token, one more "
                                                 "forward per step; same gradients")
+    exact_logprobs: str = opt("auto", "exact on-policy log-probs: on = batch-invariant ops, so the sampler's log-prob "
+                                      "of every token equals the trainer's bit for bit (logp_gap 0) and PPO's "
+                                      "old-log-prob pass is skipped | off | auto (on where it costs at most 5 percent: fp32 on CPU with "
+                                      "--ppo-epochs x --mini-batches > 1; off on CUDA, where its kernels are not "
+                                      "written yet, and with --top-p/--top-k)")
 
     def __post_init__(self):
         _require(self.precision in PRECISIONS, "precision",
@@ -96,6 +101,8 @@ class ModelConfig:
                  f"must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         _require(self.kernels in ("auto", "triton", "reference"), "kernels",
                  f"must be auto, triton or reference, got {self.kernels!r}")
+        _require(self.exact_logprobs in ("auto", "on", "off"), "exact_logprobs",
+                 f"must be auto, on or off, got {self.exact_logprobs!r}")
 
 
 @dataclass(frozen=True)

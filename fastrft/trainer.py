@@ -45,7 +45,7 @@ from fastrft.loop.rollout import sample_extra, sample_groups
 from fastrft.loop.round import Stages, train_round
 from fastrft.loop.run import RunLoop, WallClock
 from fastrft.loop.types import Rollouts, RunState
-from fastrft.models import load_model, load_tokenizer
+from fastrft.models import exact, load_model, load_tokenizer
 from fastrft.precision import DTYPES, Precision, resolve_precision, warn_unabsorbed_updates
 from fastrft.rewards.funcs import resolve as resolve_rewards
 
@@ -96,6 +96,11 @@ class Trainer:
                           else Precision(model, precision))
         if config.model.activation_checkpointing:
             _enable_checkpointing(self.precision.train_model)
+        # Exact mode: batch-invariant ops in every module that samples or trains (fastrft.models.exact).
+        self.exact_logprobs = exact.resolve(config, self.device, precision)
+        if self.exact_logprobs:
+            p = self.precision
+            exact.enable([p.master, p.train_model, p.rollout_model], p.compute_dtype, self.device)
         warn_unabsorbed_updates(self.precision, config.optim.lr)
         # 4. The learner's parts, then the engine, which holds the rollout model itself (rollouts always
         # see the current weights) and packs its prefill steps within the step's token budget. Every
@@ -108,7 +113,7 @@ class Trainer:
             max_num_batched_tokens=budget))
         self._gen = SplitEngine(self.engine, self.world)
         self.learner = Learner(config, self.precision, ref=ref, engine=self.engine, token_budget=budget,
-                               world=self.world, device=self.device)
+                               world=self.world, device=self.device, exact_logprobs=self.exact_logprobs)
         self.state = RunState()
         self.complete = existing == "complete"
         # 5. The data; selecting by difficulty generates, and its cache is the only file written before the

@@ -23,8 +23,14 @@ _VECTOR = 64  # elements: a multiple of every CPU vector width times PyTorch's 2
 
 
 def exp_shifted_(shifted: torch.Tensor) -> torch.Tensor:
-    """exp(max(shifted, EXP_FLOOR)) in place: the terms of the partition sum (shifted = z - row max)."""
-    return shifted.clamp_(min=EXP_FLOOR).exp_()
+    """exp(max(shifted, EXP_FLOOR)) in place: the terms of the partition sum (shifted = z - row max).
+    A vocabulary that is not a whole number of vectors goes through a padded copy, so that every element
+    takes the vectorised exp whatever the row count (see fastrft.models.layers.aligned)."""
+    shifted.clamp_(min=EXP_FLOOR)
+    v = shifted.shape[-1]
+    if v % _VECTOR == 0 or shifted.device.type != "cpu":
+        return shifted.exp_()
+    return shifted.copy_(F.pad(shifted, (0, _VECTOR - v % _VECTOR)).exp_()[..., :v])
 
 
 def row_sums(x: torch.Tensor) -> torch.Tensor:

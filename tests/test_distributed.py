@@ -81,6 +81,9 @@ def runs(tiny_llama, tmp_path_factory):
     for world in (1, 2):
         spec = [{"argv": _argv(tiny_llama, root / f"w{world}-{agg}", agg), "dump": str(root / f"w{world}-{agg}.json")}
                 for agg in AGGS]
+        if world == 2:  # the exact mode in bf16-mixed across ranks (issue 24); fp32 runs it in the PPO job
+            spec.append({"argv": _argv(tiny_llama, root / "w2-bf16-exact", AGGS[1]) +
+                         ["--precision", "bf16-mixed", "--exact-logprobs", "on"], "dump": None})
         (root / f"spec{world}.json").write_text(json.dumps(spec))
     procs = [subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for cmd in (_torchrun(WORKER, str(root / "spec2.json")), [sys.executable, WORKER, str(root / "spec1.json")])]
@@ -114,6 +117,18 @@ def test_round_rollouts_equal_one_process_token_for_token(runs, aggregation):
     # Every later round too, as logged (all 9 rollouts a round, decoded text and length).
     assert (runs / f"w1-{aggregation}" / "rollouts.jsonl").read_text() == \
         (runs / f"w2-{aggregation}" / "rollouts.jsonl").read_text()
+
+
+def test_exact_logprobs_at_world_size_2(runs):
+    """Every rank's sampler log-probs equal its trainer's bit for bit, in fp32 (the PPO job, where auto turns
+    the mode on) and in bf16-mixed; the one-step job (auto: off) shows the gap the check would catch."""
+    def trained(name):
+        return [r for r in read_metrics(runs / name / "metrics.jsonl") if r["kind"] == "round" and not r["skipped"]]
+
+    for name in (f"w2-{AGGS[1]}", "w2-bf16-exact"):
+        rounds = trained(name)
+        assert rounds and [r["logp_gap_max"] for r in rounds] == [0.0] * len(rounds), name
+    assert max(r["logp_gap_max"] for r in trained(f"w2-{AGGS[0]}")) > 0
 
 
 @pytest.mark.parametrize("aggregation", AGGS)

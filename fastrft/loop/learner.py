@@ -7,7 +7,8 @@ of the engine's prefix-cache reset: cached prompt KV belongs to the weights it w
 One update = ``ppo_epochs`` passes over the round's sequences, each cut into ``mini_batches`` optimizer
 steps (fastrft.loop.plan). With one step per round on fresh samples, old_logp is the current policy's
 own detached log-prob and the ratio is exactly 1 (REINFORCE, clipping inert); with more, old_logp is the
-policy's log-prob before the round's first step, so the clip acts. Each step: micro-batches of packed
+policy's log-prob before the round's first step, so the clip acts (in exact mode the rollout's own
+log-probs, which equal it bit for bit: no recomputing pass). Each step: micro-batches of packed
 sequences through the model (final hidden states) and the fused LM-head loss (fastrft.kernels), backward
 with gradients accumulating in the fp32 masters, gradient clipping, AdamW, the compute-copy refresh.
 """
@@ -50,8 +51,9 @@ def reference_model(precision, cfg: TrainConfig):
 
 class Learner:
     def __init__(self, cfg: TrainConfig, precision, *, ref, engine, token_budget: int | None, world: World,
-                 device: torch.device):
+                 device: torch.device, exact_logprobs: bool = False):
         self.cfg, self.precision, self.ref, self.engine = cfg, precision, ref, engine
+        self.exact_logprobs = exact_logprobs
         self.token_budget, self.world, self.device = token_budget, world, device
         self.spec = cfg.loss_spec
         o = cfg.optim
@@ -72,7 +74,7 @@ class Learner:
         before (the lr schedule's position). Returns the update's metrics (``optimizer_steps`` taken)."""
         cfg, a = self.cfg, self.cfg.algo
         multi = a.ppo_epochs * a.mini_batches > 1
-        old = self.current_logprobs(train) if multi else None
+        old = (self.rollout_logprobs(train) if self.exact_logprobs else self.current_logprobs(train)) if multi else None
         total_steps = cfg.run.rounds * a.ppo_epochs * a.mini_batches
         steps, t_fb, t_opt, n_tokens, lr = [], 0.0, 0.0, 0, cfg.optim.lr
         self.precision.train_model.train()
@@ -91,6 +93,9 @@ class Learner:
                 stats = micro_stats[0] if len(micro_stats) == 1 else merge_micro_stats(micro_stats, micro_targets)
                 loss_value = stats.pop("loss")
                 steps.append({"loss": loss_value, "grad_norm": grad_norm, **stats, "micro_batches": len(micro_stats)})
+        for later in steps[1:]:  # the gap compares the sampler and trainer under the same weights: step 1's
+            for key in ("logp_gap_mean", "logp_gap_max"):
+                later.pop(key, None)
         return {**_merge_steps(steps), "lr": lr, "train_tokens": n_tokens, "optimizer_steps": len(steps),
                 "time_fwd_bwd": t_fb, "time_optim": t_opt}
 
@@ -142,6 +147,12 @@ class Learner:
         self.refresh()
         self.reset_prefix_cache()  # cached prompt KV belongs to the old weights
         return float(grad_norm)
+
+    @staticmethod
+    def rollout_logprobs(train: TrainBatch) -> list[torch.Tensor]:
+        """The old log-probs in exact mode: the sampler's, which are the pre-update policy's bit for bit
+        (fastrft.models.exact), so the recomputing pass (:meth:`current_logprobs`) is skipped."""
+        return [torch.tensor(c.logprobs, dtype=torch.float32) for c in train.completions]
 
     def current_logprobs(self, train: TrainBatch) -> list[torch.Tensor]:
         """Per sequence of ``train``, the current policy's log-probs of its response tokens (CPU, fp32)."""

@@ -249,3 +249,38 @@ def check_invariance(shapes: list[tuple[int, int]], dtype: torch.dtype, device: 
                 raise ExactModeError(f"exact log-probs: a {k}x{n} {str(dtype).removeprefix('torch.')} linear layer "
                                      f"gives different bits for {m} rows than for 300 ({hint}); use "
                                      "--exact-logprobs off")
+
+
+def resolve(cfg, device: torch.device, precision: str = "fp32") -> bool:
+    """Whether a run computes exactly: ``--exact-logprobs`` (cfg.model.exact_logprobs) against what can
+    honour it. ``on`` with something that cannot raises :class:`fastrft.errors.ConfigError` with the
+    reason. ``auto`` is on where the mode costs at most 5% (bench/RESULTS.md, "Exact log-probs"): fp32 on
+    CPU with more than one optimizer step per round, where the skipped old-log-prob pass pays for it
+    (1.05x; one step per round costs 1.10x, bf16-mixed 1.23x)."""
+    from fastrft.errors import ConfigError
+
+    setting, ro = cfg.model.exact_logprobs, cfg.rollout
+    reasons = []
+    if device.type != "cpu":
+        reasons.append(f"it is implemented for CPU runs only (the {device.type} decode and training kernels are "
+                       "not batch-invariant yet)")
+    if ro.top_k > 0 or ro.top_p < 1.0:
+        reasons.append("--top-p/--top-k sample from a truncated distribution, which is not the trainer's")
+    if cfg.model.kernels == "triton":
+        reasons.append("--kernels triton computes the trainer's log-probs with the Triton kernels, which the "
+                       "CPU sampler does not share")
+    if setting == "on" and reasons:
+        raise ConfigError(f"exact_logprobs (--exact-logprobs) on cannot be honoured: {reasons[0]}; use "
+                          "--exact-logprobs off (or auto)")
+    cheap = precision == "fp32" and cfg.algo.ppo_epochs * cfg.algo.mini_batches > 1
+    return setting == "on" or (setting == "auto" and not reasons and cheap)
+
+
+def enable(models, dtype: torch.dtype, device: torch.device) -> None:
+    """Switch ``models`` (the master, training and rollout modules; repeats are fine) to the exact ops,
+    after checking that this process's BLAS honours them (:func:`check_invariance`)."""
+    models = list({id(m): m for m in models}.values())
+    shapes = [s for m in models if hasattr(m, "linear_shapes") for s in m.linear_shapes()]
+    check_invariance(shapes, dtype, device)
+    for m in models:
+        m.set_exact(True)

@@ -57,7 +57,23 @@ def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.d
     # cos and sin of the fp32 angles in float64, rounded once: PyTorch's fp32 CPU cos is not a pure function
     # (the same input gave a different last bit in about 1 process in 20, measured on torch 2.13), which made
     # seeded runs irreproducible and decode disagree with the training forward; float64's is.
-    return emb.cos().float().to(dtype), emb.sin().float().to(dtype)
+    return aligned(torch.cos, emb).float().to(dtype), aligned(torch.sin, emb).float().to(dtype)
+
+
+VECTOR = 64  # elements: a multiple of every CPU vector width times PyTorch's 2x loop unroll
+
+
+def aligned(fn, x: torch.Tensor) -> torch.Tensor:
+    """fn(x) for an elementwise ``fn``, computed with x's last dim padded to a multiple of VECTOR.
+
+    PyTorch's CPU loops take whole vectors through the vectorised (SLEEF) code and the last few elements
+    of a thread's share through the scalar (libm) one, which can differ in the last bit; so where a row
+    is not a whole number of vectors, an element's result would depend on how many rows share the call.
+    Padded, every element takes the vector path (fastrft.models.exact). Free for aligned widths."""
+    width = x.shape[-1]
+    if width % VECTOR == 0 or x.device.type != "cpu":
+        return fn(x)
+    return fn(F.pad(x, (0, VECTOR - width % VECTOR)))[..., :width]
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -90,4 +106,4 @@ class MLP(nn.Module):
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(aligned(F.silu, self.gate_proj(x)) * self.up_proj(x))

@@ -1,0 +1,235 @@
+"""Exact on-policy mode (--exact-logprobs): the sampler's log-probs equal the trainer's bit for bit.
+
+The end-to-end check is a multi-round run built to exercise everything that batches a token
+differently: G = 8 samples sharing their prompt's KV, responses of varied length, a token budget that
+cuts both the engine's prefill and the optimizer step into pieces, and a KV cache so small that the
+engine preempts and recomputes sequences. Every round's logp_gap_max must be exactly 0, in fp32 and in
+bf16-mixed, and it is not 0 with the mode off (the test would catch a mode that does nothing).
+World size 2 is checked on the runs of tests/test_distributed.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from fastrft.config import (AlgoConfig, DataConfig, EvalConfig, ModelConfig, OptimConfig, RolloutConfig, RunConfig,
+                            TrainConfig)
+from fastrft.errors import ConfigError
+from fastrft.models import exact
+from fastrft.report import read_metrics
+from fastrft.trainer import Trainer
+
+KV_TOKENS = 160  # the tiny model's cache in tokens: one sequence fits, 8 samples of a prompt do not
+
+
+def exact_config(model_dir, out, *, precision="fp32", mode="on", rounds=3, **algo) -> TrainConfig:
+    kv_bytes = 2 * 2 * 2 * 16 * (4 if precision == "fp32" else 2)  # layers, K and V, kv heads, head dim
+    return TrainConfig(
+        model=ModelConfig(model=str(model_dir), precision=precision, exact_logprobs=mode),
+        data=DataConfig(dataset="arithmetic", level="add2", examples_per_round=2, train_pool=16),
+        rollout=RolloutConfig(group_size=8, max_new_tokens=24, kv_cache_memory=KV_TOKENS * kv_bytes),
+        algo=AlgoConfig(advantage="grpo", **algo),
+        optim=OptimConfig(lr=3e-3, max_tokens_per_step=200),
+        eval=EvalConfig(eval_every=0, train_samples=1, test_size=2),
+        run=RunConfig(rounds=rounds, seed=1, out=str(out), progress=False),
+    )
+
+
+def run(cfg, count_preemptions: bool = False):
+    """Train ``cfg``; (the trainer, its round records, how many sequences the engine preempted)."""
+    from fastrft.engine import engine as engine_module
+
+    preempted = []
+    make = engine_module.make_scheduler
+
+    class Counting:  # the C++ scheduler's methods are read-only: wrap the object
+        def __init__(self, real):
+            self.real = real
+
+        def __getattr__(self, name):
+            return getattr(self.real, name)
+
+        def schedule(self):
+            out = self.real.schedule()
+            preempted.append(len(out.preempted))
+            return out
+
+    if count_preemptions:
+        engine_module.make_scheduler = lambda *a, **k: Counting(make(*a, **k))
+    try:
+        trainer = Trainer(cfg)
+        trainer.run()
+    finally:
+        engine_module.make_scheduler = make
+    rounds = [r for r in read_metrics(trainer.out_dir / "metrics.jsonl") if r["kind"] == "round"]
+    return trainer, rounds, sum(preempted)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16-mixed"])
+def test_sampler_and_trainer_logprobs_agree_bit_for_bit(tiny_llama, tmp_path, precision):
+    cfg = exact_config(tiny_llama, tmp_path / "on", precision=precision, ppo_epochs=2, mini_batches=2)
+    trainer, rounds, preempted = run(cfg, count_preemptions=True)
+    assert trainer.exact_logprobs
+    assert preempted > 0  # the small cache forced recomputation
+    assert max(r["micro_batches"] for r in rounds) > 1  # the budget cut the steps
+    trained = [r for r in rounds if not r["skipped"]]
+    assert trained, "no round trained; the check would be empty"
+    assert [r["logp_gap_max"] for r in trained] == [0.0] * len(trained)
+    # The same run with the mode off: the gap is back, so the check above can fail.
+    _, off_rounds, _ = run(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, exact_logprobs="off"),
+                                               run=dataclasses.replace(cfg.run, out=str(tmp_path / "off"))))
+    assert max(r["logp_gap_max"] for r in off_rounds if not r["skipped"]) > 0
+
+
+def test_skipping_the_old_logprob_pass_changes_nothing(tiny_llama, tmp_path, monkeypatch):
+    """In exact mode PPO's old log-probs are the rollout's; the run equals one that recomputes them."""
+    from fastrft.loop.learner import Learner
+
+    cfg = exact_config(tiny_llama, tmp_path / "skip", rounds=2, ppo_epochs=2, mini_batches=2)
+
+    def refuse(self, train):
+        raise AssertionError("exact mode recomputed the old log-probs")
+
+    monkeypatch.setattr(Learner, "current_logprobs", refuse)
+    skip_trainer, skipped, _ = run(cfg)
+    monkeypatch.undo()
+    monkeypatch.setattr(Learner, "rollout_logprobs", lambda self, train: Learner.current_logprobs(self, train))
+    recompute_trainer, recomputed, _ = run(dataclasses.replace(cfg, run=dataclasses.replace(cfg.run,
+                                                                                          out=str(tmp_path / "re"))))
+
+    def strip(records):
+        return [{k: v for k, v in r.items() if not k.startswith("time_") and not k.endswith("_per_s")} for r in records]
+
+    assert strip(skipped) == strip(recomputed)
+    a, b = skip_trainer.precision.master.state_dict(), recompute_trainer.precision.master.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_resume_that_switches_the_mode_is_a_config_change(tiny_llama, tmp_path):
+    out = tmp_path / "run"
+    run(exact_config(tiny_llama, out, rounds=1))
+    with pytest.raises(ConfigError, match="exact_logprobs"):
+        Trainer(exact_config(tiny_llama, out, rounds=2, mode="off"))
+
+
+def test_options_that_cannot_be_exact_are_refused_with_the_reason(tiny_llama, tmp_path):
+    cfg = exact_config(tiny_llama, tmp_path / "x")
+    topp = cfg.replace(rollout=dataclasses.replace(cfg.rollout, top_p=0.9))
+    with pytest.raises(ConfigError, match="top-p"):
+        exact.resolve(topp, torch.device("cpu"))
+    with pytest.raises(ConfigError, match="CPU runs only"):
+        exact.resolve(cfg, torch.device("cuda"))
+    auto = cfg.replace(model=dataclasses.replace(cfg.model, exact_logprobs="auto"))
+    ppo = auto.replace(algo=dataclasses.replace(auto.algo, ppo_epochs=2))
+    assert exact.resolve(ppo, torch.device("cpu"), "fp32")  # where it costs <= 5%
+    assert not exact.resolve(auto, torch.device("cpu"), "fp32")  # one step per round: 1.10x
+    assert not exact.resolve(ppo, torch.device("cpu"), "bf16-mixed")
+    assert not exact.resolve(ppo.replace(rollout=topp.rollout), torch.device("cpu"), "fp32")
+    assert not exact.resolve(ppo, torch.device("cuda"), "fp32")
+    with pytest.raises(ConfigError, match="exact-logprobs"):
+        ModelConfig(exact_logprobs="yes")
+
+
+# ----------------------------------------------------------------------------------------- the ops
+def _reference_attention(q, k, v, scale):
+    """Causal attention of one sequence in float64: q (L, Hq, D), k/v (L, Hkv, D)."""
+    g = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
+    s = torch.einsum("qhd,khd->hqk", q.double(), k.double()) * scale
+    s = s.masked_fill(torch.ones(q.shape[0], q.shape[0], dtype=torch.bool).triu(1), float("-inf"))
+    return torch.einsum("hqk,khd->qhd", s.softmax(-1), v.double())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_tiled_attention_is_batch_invariant_and_matches_float64(dtype):
+    """Odd lengths across tiles, GQA 3:1: packed with other sequences, alone, or one query at a time
+    from pages (decode), a query's output has the same bits; and it is the float64 reference's to fp32
+    rounding (bf16 inputs widen exactly; the output rounds once to bf16)."""
+    from fastrft.models.paged import PagedMeta
+
+    g = torch.Generator().manual_seed(0)
+    lens, hq, hkv, d, page = [131, 7, 64, 65], 6, 2, 24, 16
+    qs = [torch.randn(n, hq, d, generator=g).to(dtype) for n in lens]
+    ks = [torch.randn(n, hkv, d, generator=g).to(dtype) for n in lens]
+    vs = [torch.randn(n, hkv, d, generator=g).to(dtype) for n in lens]
+    scale = d ** -0.5
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
+    packed = exact.packed_attention(torch.cat(qs), torch.cat(ks), torch.cat(vs), cu, scale)
+    for i, n in enumerate(lens):
+        alone = exact.packed_attention(qs[i], ks[i], vs[i], torch.tensor([0, n], dtype=torch.int32), scale)
+        assert torch.equal(alone, packed[cu[i]:cu[i + 1]])
+        ref = _reference_attention(qs[i], ks[i], vs[i], scale)
+        tol = 1e-5 if dtype == torch.float32 else 8e-3
+        torch.testing.assert_close(alone.double(), ref, atol=tol, rtol=tol)
+    # Decode from a paged cache holding sequence 0 in shuffled blocks: position t alone, batched with t + 3.
+    n = lens[0]
+    blocks = torch.randperm(-(-n // page) + 2, generator=g)[: -(-n // page)]
+    kc = torch.randn(len(blocks) + 2, page, hkv, d, generator=g).to(dtype)  # finite garbage past the context
+    vc = torch.randn_like(kc)
+    slots = (blocks[:, None] * page + torch.arange(page)).flatten()[:n]
+    kc.view(-1, hkv, d)[slots], vc.view(-1, hkv, d)[slots] = ks[0], vs[0]
+    table = blocks[None].int()
+    for t in (0, 63, 64, 100, n - 4):
+        both = [t, t + 3]
+        meta = PagedMeta(is_prefill=False, slot_mapping=torch.zeros(2, dtype=torch.long),
+                         block_tables=table.expand(2, -1), context_lens=torch.tensor([x + 1 for x in both]))
+        out = exact.paged_attention(torch.stack([qs[0][x] for x in both]), kc, vc, meta, scale)
+        assert torch.equal(out[0], packed[t]) and torch.equal(out[1], packed[t + 3])
+
+
+def test_bf16_linear_is_row_count_invariant():
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(96, 40, generator=g).bfloat16()
+    b = torch.randn(96, generator=g).bfloat16()
+    x = torch.randn(300, 40, generator=g).bfloat16()
+    full = exact.linear(x, w, b)
+    for m in (1, 5, 32, 33, 77, 299):
+        assert torch.equal(exact.linear(x[:m], w, b), full[:m])
+    # The backward is the plain one: gradients as F.linear's.
+    xr, wr = x[:50].clone().requires_grad_(), w.clone().requires_grad_()
+    exact.linear(xr, wr, None).float().sum().backward()
+    xp, wp = x[:50].clone().requires_grad_(), w.clone().requires_grad_()
+    torch.nn.functional.linear(xp, wp).float().sum().backward()
+    assert torch.equal(xr.grad, xp.grad) and torch.equal(wr.grad, wp.grad)
+
+
+def test_an_invariance_failure_is_refused_before_the_run(monkeypatch):
+    calls = []
+
+    def drifting(x, w, b):  # a BLAS whose rows depend on the row count
+        calls.append(x.shape[0])
+        return torch.nn.functional.linear(x, w, b) * (1 + 1e-6 * (x.shape[0] == 1))
+
+    monkeypatch.setattr(exact, "linear", drifting)
+    with pytest.raises(exact.ExactModeError, match="--exact-logprobs off"):
+        exact.check_invariance([(16, 8)], torch.float32, torch.device("cpu"))
+
+
+def test_micro_batches_of_one_give_the_same_gradient_in_exact_mode(tiny_llama):
+    """Issue 24's micro-batch observation: with the default attention a sequence alone takes another SDPA
+    batch shape than in a group, and the gradient norm moves in the last bits; with the exact ops a step
+    split into micro-batches of one sequence gives the gradient of the unsplit step, bit for bit."""
+    from fastrft.models import load_model
+
+    torch.manual_seed(0)
+    seqs = [torch.randint(3, 80, (40,)) for _ in range(4)]
+
+    def grads(model, groups):
+        model.zero_grad()
+        for group in groups:
+            ids = torch.cat([seqs[i] for i in group])
+            cu = torch.tensor([0, *torch.tensor([40] * len(group)).cumsum(0).tolist()], dtype=torch.int32)
+            hidden = model.forward_packed(ids, cu)
+            (hidden.float().square().mean() * len(group)).backward()
+        return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+    model = load_model(str(tiny_llama), dtype=torch.float32)
+    model.set_exact(True)
+    whole, ones = grads(model, [[0, 1, 2, 3]]), grads(model, [[0], [1], [2], [3]])
+    torch.testing.assert_close(whole, ones)  # same gradient up to the order the micro-batches add up
+    model.set_exact(False)
+    d_whole, d_ones = grads(model, [[0, 1, 2, 3]]), grads(model, [[0], [1], [2], [3]])
+    torch.testing.assert_close(d_whole, d_ones, atol=1e-5, rtol=1e-4)
