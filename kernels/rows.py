@@ -30,7 +30,14 @@ def exp_shifted_(shifted: torch.Tensor) -> torch.Tensor:
     v = shifted.shape[-1]
     if v % _VECTOR == 0 or shifted.device.type != "cpu":
         return shifted.exp_()
-    return shifted.copy_(F.pad(shifted, (0, _VECTOR - v % _VECTOR)).exp_()[..., :v])
+    # In place on the whole-vector columns (each row's run is whole vectors), and through a (R, VECTOR)
+    # padded copy for the last few: no temporary of the logits' size.
+    whole = v - v % _VECTOR
+    if whole:
+        shifted[:, :whole].exp_()
+    tail = shifted[:, whole:]
+    tail.copy_(F.pad(tail, (0, _VECTOR - (v - whole))).exp_()[:, : v - whole])
+    return shifted
 
 
 def row_sums(x: torch.Tensor) -> torch.Tensor:

@@ -211,7 +211,9 @@ def test_training_through_the_kernel_matches_the_reference(tiny_llama, tmp_path)
     assert sum(r["skipped"] for r in ref_rounds) == 0  # KL on: every round updates
     for a, b in zip(tri_rounds, ref_rounds):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
-        assert a["kl_mean"] == pytest.approx(b["kl_mean"], abs=1e-5)
+        # KL grows to ~2 nats at lr 3e-3; fp32 rounding differences between the two paths' gradients (e.g.
+        # SLEEF against libm exp in the last elements of a row) compound over the rounds to ~2.5e-5 relative.
+        assert a["kl_mean"] == pytest.approx(b["kl_mean"], rel=1e-4, abs=1e-5)
     for k in ref_params:
         # Adam normalises each step to ~lr, so 8 steps at lr 3e-3 move a weight by up to ~2.4e-2; the two
         # paths differ by fp32 rounding of the gradients, far below that.
