@@ -35,13 +35,14 @@ import os
 import torch
 import torch.nn.functional as F
 
+from fastrft.errors import ConfigError
 from fastrft.models.tiled_attention import TILE, packed_attention, paged_attention, tiled_attention  # noqa: F401
 
 ROW_BLOCK = 32  # rows per bf16 GEMM call in exact mode
 CNR = "AUTO,STRICT"  # the MKL_CBWR value the mode needs
 
 
-class ExactModeError(RuntimeError):
+class ExactModeError(ConfigError):
     """This process cannot compute batch-invariantly (the BLAS was configured before fastrft)."""
 
 
@@ -122,8 +123,6 @@ def resolve(cfg, device: torch.device, precision: str = "fp32") -> bool:
     reason. ``auto`` is on where the mode costs at most 5% (bench/RESULTS.md, "Exact log-probs"): fp32 on
     CPU with more than one optimizer step per round, where the skipped old-log-prob pass pays for it
     (1.05x; one step per round costs 1.10x, bf16-mixed 1.23x)."""
-    from fastrft.errors import ConfigError
-
     setting, ro = cfg.model.exact_logprobs, cfg.rollout
     reasons = []
     if device.type != "cpu":
