@@ -278,3 +278,13 @@ def test_log_partition_is_row_count_invariant(vocab):
         draws = sample_tokens(z.clone(), torch.arange(37), torch.zeros(37, dtype=torch.long), 1.0)
         trainer, _ = linear_logprob(h, w, draws[0].long(), backend="reference")
         assert torch.equal(trainer, draws[1].view(torch.float32))
+
+
+@pytest.mark.parametrize("family", ["qwen3", "olmo2"])
+def test_other_families_are_exact_too(tiny_models, tmp_path, family):
+    """Per-head q/k norms with a head dim of 24 (Qwen3), full-width q/k norms after each sublayer (OLMo-2)."""
+    cfg = exact_config(tiny_models[family], tmp_path / "run", rounds=2, ppo_epochs=2)
+    cfg = cfg.replace(rollout=dataclasses.replace(cfg.rollout, kv_cache_memory=None))
+    _, rounds, _ = run(cfg)
+    trained = [r for r in rounds if not r["skipped"]]
+    assert trained and [r["logp_gap_max"] for r in trained] == [0.0] * len(trained)
