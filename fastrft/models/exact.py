@@ -122,7 +122,7 @@ def resolve(cfg, device: torch.device, precision: str = "fp32") -> bool:
     honour it. ``on`` with something that cannot raises :class:`fastrft.errors.ConfigError` with the
     reason. ``auto`` is on where the mode costs at most 5% (bench/RESULTS.md, "Exact log-probs"): fp32 on
     CPU with more than one optimizer step per round, where the skipped old-log-prob pass pays for it
-    (1.05x; one step per round costs 1.10x, bf16-mixed 1.23x)."""
+    (0.92x; one step per round costs 1.09x, bf16-mixed 1.15-1.17x)."""
     setting, ro = cfg.model.exact_logprobs, cfg.rollout
     reasons = []
     if device.type != "cpu":
