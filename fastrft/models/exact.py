@@ -9,7 +9,7 @@ needed. Where each op's order comes from (measured on this project's CPUs; bench
 - **fp32 linear layers**: MKL picks a different sgemm kernel by row count (1, 2-15 and 16+ rows give
   three different results). Its conditional-numerical-reproducibility mode ``MKL_CBWR=AUTO,STRICT``
   computes each output element in one order for every row count and thread count, at the same speed
-  for 8+ rows. fastrft sets it at import (:func:`fastrft._numerics`); it must be set before the first
+  for 8+ rows. ``import fastrft`` sets it (fastrft/__init__.py); it must be set before the first
   matmul, which :func:`check_invariance` verifies.
 - **bf16 linear layers**: oneDNN's AMX kernels round some rows differently for 33..~700 rows than for
   1..32 rows. A forward that calls the GEMM on blocks of exactly :data:`ROW_BLOCK` rows is invariant by
@@ -20,10 +20,11 @@ needed. Where each op's order comes from (measured on this project's CPUs; bench
   K = that padded length) and the same softmax over a row of the same length for that query; the rows
   batched around it change only the GEMMs' row count, which the CNR mode makes irrelevant. It runs in
   fp32 (bf16 inputs are widened exactly), so it is also the more accurate attention.
-- **norms, RoPE, the MLP's SiLU**: row-wise ops whose vectorised loops see whole vectors for these
-  shapes; :func:`check_invariance` and the tests measure them, they need no change.
+- **norms, RoPE, the MLP's SiLU**: row-wise ops. Transcendental ones run with their width padded to
+  whole vectors (:func:`fastrft.models.layers.aligned`), so that no element takes PyTorch's scalar tail
+  loop in one batch and its vector loop in another; RoPE's cos and sin are taken in float64.
 - **the LM head and the log-softmax**: one fp32 GEMM on both sides (the engine keeps an fp32 copy of
-  a bf16 head) and one formula, :func:`fastrft.kernels.sampling.logprob_of`.
+  a bf16 head) and one formula, :mod:`fastrft.kernels.rows`.
 
 The training backward is free to use any kernel: only the forward's values must match.
 """
@@ -39,7 +40,6 @@ from fastrft.errors import ConfigError
 from fastrft.models.tiled_attention import TILE, packed_attention, paged_attention, tiled_attention  # noqa: F401
 
 ROW_BLOCK = 32  # rows per bf16 GEMM call in exact mode
-CNR = "AUTO,STRICT"  # the MKL_CBWR value the mode needs
 
 
 class ExactModeError(ConfigError):
