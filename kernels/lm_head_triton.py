@@ -103,7 +103,13 @@ if HAVE_TRITON:
     def _logits_stats_kernel(h_ptr, w_ptr, tgt_ptr, part_ptr, z_ptr, N, V, H, stride_hn, stride_hh, stride_wv,
                              stride_wh, stride_zn, inv_temp, v_per_split, BLOCK_N: tl.constexpr,
                              BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, WITH_ENTROPY: tl.constexpr,
-                             STORE_Z: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+                             STORE_Z: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+                             TEMP_PTR: tl.constexpr):
+        # TEMP_PTR: inv_temp is a pointer to one fp32 (a decode CUDA graph reads the temperature there).
+        if TEMP_PTR:
+            inv_t = tl.load(inv_temp)
+        else:
+            inv_t = inv_temp
         pid_n = tl.program_id(0)
         pid_s = tl.program_id(1)
         splits = tl.num_programs(1)
@@ -133,7 +139,7 @@ if HAVE_TRITON:
                     a = a.to(tl.float32)
                     b = b.to(tl.float32)
                 acc = _dot(a, b, acc, IEEE)
-            z = acc * inv_temp
+            z = acc * inv_t
             if STORE_Z:
                 tl.store(z_ptr + rows[:, None] * stride_zn + cols[None, :], z,
                          mask=row_ok[:, None] & col_ok[None, :])
@@ -154,6 +160,34 @@ if HAVE_TRITON:
         tl.store(part_ptr + 2 * stride_k + base, zt, mask=row_ok)
         if WITH_ENTROPY:
             tl.store(part_ptr + 3 * stride_k + base, e, mask=row_ok)
+
+    @triton.jit(do_not_specialize=["N"])
+    def _stats_combine_kernel(part_ptr, out_ptr, N, S, WITH_ENTROPY: tl.constexpr, BLOCK_R: tl.constexpr):
+        """Merge the vocabulary splits of each row in split order, one row per lane: lse = top + ln sum_k
+        s_k 2^.. , logp = zt - lse, mu = sum_k e_k w_k / sum_k s_k w_k. A row's result depends on its own
+        partials only (the torch reductions this replaces pick their order by the number of rows)."""
+        rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+        ok = rows < N
+        stride_k = S.to(tl.int64) * N
+        top = tl.full((BLOCK_R,), float("-inf"), dtype=tl.float32)
+        for k in range(0, S):
+            top = tl.maximum(top, tl.load(part_ptr + k * N + rows, mask=ok, other=0.0))
+        total = tl.zeros((BLOCK_R,), dtype=tl.float32)
+        zt = tl.zeros((BLOCK_R,), dtype=tl.float32)
+        e = tl.zeros((BLOCK_R,), dtype=tl.float32)
+        for k in range(0, S):
+            w = tl.exp(tl.load(part_ptr + k * N + rows, mask=ok, other=0.0) - top)
+            total += tl.load(part_ptr + stride_k + k * N + rows, mask=ok, other=0.0) * w
+            zt += tl.load(part_ptr + 2 * stride_k + k * N + rows, mask=ok, other=0.0)
+            if WITH_ENTROPY:
+                e += tl.load(part_ptr + 3 * stride_k + k * N + rows, mask=ok, other=0.0) * w
+        lse = top + tl.log(total)
+        tl.store(out_ptr + rows, zt - lse, mask=ok)
+        tl.store(out_ptr + N + rows, lse, mask=ok)
+        if WITH_ENTROPY:
+            mu = e / total
+            tl.store(out_ptr + 2 * N + rows, lse - mu, mask=ok)
+            tl.store(out_ptr + 3 * N + rows, mu, mask=ok)
 
     @triton.jit
     def _dz_kernel(z_ptr, dz_ptr, tgt_ptr, lse_ptr, mu_ptr, glp_ptr, gent_ptr, N, V, stride_zn, stride_dzn,
@@ -258,18 +292,26 @@ def check_launch(device: torch.device) -> None:
                            "fastrft.kernels is imported (CPU interpreter, for tests)")
 
 
-def _num_splits(n_blocks: int, v_blocks: int, device: torch.device, splits: int | None) -> int:
-    if splits is None:
-        # Enough programs to fill the GPU even when N is small; one split when N alone fills it.
-        target = 4 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
-        splits = -(-target // max(n_blocks, 1))
-    return max(1, min(splits, v_blocks, 65535))
+MAX_SPLITS = 128  # vocabulary splits of the forward: enough programs for a decode step's few rows
+COMBINE_ROWS = 128  # rows per program of the combine
+
+
+def fixed_splits(v_blocks: int) -> int:
+    """The forward's vocabulary splits, from the vocabulary alone: a row's log-partition is added in the
+    same order whatever the number of rows (the exact mode, fastrft.models.exact, needs the sampler's
+    one-row calls and the trainer's chunks to agree bit for bit)."""
+    return max(1, min(v_blocks, MAX_SPLITS))
 
 
 def logits_stats(hidden, weight, targets, temperature: float, with_entropy: bool, z_out=None,
-                 splits: int | None = None):
+                 splits: int | None = None, inv_temperature: torch.Tensor | None = None):
     """(logp, lse, entropy, mu), each (N,) fp32 (entropy and mu None without ``with_entropy``); with
-    ``z_out`` (N, V) fp32 the logits h.W^T / T are also written there."""
+    ``z_out`` (N, V) fp32 the logits h.W^T / T are also written there. ``inv_temperature``: a one-element
+    fp32 device tensor holding 1 / T, read by the kernel instead of ``temperature`` (CUDA graphs).
+
+    Batch-invariant: the tiles depend on dtype and hidden size, the vocabulary splits on V (unless
+    ``splits`` overrides them, as tests do), and the splits are merged per row in split order, so a
+    row's results do not depend on how many rows share the call."""
     check_launch(hidden.device)
     n, h = hidden.shape
     v = weight.shape[0]
@@ -277,25 +319,24 @@ def logits_stats(hidden, weight, targets, temperature: float, with_entropy: bool
     warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
     n_blocks = triton.cdiv(n, cfg["BLOCK_N"])
     v_blocks = triton.cdiv(v, cfg["BLOCK_V"])
-    num_splits = _num_splits(n_blocks, v_blocks, hidden.device, splits)
+    num_splits = fixed_splits(v_blocks) if splits is None else max(1, min(splits, v_blocks, 65535))
     v_per_split = triton.cdiv(v_blocks, num_splits) * cfg["BLOCK_V"]
     num_splits = triton.cdiv(v, v_per_split)  # every split non-empty
     part = torch.empty((4, num_splits, n), dtype=torch.float32, device=hidden.device)
     store = z_out is not None
+    temp_ptr = inv_temperature is not None
     _logits_stats_kernel[(n_blocks, num_splits)](
         hidden, weight, targets, part, z_out if store else part, n, v, h, hidden.stride(0), hidden.stride(1),
-        weight.stride(0), weight.stride(1), z_out.stride(0) if store else 0, 1.0 / temperature, v_per_split,
-        WITH_ENTROPY=with_entropy, STORE_Z=store, num_warps=warps, num_stages=stages, **cfg, **flags(hidden.dtype))
-    m, s, zt, e = part.unbind(0)
-    top = m.max(dim=0).values
-    scale = torch.exp(m - top)
-    total = (s * scale).sum(0)
-    lse = top + torch.log(total)
-    logp = zt.sum(0) - lse
+        weight.stride(0), weight.stride(1), z_out.stride(0) if store else 0,
+        inv_temperature if temp_ptr else 1.0 / temperature, v_per_split, WITH_ENTROPY=with_entropy,
+        STORE_Z=store, TEMP_PTR=temp_ptr, num_warps=warps, num_stages=stages, **cfg, **flags(hidden.dtype))
+    out = torch.empty((4 if with_entropy else 2, n), dtype=torch.float32, device=hidden.device)
+    if n:
+        _stats_combine_kernel[(triton.cdiv(n, COMBINE_ROWS),)](part, out, n, num_splits, WITH_ENTROPY=with_entropy,
+                                                               BLOCK_R=COMBINE_ROWS, num_warps=4, num_stages=1)
     if not with_entropy:
-        return logp, lse, None, None
-    mu = (e * scale).sum(0) / total
-    return logp, lse, lse - mu, mu
+        return out[0], out[1], None, None
+    return out[0], out[1], out[2], out[3]
 
 
 def form_dz(z, dz, targets, lse, mu, g_logp, g_ent, temperature: float, input_dtype: torch.dtype) -> None:
@@ -345,6 +386,10 @@ def compile_cases(full: bool = False) -> list:
     from fastrft.kernels.aot import CompileCase, int_args
 
     cases = []
+    for ent in (False, True):
+        cases.append(CompileCase(f"lm_head.stats_combine[entropy={ent}]", _stats_combine_kernel,
+                                 dict(part_ptr="*fp32", out_ptr="*fp32", N="i32", S="i32"),
+                                 dict(WITH_ENTROPY=ent, BLOCK_R=COMBINE_ROWS), 4, 1))
     for (kernel, dt, cls), cfg in TILES.items():
         if not full and cls != "h>1024":
             continue
@@ -363,8 +408,13 @@ def compile_cases(full: bool = False) -> list:
                     sig = dict(h_ptr=p, w_ptr=p, tgt_ptr="*i64", part_ptr="*fp32", z_ptr="*fp32", inv_temp="fp32",
                                **ints[0])
                     cases.append(CompileCase(f"{name},store_z={store},entropy={ent}]", _logits_stats_kernel, sig,
-                                             dict(cfg, WITH_ENTROPY=ent, STORE_Z=store, **fl, **ints[1]), warps,
-                                             stages))
+                                             dict(cfg, WITH_ENTROPY=ent, STORE_Z=store, TEMP_PTR=False, **fl,
+                                                  **ints[1]), warps, stages))
+            # The exact decode step (fastrft.kernels.exact_triton.sample_head): logits stored, 1/T from memory.
+            sig = dict(h_ptr=p, w_ptr=p, tgt_ptr="*i64", part_ptr="*fp32", z_ptr="*fp32", inv_temp="*fp32", **ints[0])
+            cases.append(CompileCase(f"{name},store_z=True,entropy=False,temp_ptr=True]", _logits_stats_kernel, sig,
+                                     dict(cfg, WITH_ENTROPY=False, STORE_Z=True, TEMP_PTR=True, **fl, **ints[1]),
+                                     warps, stages))
         elif kernel == "dz":
             ints = int_args(N=4099, V=v, stride_zn=v, stride_dzn=v)
             for ent in (False, True):

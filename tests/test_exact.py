@@ -84,6 +84,30 @@ def test_sampler_and_trainer_logprobs_agree_bit_for_bit(tiny_llama, tmp_path, pr
     assert max(r["logp_gap_max"] for r in off_rounds if not r["skipped"]) > 0
 
 
+def test_the_cuda_path_is_exact_too(tiny_llama, tmp_path, precision="bf16-mixed"):
+    """The exact mode's CUDA path (--kernels triton: every linear layer, norm, attention and the LM head
+    through fastrft.kernels.exact_triton, the sampler drawing from the trainer's LM-head kernel), run in
+    the Triton interpreter on CPU: the same multi-round check, in bf16-mixed (the CUDA default; fp32 goes
+    through the same kernels, tests/test_exact_triton.py). About 80 s: the interpreter runs every program
+    in Python."""
+    from fastrft.kernels import exact_triton
+
+    if not exact_triton.available(torch.device("cpu")):
+        pytest.skip("needs triton and TRITON_INTERPRET=1 (conftest sets it without a GPU)")
+    cfg = exact_config(tiny_llama, tmp_path / "on", precision=precision, rounds=2, ppo_epochs=2, mini_batches=2)
+    # The interpreter runs each kernel program in Python: the evaluations shrink to one short answer.
+    cfg = cfg.replace(model=dataclasses.replace(cfg.model, kernels="triton"),
+                      eval=EvalConfig(eval_every=0, train_samples=1, test_size=1, greedy=False, eval_max_new_tokens=2,
+                                      train_eval_size=1))
+    trainer, rounds, preempted = run(cfg, count_preemptions=True)
+    assert trainer.exact_logprobs == "triton"
+    assert trainer.engine.runner.exact_head
+    assert preempted > 0 and max(r["micro_batches"] for r in rounds) > 1
+    trained = [r for r in rounds if not r["skipped"]]
+    assert trained
+    assert [r["logp_gap_max"] for r in trained] == [0.0] * len(trained)
+
+
 def test_skipping_the_old_logprob_pass_changes_nothing(tiny_llama, tmp_path, monkeypatch):
     """In exact mode PPO's old log-probs are the rollout's; the run equals one that recomputes them."""
     from fastrft.loop.learner import Learner
@@ -120,15 +144,23 @@ def test_options_that_cannot_be_exact_are_refused_with_the_reason(tiny_llama, tm
     topp = cfg.replace(rollout=dataclasses.replace(cfg.rollout, top_p=0.9))
     with pytest.raises(ConfigError, match="top-p"):
         exact.resolve(topp, torch.device("cpu"))
-    with pytest.raises(ConfigError, match="CPU runs only"):
-        exact.resolve(cfg, torch.device("cuda"))
+    # CUDA runs the Triton kernels (fastrft.kernels.exact_triton); cuBLAS's log-probs cannot be exact.
+    assert exact.resolve(cfg, torch.device("cuda")) == "triton"
+    assert exact.resolve(cfg, torch.device("cpu")) == "torch"
+    reference = cfg.replace(model=dataclasses.replace(cfg.model, kernels="reference"))
+    with pytest.raises(ConfigError, match="cuBLAS"):
+        exact.resolve(reference, torch.device("cuda"))
+    with pytest.raises(ConfigError, match="TRITON_INTERPRET"):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.delenv("TRITON_INTERPRET", raising=False)
+            exact.resolve(cfg.replace(model=dataclasses.replace(cfg.model, kernels="triton")), torch.device("cpu"))
     auto = cfg.replace(model=dataclasses.replace(cfg.model, exact_logprobs="auto"))
     ppo = auto.replace(algo=dataclasses.replace(auto.algo, ppo_epochs=2))
     assert exact.resolve(ppo, torch.device("cpu"), "fp32")  # where it costs <= 5%
     assert not exact.resolve(auto, torch.device("cpu"), "fp32")  # one step per round: 1.10x
     assert not exact.resolve(ppo, torch.device("cpu"), "bf16-mixed")
     assert not exact.resolve(ppo.replace(rollout=topp.rollout), torch.device("cpu"), "fp32")
-    assert not exact.resolve(ppo, torch.device("cuda"), "fp32")
+    assert not exact.resolve(ppo, torch.device("cuda"), "fp32")  # its GPU cost is not measured yet
     with pytest.raises(ConfigError, match="exact-logprobs"):
         ModelConfig(exact_logprobs="yes")
 

@@ -24,7 +24,7 @@ import torch
 
 from fastrft.engine.bookkeeping import make_block_manager, make_scheduler
 from fastrft.engine.model_runner import ModelRunner, kv_budget_blocks
-from fastrft.engine.sampler import SamplingParams, check_draws, draw, request_seed
+from fastrft.engine.sampler import SamplingParams, check_draws, request_seed
 from fastrft.engine.sequence import Completion, Sequence, check_requests
 from fastrft.errors import ConfigError
 from fastrft.kernels.sampling import unpack
@@ -232,8 +232,8 @@ class Engine:
                 logits = logits.index_select(0, torch.tensor(index, device=logits.device))
             seeds, positions = self._stream(rows)
             dev = logits.device
-            return rows, draw(logits, self._params, torch.as_tensor(seeds).to(dev), torch.as_tensor(positions).to(dev),
-                              consume=True)  # the runner's scratch logits
+            return rows, self.runner.draw(logits, self._params, torch.as_tensor(seeds).to(dev),
+                                          torch.as_tensor(positions).to(dev))  # the runner's scratch logits
         if batch.kind == "decode":
             self.runner.copy_blocks(batch.copies)
             seeds, positions = self._stream(seqs)

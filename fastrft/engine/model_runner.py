@@ -115,9 +115,26 @@ class ModelRunner:
             self._head_key = key
         return self._head32
 
+    @property
+    def exact_head(self) -> bool:
+        """The exact mode's Triton path: the sampler draws from the trainer's own LM-head kernel
+        (:func:`fastrft.kernels.exact_triton.sample_head`), so prefill hands back hidden states."""
+        return getattr(self.model, "exact_backend", None) == "triton"
+
+    def draw(self, x: torch.Tensor, params: SamplingParams, seeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Sample from what :meth:`prefill` returned (rows may be reordered or repeated): (2, n) draws."""
+        if self.exact_head:
+            if not params.filters(self.vocab_size):
+                from fastrft.kernels.exact_triton import sample_head
+
+                return sample_head(x, self.model.lm_head_weight, seeds, positions, params.inv_temperature)
+            x = self._logits(x)  # top-k / top-p (evaluation only: training refuses them in this mode)
+        return draw(x, params, seeds, positions, consume=True)
+
     @torch.no_grad()
     def prefill(self, seqs, starts, lens, slot_mapping, block_tables) -> torch.Tensor:
-        """Compute KV for tokens [start, len) of each sequence; return (B, V) logits of each last token."""
+        """Compute KV for tokens [start, len) of each sequence; return (B, V) logits of each last token
+        (its (B, H) hidden state in the exact mode's Triton path; :meth:`draw` takes either)."""
         ids, pos = [], []
         for seq, s, n in zip(seqs, starts.tolist(), lens.tolist()):
             ids.extend(seq.tokens()[s:n])
@@ -129,7 +146,8 @@ class ModelRunner:
                          context_lens=self._tensor(lens, torch.int32), cu_seqlens_q=self._tensor(cu, torch.int32),
                          has_prefix=bool((starts > 0).any()), trusted=True)
         hidden = self.model.forward_paged(self._tensor(ids, torch.long), self._tensor(pos, torch.long), self.kv, meta)
-        return self._logits(hidden.index_select(0, self._tensor(cu[1:] - 1, torch.long)))
+        last = hidden.index_select(0, self._tensor(cu[1:] - 1, torch.long))
+        return last if self.exact_head else self._logits(last)
 
     @torch.no_grad()
     def decode(self, seqs, slots, block_tables, context_lens, params: SamplingParams, seeds, positions) -> torch.Tensor:
@@ -145,8 +163,8 @@ class ModelRunner:
                          block_tables=self._tensor(block_tables, torch.int32),
                          context_lens=self._tensor(context_lens, torch.int32), trusted=True)
         hidden = self.model.forward_paged(self._tensor(ids, torch.long), self._tensor(pos, torch.long), self.kv, meta)
-        return draw(self._logits(hidden), params, self._tensor(seeds, torch.long), self._tensor(positions, torch.long),
-                    consume=True)
+        return self.draw(hidden if self.exact_head else self._logits(hidden), params, self._tensor(seeds, torch.long),
+                         self._tensor(positions, torch.long))
 
 
 def cuda_graph_capture(fn, pool):
@@ -206,6 +224,10 @@ class CudaGraphDecoder:
                          context_lens=ctx.to(torch.int32), trusted=True)
         model = self.runner.model
         hidden = model.forward_paged(ids, pos, self.runner.kv, meta)
+        if self.runner.exact_head:  # the trainer's LM-head kernel, 1/T read from the static scalar
+            from fastrft.kernels.exact_triton import sample_head
+
+            return sample_head(hidden, model.lm_head_weight, seeds, positions, self.inv_temperature)
         logits = hidden @ model.lm_head_weight.T  # in the model dtype: the sampler reads bf16 directly
         return sample_tokens(logits, seeds, positions, self.inv_temperature)
 

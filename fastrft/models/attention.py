@@ -77,7 +77,8 @@ def prefix_prefill_attention(q, k_cache, v_cache, meta, scale: float) -> torch.T
 
 
 class Attention(nn.Module):
-    #: batch-invariant attention (fastrft.models.exact.tiled_attention) on every path; CausalLM.set_exact
+    #: batch-invariant attention on every path (CausalLM.set_exact): "torch" fastrft.models.tiled_attention,
+    #: "triton" fastrft.kernels.exact_triton
     exact = False
 
     def __init__(self, cfg: ArchConfig, layer_idx: int):
@@ -113,7 +114,9 @@ class Attention(nn.Module):
     def forward_packed(self, x, cos, sin, cu_seqlens):
         """x (T, hidden) packed; cos/sin (T, D); returns (T, hidden)."""
         q, k, v = self._qkv(x, cos, sin)
-        if self.exact:
+        if self.exact == "triton":
+            o = exact.triton_kernels().packed_attention(q, k, v, cu_seqlens, self.scale)
+        elif self.exact:
             o = exact.packed_attention(q, k, v, cu_seqlens, self.scale)
         else:
             o = varlen_attention(q, k, v, cu_seqlens, self.scale)
@@ -133,7 +136,9 @@ class Attention(nn.Module):
             pa.store_kv_reference(k, v, k_cache, v_cache, meta.slot_mapping)
         else:
             pa.store_kv(k, v, k_cache, v_cache, meta.slot_mapping, validate=False if meta.trusted else None)
-        if self.exact:
+        if self.exact == "triton":
+            o = exact.triton_kernels().paged_attention(q, k_cache, v_cache, meta, self.scale)
+        elif self.exact:
             o = exact.paged_attention(q, k_cache, v_cache, meta, self.scale)
         elif not meta.is_prefill and direct:
             o = pa.paged_attention_decode_torch(q, k_cache, v_cache, meta.block_tables, meta.context_lens, self.scale,

@@ -72,12 +72,21 @@ class CausalLM(nn.Module):
         token the same bits whatever shares its batch."""
         return bool(getattr(self, "_exact", False))
 
-    def set_exact(self, on: bool = True) -> None:
-        """Switch every layer to (or from) the batch-invariant ops of :mod:`fastrft.models.exact`."""
-        self._exact = bool(on)
+    @property
+    def exact_backend(self) -> str | None:
+        """"torch" (the CPU ops of fastrft.models.exact), "triton" (fastrft.kernels.exact_triton: CUDA, or
+        the interpreter in tests) or None (the mode is off)."""
+        return getattr(self, "_exact", None) or None
+
+    def set_exact(self, on: bool = True, backend: str = "torch") -> None:
+        """Switch every layer to (or from) the batch-invariant ops of :mod:`fastrft.models.exact`, computed
+        by ``backend``: "torch" (CPU) or "triton"."""
+        if backend not in ("torch", "triton"):
+            raise ValueError(f"exact backend must be 'torch' or 'triton'; got {backend!r}")
+        self._exact = backend if on else None
         for m in self.modules():
             if hasattr(type(m), "exact") and m is not self:
-                m.exact = bool(on)
+                m.exact = backend if on else False
 
     def linear_shapes(self) -> list[tuple[int, int]]:
         """(in_features, out_features) of every linear layer the forward runs."""

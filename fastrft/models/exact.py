@@ -81,8 +81,18 @@ def blocked_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     return out[:m].view(*x.shape[:-1], weight.shape[0])
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """The exact mode's linear layer: plain in fp32 (CNR makes it invariant), row-blocked otherwise."""
+def triton_kernels():
+    """fastrft.kernels.exact_triton (imported on first use: CPU-only runs never need triton)."""
+    from fastrft.kernels import exact_triton
+
+    return exact_triton
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, backend: str = "torch") -> torch.Tensor:
+    """The exact mode's linear layer. "torch" (CPU): plain in fp32 (CNR makes it invariant), row-blocked
+    otherwise. "triton": fixed-tile GEMMs without split-K (fastrft.kernels.exact_triton)."""
+    if backend == "triton":
+        return triton_kernels().linear(x, weight, bias)
     if x.dtype == torch.float32 or x.device.type != "cpu":
         return F.linear(x, weight, bias)
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
@@ -117,34 +127,50 @@ def check_invariance(shapes: list[tuple[int, int]], dtype: torch.dtype, device: 
                                      "--exact-logprobs off")
 
 
-def resolve(cfg, device: torch.device, precision: str = "fp32") -> bool:
-    """Whether a run computes exactly: ``--exact-logprobs`` (cfg.model.exact_logprobs) against what can
-    honour it. ``on`` with something that cannot raises :class:`fastrft.errors.ConfigError` with the
-    reason. ``auto`` is on where the mode costs at most 5% (bench/RESULTS.md, "Exact log-probs"): fp32 on
-    CPU with more than one optimizer step per round, where the skipped old-log-prob pass pays for it
-    (0.92x; one step per round costs 1.09x, bf16-mixed 1.15-1.17x)."""
+def resolve(cfg, device: torch.device, precision: str = "fp32") -> str | None:
+    """Whether and how a run computes exactly: ``--exact-logprobs`` (cfg.model.exact_logprobs) against what
+    can honour it. Returns None (off), "torch" (the CPU ops of this module) or "triton" (the Triton kernels
+    of fastrft.kernels.exact_triton: CUDA, or CPU under TRITON_INTERPRET=1 with ``--kernels triton``, which
+    is how the tests run the CUDA path). ``on`` with something that cannot honour it raises
+    :class:`fastrft.errors.ConfigError` with the reason. ``auto`` is on where the mode costs at most 5%
+    (bench/RESULTS.md, "Exact log-probs"): fp32 on CPU with more than one optimizer step per round, where
+    the skipped old-log-prob pass pays for it (0.92x; one step per round costs 1.09x, bf16-mixed
+    1.15-1.17x). Its CUDA cost has not been measured on a GPU, so ``auto`` leaves it off there."""
     setting, ro = cfg.model.exact_logprobs, cfg.rollout
     reasons = []
-    if device.type != "cpu":
-        reasons.append(f"it is implemented for CPU runs only (the {device.type} decode and training kernels are "
-                       "not batch-invariant yet)")
+    backend = "triton" if device.type != "cpu" or cfg.model.kernels == "triton" else "torch"
+    if backend == "triton":
+        from fastrft.kernels.linear_logprob import HAVE_TRITON
+
+        interpreting = os.environ.get("TRITON_INTERPRET", "0") == "1"
+        if device.type not in ("cpu", "cuda"):
+            reasons.append(f"it has batch-invariant kernels for CPU and CUDA only, not {device.type}")
+        elif not HAVE_TRITON:
+            reasons.append("on CUDA it runs Triton kernels, and triton is not installed (pip install triton)")
+        elif device.type == "cpu" and not interpreting:
+            reasons.append("--kernels triton on CPU needs TRITON_INTERPRET=1 (the exact CPU ops run with "
+                           "--kernels auto)")
+        elif cfg.model.kernels == "reference":
+            reasons.append("--kernels reference computes the trainer's log-probs with cuBLAS, whose kernels "
+                           "depend on the batch size; use --kernels auto")
     if ro.top_k > 0 or ro.top_p < 1.0:
         reasons.append("--top-p/--top-k sample from a truncated distribution, which is not the trainer's")
-    if cfg.model.kernels == "triton":
-        reasons.append("--kernels triton computes the trainer's log-probs with the Triton kernels, which the "
-                       "CPU sampler does not share")
     if setting == "on" and reasons:
         raise ConfigError(f"exact_logprobs (--exact-logprobs) on cannot be honoured: {reasons[0]}; use "
                           "--exact-logprobs off (or auto)")
-    cheap = precision == "fp32" and cfg.algo.ppo_epochs * cfg.algo.mini_batches > 1
-    return setting == "on" or (setting == "auto" and not reasons and cheap)
+    cheap = backend == "torch" and precision == "fp32" and cfg.algo.ppo_epochs * cfg.algo.mini_batches > 1
+    return backend if setting == "on" or (setting == "auto" and not reasons and cheap) else None
 
 
-def enable(models, dtype: torch.dtype, device: torch.device) -> None:
-    """Switch ``models`` (the master, training and rollout modules; repeats are fine) to the exact ops,
-    after checking that this process's BLAS honours them (:func:`check_invariance`)."""
+def enable(models, dtype: torch.dtype, device: torch.device, backend: str = "torch") -> None:
+    """Switch ``models`` (the master, training and rollout modules; repeats are fine) to the exact ops of
+    ``backend``, after checking that this process's BLAS honours them (:func:`check_invariance`; the
+    "triton" kernels fix their own order)."""
     models = list({id(m): m for m in models}.values())
-    shapes = [s for m in models if hasattr(m, "linear_shapes") for s in m.linear_shapes()]
-    check_invariance(shapes, dtype, device)
+    if backend == "torch":
+        shapes = [s for m in models if hasattr(m, "linear_shapes") for s in m.linear_shapes()]
+        check_invariance(shapes, dtype, device)
+    else:
+        triton_kernels().check_launch(device)
     for m in models:
-        m.set_exact(True)
+        m.set_exact(True, backend)

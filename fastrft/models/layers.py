@@ -17,12 +17,20 @@ from fastrft.models.config import ArchConfig, RopeConfig
 
 
 class RMSNorm(nn.Module):
+    #: "triton": the batch-invariant Triton kernel (fastrft.kernels.exact_triton; CausalLM.set_exact). The
+    #: PyTorch formula below is already batch-invariant on CPU (a row is reduced by one thread).
+    exact = False
+
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.exact == "triton":
+            from fastrft.kernels import exact_triton
+
+            return exact_triton.rms_norm(x, self.weight, self.eps)
         dtype = x.dtype
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -85,8 +93,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class Linear(nn.Linear):
-    """nn.Linear (same parameters, same names) whose forward is batch-invariant when ``exact`` is set
-    (:func:`fastrft.models.exact.linear`; :meth:`fastrft.models.CausalLM.set_exact`)."""
+    """nn.Linear (same parameters, same names) whose forward is batch-invariant when ``exact`` names a
+    backend, "torch" or "triton" (:func:`fastrft.models.exact.linear`; :meth:`fastrft.models.CausalLM.set_exact`)."""
 
     exact = False
 
@@ -94,7 +102,7 @@ class Linear(nn.Linear):
         if self.exact:
             from fastrft.models import exact
 
-            return exact.linear(x, self.weight, self.bias)
+            return exact.linear(x, self.weight, self.bias, self.exact)
         return F.linear(x, self.weight, self.bias)
 
 
