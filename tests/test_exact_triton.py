@@ -30,6 +30,17 @@ if not et.available(torch.device("cpu")):
 BF16_REL = 2.0**-7
 
 
+@pytest.fixture(params=["interpreter-tiles", "cuda-tiles"])
+def tiles(request):
+    """Each test runs twice: with the interpreter's large tiles, and with the CUDA launches' own tiles
+    (:data:`exact_triton.TILES`, one-row norm programs), which is what a GPU runs."""
+    if request.param == "cuda-tiles":
+        with et.cuda_tiles():
+            yield request.param
+    else:
+        yield request.param
+
+
 def _close(actual, expected, dtype, atol=1e-6):
     rel = 1e-5 if dtype == torch.float32 else BF16_REL
     err = (actual.double() - expected).abs()
@@ -39,7 +50,7 @@ def _close(actual, expected, dtype, atol=1e-6):
 # ----------------------------------------------------------------------------------------- linear
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("bias", [False, True])
-def test_linear_forward_backward_and_row_invariance(dtype, bias):
+def test_linear_forward_backward_and_row_invariance(tiles, dtype, bias):
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(70, 72, generator=gen).to(dtype).requires_grad_()
     w = torch.randn(100, 72, generator=gen).to(dtype).requires_grad_()
@@ -66,7 +77,7 @@ def test_linear_forward_backward_and_row_invariance(dtype, bias):
 
 # ----------------------------------------------------------------------------------------- RMSNorm
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_rms_norm_matches_the_module_and_is_row_invariant(dtype):
+def test_rms_norm_matches_the_module_and_is_row_invariant(tiles, dtype):
     from fastrft.models.layers import RMSNorm
 
     gen = torch.Generator().manual_seed(2)
@@ -115,7 +126,7 @@ def _attention_reference(q, k, v, cu, scale):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_attention_forward_and_backward_match_float64(dtype):
+def test_attention_forward_and_backward_match_float64(tiles, dtype):
     q, k, v, cu = _packed(dtype)
     q, k, v = (x.requires_grad_() for x in (q, k, v))
     scale = D**-0.5
@@ -149,7 +160,7 @@ def _paged_cache(k, v, cu, page, num_blocks, gen):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_packed_prefill_chunks_and_decode_give_a_query_the_same_bits(dtype):
+def test_packed_prefill_chunks_and_decode_give_a_query_the_same_bits(tiles, dtype):
     """Every token's attention output, computed (1) in the packed training forward, (2) by a paged
     prefill of the second half of each sequence over its cached first half (chunked prefill, prefix
     cache), (3) by one-token decode at its own position, over shuffled pages: bit for bit equal."""
@@ -224,3 +235,66 @@ def test_the_exact_head_reads_the_temperature_from_memory_as_it_would_from_an_ar
     a = head.logits_stats(hidden, weight, tgt, 0.7, True, z_out=z1)
     b = head.logits_stats(hidden, weight, tgt, 1.0, True, z_out=z2, inv_temperature=torch.tensor([1 / 0.7]))
     assert torch.equal(z1, z2) and all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+# ----------------------------------------------------------------------------------------- the decode graph
+def test_the_decode_graph_samples_the_trainers_logprobs(tiny_llama, monkeypatch):
+    """The engine's CUDA decode path (the step captured as a graph, here replayed eagerly on CPU tensors;
+    the LM head and sampler inside it read 1/T from a device scalar) with the exact Triton ops: every
+    sampled token's log-prob is the trainer's (the fused LM-head kernel over the training forward's
+    hidden states) bit for bit, and the same as without graphs."""
+    import fastrft.engine.model_runner as model_runner
+    from fastrft.engine import Engine, EngineConfig
+    from fastrft.kernels.linear_logprob import linear_logprob
+    from fastrft.models.loader import load_model
+
+    def eager(fn, pool):
+        out = fn()
+
+        class Replay:
+            def replay(self):
+                out.copy_(fn())
+
+            def pool(self):
+                return None
+
+        return Replay(), out
+
+    model = load_model(tiny_llama, dtype=torch.bfloat16)
+    model.set_exact(True, "triton")
+    prompts, temperature = [[2, 5, 6, 7], [2, 9, 9, 4, 4, 8, 3]], 0.8
+    results = {}
+    for graphs in (True, False):
+        monkeypatch.setattr(model_runner, "GRAPH_DEVICES", ("cuda", "cpu") if graphs else ("cuda",))
+        monkeypatch.setattr(model_runner, "cuda_graph_capture", eager)
+        engine = Engine(model, config=EngineConfig(kv_cache_memory=2**20, max_num_seqs=4, max_model_len=64,
+                                                   cuda_graphs=graphs))
+        assert (engine.runner.graphs is not None) == graphs
+        out = engine.generate(prompts, n=2, max_new_tokens=6, temperature=temperature, seed=3, eos_token_ids=[])
+        results[graphs] = [(c.token_ids, c.logprobs) for group in out for c in group]
+    assert results[True] == results[False]
+
+    def trainer_logprobs(results):
+        seqs = [(prompts[i // 2], toks) for i, (toks, _) in enumerate(results)]
+        ids = torch.tensor([t for p, toks in seqs for t in p + toks])
+        lens = [len(p) + len(toks) for p, toks in seqs]
+        cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
+        with torch.no_grad():
+            hidden = model.forward_packed(ids, cu)
+        rows = torch.tensor([s + len(p) - 1 + j for (p, toks), s in zip(seqs, cu[:-1].tolist())
+                             for j in range(len(toks))])
+        targets = torch.tensor([t for _, toks in seqs for t in toks])
+        logp, _ = linear_logprob(hidden[rows], model.lm_head_weight, targets, temperature=temperature,
+                                 backend="triton")
+        return logp, torch.tensor([lp for _, lps in results for lp in lps])
+
+    trainer, sampled = trainer_logprobs(results[True])
+    assert torch.equal(trainer, sampled)
+    # The mode off (the default ops, the same trainer kernel): the log-probs differ, so the check can fail.
+    model.set_exact(False)
+    engine = Engine(model, config=EngineConfig(kv_cache_memory=2**20, max_num_seqs=4, max_model_len=64,
+                                               cuda_graphs=False))
+    out = engine.generate(prompts, n=2, max_new_tokens=6, temperature=temperature, seed=3, eos_token_ids=[])
+    trainer, sampled = trainer_logprobs([(c.token_ids, c.logprobs) for group in out for c in group])
+    assert not torch.equal(trainer, sampled)
+    assert torch.allclose(trainer, sampled, atol=0.5)  # the same distribution, up to bf16 rounding
