@@ -31,7 +31,10 @@
 #                transformers at batch 1, 64 and 256.
 #     Each benchmark estimates a case before it starts it and drops the cases that would not fit (the
 #     largest N, G or batch first); the summary lists what was dropped.
-#   - --stages picks and orders the stages (default tests,logprob,round,rollout); two more are available:
+#   - --stages picks and orders the stages (default tests,logprob,round,rollout); three more are available:
+#       exact    bench/bench_exact.py: seconds per round with --exact-logprobs on against off, bf16-mixed,
+#                random-weight Qwen2.5-0.5B, one step and 2 x 2 PPO steps per round, and each mode's
+#                logp_gap_max (0 when on); exact.md. Its share is 40 % of the time left.
 #       dist     bench/bench_dist.py: torchrun at world size 1 (NCCL) with a sharded checkpoint and its
 #                export, then `fastrft ladder --jobs 1` against `--jobs 2` on the one GPU (dist.json,
 #                dist.md; BENCH_DIST_ARGS adds flags). Its share is 60 % of the time left; the last stage
@@ -133,6 +136,8 @@ info() { echo "$*" >>"$WORK/suite.txt"; }
 finish() {
     $PY bench/harness.py summary "$WORK" "$OUT_DIR/summary.md" >>"$LOG" 2>&1 || say "summary failed"
     [ -f "$WORK/trl.md" ] && printf '\n## RFT round: fastrft vs TRL\n\n%s\n' "$(cat "$WORK/trl.md")" >>"$OUT_DIR/summary.md"
+    [ -f "$WORK/exact.md" ] && printf '\n## Exact log-probs: round cost, on against off\n\n%s\n' "$(cat "$WORK/exact.md")" \
+        >>"$OUT_DIR/summary.md"
     local f
     for f in pytest.txt logprob.json round.json rollout.json results.csv dist.json dist.md; do
         [ -f "$WORK/$f" ] && cp "$WORK/$f" "$OUT_DIR/$f"
@@ -290,6 +295,14 @@ stage_dist() {
     return "${PIPESTATUS[0]}"
 }
 
+# The exact on-policy mode's round cost, on against off (bench/bench_exact.py; Triton kernels on CUDA).
+stage_exact() {
+    local args=(--device cuda --shape qwen2.5-0.5b --precisions bf16-mixed --configs plain,ppo --rounds 4)
+    [ $SMOKE = 1 ] && args=(--device cpu --shape tiny --precisions fp32 --configs ppo --rounds 2)
+    timeout -s INT -k 10 $((SLICE + 20)) $PY bench/bench_exact.py "${args[@]}" 2>&1 | tee -a "$LOG" "$WORK/exact.md"
+    return "${PIPESTATUS[0]}"
+}
+
 stage_rollout() {
     if [ $SMOKE = 1 ]; then bench bench/bench_rollout.py --in-process --device cpu --smoke
     else bench bench/bench_rollout.py --in-process --shapes qwen2.5-1.5b; fi
@@ -318,11 +331,11 @@ if ! setup; then
     finish
     exit 3
 fi
-declare -A SHARE=([tests]=22 [logprob]=35 [round]=50 [rollout]=100 [dist]=60 [trl]=50)
+declare -A SHARE=([tests]=22 [logprob]=35 [round]=50 [rollout]=100 [dist]=60 [trl]=50 [exact]=40)
 IFS=, read -r -a ORDER <<<"$STAGES"
 for i in "${!ORDER[@]}"; do
     name=${ORDER[$i]}
-    [ -n "${SHARE[$name]:-}" ] || { say "unknown stage '$name' (tests, logprob, round, rollout, dist, trl)"; continue; }
+    [ -n "${SHARE[$name]:-}" ] || { say "unknown stage '$name' (tests, logprob, round, rollout, dist, trl, exact)"; continue; }
     pct=${SHARE[$name]}
     [ "$i" -eq $((${#ORDER[@]} - 1)) ] && pct=100
     stage "$name" "$pct" "stage_$name"
