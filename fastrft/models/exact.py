@@ -27,6 +27,11 @@ needed. Where each op's order comes from (measured on this project's CPUs; bench
   a bf16 head) and one formula, :mod:`fastrft.kernels.rows`.
 
 The training backward is free to use any kernel: only the forward's values must match.
+
+On CUDA (and on CPU under Triton's interpreter with ``--kernels triton``, which is how the tests run that
+path) the backend is "triton": the linear layers, the norms and attention run the batch-invariant kernels
+of :mod:`fastrft.kernels.exact_triton`, and the engine samples from the trainer's LM-head kernel
+(:func:`fastrft.kernels.exact_triton.sample_head`). :func:`resolve` picks the backend.
 """
 
 from __future__ import annotations
