@@ -20,13 +20,13 @@ Kernels:
 - ``_rms_norm_kernel``: one program per row, the sum of squares one ``tl.sum`` over the padded row; the
   normalised row is cast to the input dtype before the weight multiplies it, as :class:`RMSNorm` does.
 - ``_attention_kernel``: causal attention for the three callers, one program per (sequence, block of
-  BLOCK_M query rows, query head). Keys are read in 64-key tiles (:data:`KEY_TILE`) from 0 up, with an
+  (token, query head) rows of one GQA group, kv head). Keys are read in 64-key tiles (:data:`KEY_TILE`) from 0 up, with an
   online softmax in fp32 (exp2 units). Decode (one query), paged prefill (chunked, prefix-cached,
   recomputed after preemption) and the packed training forward differ only in where a key's row is and
   how many tiles the block walks: a query's visible keys sit in the same tiles on every path, and a tile
   it cannot see leaves its state untouched bit for bit (its scores are -inf: the running max does not
   move, the rescale is exactly 1, its weights are exactly 0). The training backward recomputes the
-  attention through PyTorch's kernels (:func:`fastrft.models.attention.varlen_attention`).
+  attention through PyTorch's SDPA, per sequence.
 - The LM head and the log-partition: :func:`fastrft.kernels.lm_head_triton.logits_stats`, the trainer's
   fused forward, whose vocabulary splits depend on V only and whose split merge runs per row in split
   order. :func:`sample_head` runs it on the decode rows (logits stored, 1/T read from memory, so it
@@ -410,9 +410,14 @@ def _packed_forward(q, k, v, cu_seqlens, scale: float):
 
 
 def _packed_reference(q, k, v, cu_seqlens, scale: float):
-    from fastrft.models.attention import varlen_attention
-
-    return varlen_attention(q, k, v, cu_seqlens, scale)
+    """Causal attention per packed sequence through PyTorch SDPA (what the backward differentiates)."""
+    outs = []
+    for s, e in zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist()):
+        o = torch.nn.functional.scaled_dot_product_attention(
+            q[s:e].transpose(0, 1), k[s:e].transpose(0, 1), v[s:e].transpose(0, 1), is_causal=True, scale=scale,
+            enable_gqa=q.shape[1] != k.shape[1])
+        outs.append(o.transpose(0, 1))
+    return torch.cat(outs) if outs else torch.empty_like(q)
 
 
 def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
