@@ -17,11 +17,12 @@ Kernels:
 
 - ``_linear_kernel``: y = x W^T (+ b), (BLOCK_M x BLOCK_N) output tiles, K walked in BLOCK_K steps, fp32
   accumulation, one cast at the store. The backward is PyTorch's (only the forward must match).
-- ``_rms_norm_kernel``: one program per row, the sum of squares one ``tl.sum`` over the padded row; the
-  normalised row is cast to the input dtype before the weight multiplies it, as :class:`RMSNorm` does.
+- ``_rms_norm_kernel``: one row per program on CUDA (blocks of rows in the interpreter), each row's sum of
+  squares one ``tl.sum`` over the padded row; the normalised row is cast to the input dtype before the
+  weight multiplies it, as :class:`RMSNorm` does.
 - ``_attention_kernel``: causal attention for the three callers, one program per (sequence, block of
-  (token, query head) rows of one GQA group, kv head). Keys are read in 64-key tiles (:data:`KEY_TILE`) from 0 up, with an
-  online softmax in fp32 (exp2 units). Decode (one query), paged prefill (chunked, prefix-cached,
+  (token, query head) rows of one GQA group, kv head). Keys are read in 64-key tiles (:data:`KEY_TILE`)
+  from 0 up, with an online softmax in fp32 (exp2 units). Decode (one query), paged prefill (chunked, prefix-cached,
   recomputed after preemption) and the packed training forward differ only in where a key's row is and
   how many tiles the block walks: a query's visible keys sit in the same tiles on every path, and a tile
   it cannot see leaves its state untouched bit for bit (its scores are -inf: the running max does not
@@ -155,18 +156,6 @@ if HAVE_TRITON:
         tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :], acc.to(y_ptr.dtype.element_ty),
                  mask=row_ok[:, None] & col_ok[None, :])
 
-    @triton.jit(do_not_specialize=["R"])
-    def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, R, D, stride_x, stride_y, eps, BLOCK_D: tl.constexpr):
-        r = tl.program_id(0).to(tl.int64)
-        d = tl.arange(0, BLOCK_D)
-        ok = d < D
-        x = tl.load(x_ptr + r * stride_x + d, mask=ok, other=0.0)
-        xf = x.to(tl.float32)
-        inv = tl.rsqrt(tl.sum(xf * xf, axis=0) / D + eps)
-        h = (xf * inv).to(x.dtype).to(tl.float32)  # cast back to the input dtype, then the weight multiply
-        w = tl.load(w_ptr + d, mask=ok, other=0.0).to(tl.float32)
-        tl.store(y_ptr + r * stride_y + d, (w * h).to(y_ptr.dtype.element_ty), mask=ok)
-
     @triton.jit(do_not_specialize=["stride_btb"])
     def _attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, cu_ptr, ctx_ptr, bt_ptr, qk_scale, D, stride_qt, stride_qh,
                           stride_kt, stride_kh, stride_ot, stride_oh, stride_btb, GROUP: tl.constexpr,
@@ -241,7 +230,7 @@ if HAVE_TRITON:
                      out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
     @triton.jit(do_not_specialize=["R"])
-    def _rms_norm_rows_kernel(x_ptr, w_ptr, y_ptr, R, D, stride_x, stride_y, eps, ROWS: tl.constexpr,
+    def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, R, D, stride_x, stride_y, eps, ROWS: tl.constexpr,
                               BLOCK_D: tl.constexpr):
         r = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
         d = tl.arange(0, BLOCK_D)
@@ -252,6 +241,13 @@ if HAVE_TRITON:
         h = (xf * inv[:, None]).to(x.dtype).to(tl.float32)
         w = tl.load(w_ptr + d, mask=d < D, other=0.0).to(tl.float32)
         tl.store(y_ptr + r[:, None] * stride_y + d[None, :], (w[None, :] * h).to(y_ptr.dtype.element_ty), mask=ok)
+
+
+def check_model(head_dim: int, dtype: torch.dtype, device: torch.device) -> None:
+    """Refuse, before anything runs, a model these kernels have no CUDA tile for (ValueError)."""
+    check_launch(device)
+    if _cuda_launch(device):
+        _tile("attention", dtype, device, head_dim)
 
 
 def check_launch(device: torch.device) -> None:
@@ -284,6 +280,18 @@ def linear_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     return y.view(*x.shape[:-1], n)
 
 
+def linear_backward(ctx, g):
+    """The plain backward of y = x W^T + b for an autograd Function whose forward saved (x, weight) and set
+    ``ctx.has_bias`` (this module's exact linear and the CPU one of fastrft.models.exact): PyTorch's GEMMs,
+    since only the forward has to be batch-invariant."""
+    x, weight = ctx.saved_tensors
+    g2 = g.reshape(-1, g.shape[-1])
+    gx = (g2 @ weight.to(g2.dtype)).view(x.shape).to(x.dtype) if ctx.needs_input_grad[0] else None
+    gw = (g2.T @ x.reshape(-1, x.shape[-1]).to(g2.dtype)).to(weight.dtype) if ctx.needs_input_grad[1] else None
+    gb = g2.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+    return gx, gw, gb
+
+
 class _Linear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias):
@@ -291,19 +299,12 @@ class _Linear(torch.autograd.Function):
         ctx.has_bias = bias is not None
         return linear_forward(x, weight, bias)
 
-    @staticmethod
-    def backward(ctx, g):
-        x, weight = ctx.saved_tensors
-        g2 = g.reshape(-1, g.shape[-1])
-        gx = (g2 @ weight.to(g2.dtype)).view(x.shape).to(x.dtype) if ctx.needs_input_grad[0] else None
-        gw = (g2.T @ x.reshape(-1, x.shape[-1]).to(g2.dtype)).to(weight.dtype) if ctx.needs_input_grad[1] else None
-        gb = g2.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return gx, gw, gb
+    backward = staticmethod(linear_backward)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """The exact linear layer: the Triton forward, PyTorch's backward."""
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
+    if _differentiable(x, weight, bias):
         return _Linear.apply(x, weight, bias)
     return linear_forward(x, weight, bias)
 
@@ -317,15 +318,13 @@ def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch
         rows = rows.contiguous()
     out = torch.empty(rows.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
     r = rows.shape[0]
-    if r and _cuda_launch(x.device):  # one row per program
-        _rms_norm_kernel[(r,)](rows, weight.contiguous(), out, r, d, rows.stride(0), out.stride(0), float(eps),
-                               BLOCK_D=triton.next_power_of_2(d), num_warps=4 if d <= 4096 else 8, num_stages=1)
-    elif r:  # the interpreter: a block of rows per program (each row still reduced on its own)
-        rows_per = INTERPRETER_TILES["rms_norm"]["ROWS"]
-        _rms_norm_rows_kernel[(triton.cdiv(r, rows_per),)](rows, weight.contiguous(), out, r, d, rows.stride(0),
-                                                           out.stride(0), float(eps), ROWS=rows_per,
-                                                           BLOCK_D=triton.next_power_of_2(d), num_warps=4,
-                                                           num_stages=1)
+    if r:
+        # One row per program on CUDA; blocks of rows in the interpreter. Either way a row is reduced alone.
+        rows_per = 1 if _cuda_launch(x.device) else INTERPRETER_TILES["rms_norm"]["ROWS"]
+        _rms_norm_kernel[(triton.cdiv(r, rows_per),)](rows, weight.contiguous(), out, r, d, rows.stride(0),
+                                                      out.stride(0), float(eps), ROWS=rows_per,
+                                                      BLOCK_D=triton.next_power_of_2(d),
+                                                      num_warps=4 if d <= 4096 else 8, num_stages=1)
     return out.view(*x.shape[:-1], d)
 
 
@@ -388,10 +387,8 @@ def _attention(q, k, v, cu, ctx, tables, scale: float, max_new: int, page: int |
     if paged:
         rows_k = k.view(-1, hkv, d)
         stride_kt, stride_kh = rows_k.stride(0), rows_k.stride(1)
-    else:
+    else:  # packed k and v: both contiguous (_packed_forward), so they share strides
         stride_kt, stride_kh = k.stride(0), k.stride(1)
-        if v.stride() != k.stride():
-            v = v.contiguous() if k.is_contiguous() else v.as_strided(k.shape, k.stride())
     group = hq // hkv
     block_m = max(block_m, triton.next_power_of_2(group))  # a block holds at least one token's query heads
     grid = (batch, triton.cdiv(max_new, block_m // group), hkv)
@@ -506,7 +503,7 @@ def compile_cases(full: bool = False) -> list:
             ints = int_args(D=d, stride_x=d, stride_y=d)
             sig = dict(x_ptr=f"*{dt}", w_ptr=f"*{dt}", y_ptr=f"*{dt}", R="i32", eps="fp32", **ints[0])
             cases.append(CompileCase(f"exact.rms_norm[{dt},d={d}]", _rms_norm_kernel, sig,
-                                     dict(BLOCK_D=triton.next_power_of_2(d)), 4 if d <= 4096 else 8, 1,
+                                     dict(ROWS=1, BLOCK_D=triton.next_power_of_2(d)), 4 if d <= 4096 else 8, 1,
                                      full_only=d not in (64, 576) or dt != "bf16"))
         for d, (hq, hkv) in _ATTENTION_SHAPES.items():
             cfg = TILES[("attention", dt, d)]

@@ -163,24 +163,29 @@ if HAVE_TRITON:
 
     @triton.jit(do_not_specialize=["N"])
     def _stats_combine_kernel(part_ptr, out_ptr, N, S, WITH_ENTROPY: tl.constexpr, BLOCK_R: tl.constexpr):
-        """Merge the vocabulary splits of each row in split order, one row per lane: lse = top + ln sum_k
-        s_k 2^.. , logp = zt - lse, mu = sum_k e_k w_k / sum_k s_k w_k. A row's result depends on its own
-        partials only (the torch reductions this replaces pick their order by the number of rows)."""
+        """Merge the vocabulary splits of each row in split order, one row per lane: with top = max_k m_k
+        and w_k = exp(m_k - top), lse = top + ln sum_k s_k w_k, logp = sum_k zt_k - lse and
+        mu = sum_k e_k w_k / sum_k s_k w_k. A row's result depends on its own partials only (the torch
+        reductions this replaces pick their order by the number of rows)."""
         rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
         ok = rows < N
         stride_k = S.to(tl.int64) * N
         top = tl.full((BLOCK_R,), float("-inf"), dtype=tl.float32)
+        at = part_ptr + rows  # split k's partials start k * N further on: the pointer steps, in 64 bits
         for k in range(0, S):
-            top = tl.maximum(top, tl.load(part_ptr + k * N + rows, mask=ok, other=0.0))
+            top = tl.maximum(top, tl.load(at, mask=ok, other=0.0))
+            at += N
         total = tl.zeros((BLOCK_R,), dtype=tl.float32)
         zt = tl.zeros((BLOCK_R,), dtype=tl.float32)
         e = tl.zeros((BLOCK_R,), dtype=tl.float32)
+        at = part_ptr + rows
         for k in range(0, S):
-            w = tl.exp(tl.load(part_ptr + k * N + rows, mask=ok, other=0.0) - top)
-            total += tl.load(part_ptr + stride_k + k * N + rows, mask=ok, other=0.0) * w
-            zt += tl.load(part_ptr + 2 * stride_k + k * N + rows, mask=ok, other=0.0)
+            w = tl.exp(tl.load(at, mask=ok, other=0.0) - top)
+            total += tl.load(at + stride_k, mask=ok, other=0.0) * w
+            zt += tl.load(at + 2 * stride_k, mask=ok, other=0.0)
             if WITH_ENTROPY:
-                e += tl.load(part_ptr + 3 * stride_k + k * N + rows, mask=ok, other=0.0) * w
+                e += tl.load(at + 3 * stride_k, mask=ok, other=0.0) * w
+            at += N
         lse = top + tl.log(total)
         tl.store(out_ptr + rows, zt - lse, mask=ok)
         tl.store(out_ptr + N + rows, lse, mask=ok)

@@ -151,6 +151,10 @@ def test_options_that_cannot_be_exact_are_refused_with_the_reason(tiny_llama, tm
     reference = cfg.replace(model=dataclasses.replace(cfg.model, kernels="reference"))
     with pytest.raises(ConfigError, match="cuBLAS"):
         exact.resolve(reference, torch.device("cuda"))
+    # A head dim past the CUDA kernels' tile table is refused when the mode is switched on, before a run.
+    wide = type("Wide", (), {"config": type("C", (), {"head_dim": 320})(), "set_exact": lambda *a: None})()
+    with pytest.raises(exact.ExactModeError, match="head_dim <= 256"):
+        exact.enable([wide], torch.bfloat16, torch.device("cuda"), "triton")
     with pytest.raises(ConfigError, match="TRITON_INTERPRET"):
         with pytest.MonkeyPatch.context() as mp:
             mp.delenv("TRITON_INTERPRET", raising=False)

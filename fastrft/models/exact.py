@@ -63,12 +63,7 @@ class _BlockedLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        x, weight = ctx.saved_tensors
-        g2 = g.reshape(-1, g.shape[-1])
-        gx = (g2 @ weight).view(x.shape) if ctx.needs_input_grad[0] else None
-        gw = g2.T @ x.reshape(-1, x.shape[-1]) if ctx.needs_input_grad[1] else None
-        gb = g2.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return gx, gw, gb
+        return triton_kernels().linear_backward(ctx, g)  # plain PyTorch GEMMs (triton itself is not needed)
 
 
 def blocked_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -176,6 +171,11 @@ def enable(models, dtype: torch.dtype, device: torch.device, backend: str = "tor
         shapes = [s for m in models if hasattr(m, "linear_shapes") for s in m.linear_shapes()]
         check_invariance(shapes, dtype, device)
     else:
-        triton_kernels().check_launch(device)
+        for m in models:
+            if hasattr(m, "config"):
+                try:
+                    triton_kernels().check_model(m.config.head_dim, dtype, device)
+                except (RuntimeError, ValueError) as err:
+                    raise ExactModeError(f"exact log-probs: {err}") from None
     for m in models:
         m.set_exact(True, backend)
