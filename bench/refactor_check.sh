@@ -4,7 +4,7 @@
 # (metrics.jsonl record by record but the wall-clock fields, rollouts.jsonl byte for byte, the exported
 # weights bit for bit, the checkpoints kept, config.json).
 #
-#   bench/refactor_check.sh BEFORE [CONFIGS]      e.g. bench/refactor_check.sh c9361b7 "A B D E F G H"
+#   bench/refactor_check.sh BEFORE [CONFIGS]      e.g. bench/refactor_check.sh c9361b7 "A B D E F G H X"
 #
 # Each run has one torch thread (--threads 1, OMP_NUM_THREADS=1), so two run side by side on 2 cores and
 # bits do not depend on the thread count. SmolLM2-135M-Instruct (the embedded model); about 3 minutes per
@@ -63,6 +63,12 @@ run() {  # run SRC OUT CONFIG
       --mini-batches 3 --aggregation seq-mean-token-mean --max-tokens-per-step 160 --activation-checkpointing \
       --rounds 5 --eval-every 2 --greedy --extra-rewards gsm8k --train-eval-size 3 --test-size 5 --tensorboard \
       --save-every 2 --lr 3e-5 --warmup-rounds 2 --schedule linear --log-samples 9 --out "$out/H" ;;
+  X) # the exact mode in bf16-mixed: GSM8K prompts across attention tiles, a KV cache small enough to preempt,
+     # a token budget that splits prefill and the steps, 2 PPO epochs x 2 mini-batches (no old-log-prob pass)
+    "$PY" -m fastrft train "${common[@]}" --precision bf16-mixed --exact-logprobs on --dataset gsm8k \
+      --examples-per-round 2 --train-pool 8 --group-size 4 --max-new-tokens 40 --kv-cache-memory 6000000 \
+      --advantage grpo --kl-coef 0.02 --ppo-epochs 2 --mini-batches 2 --max-tokens-per-step 300 --rounds 3 \
+      --eval-every 3 --test-size 3 --train-eval-size 2 --save-every 3 --lr 2e-5 --log-samples 8 --out "$out/X" ;;
   *) echo "unknown configuration $c" >&2; return 2 ;;
   esac
 }

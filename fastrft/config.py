@@ -86,8 +86,8 @@ class ModelConfig:
     exact_logprobs: str = opt("auto", "exact on-policy log-probs: on = batch-invariant ops, so the sampler's log-prob "
                                       "of every token equals the trainer's bit for bit (logp_gap 0) and PPO's "
                                       "old-log-prob pass is skipped | off | auto (on where it costs at most 5 percent: fp32 on CPU with "
-                                      "--ppo-epochs x --mini-batches > 1; off on CUDA, where its kernels are not "
-                                      "written yet, and with --top-p/--top-k)")
+                                      "--ppo-epochs x --mini-batches > 1; off with --top-p/--top-k, and on CUDA until "
+                                      "the cost of its Triton kernels is measured on a GPU)")
 
     def __post_init__(self):
         _require(self.precision in PRECISIONS, "precision",

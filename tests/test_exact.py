@@ -233,6 +233,27 @@ def test_bf16_linear_is_row_count_invariant():
     assert torch.equal(xr.grad, xp.grad) and torch.equal(wr.grad, wp.grad)
 
 
+@pytest.mark.skipif(not exact._CAN_PACK, reason="this torch build has no oneDNN pre-packed linear")
+def test_the_engines_prepacked_bf16_gemm_equals_the_training_forwards():
+    """The engine and the KL reference multiply by oneDNN's pre-packed weights (no grad); the training
+    forward multiplies plain 32-row blocks. Same bits at every row count, with a bias, and a weight that
+    changes in place (an optimizer step) is repacked, not read stale."""
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(200, 72, generator=g).bfloat16().requires_grad_()
+    b = torch.randn(200, generator=g).bfloat16()
+    x = torch.randn(150, 72, generator=g).bfloat16()
+    for m in (1, 7, 32, 33, 64, 150):
+        trained = exact.linear(x[:m], w, b)  # grad mode: the training forward's blocks
+        with torch.no_grad():
+            assert torch.equal(exact.linear(x[:m], w, b), trained)
+    with torch.no_grad():
+        before = exact.linear(x, w, b)
+        w.mul_(-0.5)  # an in-place update, as the optimizer's refresh of the compute copy
+        after = exact.linear(x, w, b)
+    assert torch.equal(after, exact.blocked_linear(x, w.detach(), b, packed=False))
+    assert not torch.equal(after, before)
+
+
 def test_an_invariance_failure_is_refused_before_the_run(monkeypatch):
     calls = []
 

@@ -59,26 +59,67 @@ class _BlockedLinear(torch.autograd.Function):
     def forward(ctx, x, weight, bias):
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
-        return blocked_linear(x, weight, bias)
+        return blocked_linear(x, weight, bias, packed=False)
 
     @staticmethod
     def backward(ctx, g):
         return triton_kernels().linear_backward(ctx, g)  # plain PyTorch GEMMs (triton itself is not needed)
 
 
-def blocked_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """F.linear computed ROW_BLOCK rows per GEMM call (no autograd)."""
+def blocked_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                   packed: bool | None = None) -> torch.Tensor:
+    """F.linear computed ROW_BLOCK rows per GEMM call (no autograd). Whole blocks are read in place; only
+    a last partial block is copied and zero-padded.
+
+    packed: multiply by a pre-packed copy of ``weight`` (:func:`packed_weight`), which gives the same bits
+    as the plain GEMM at up to ROW_BLOCK rows (checked at start-up, :func:`check_invariance`) and saves
+    oneDNN's per-call weight reorder, most of a small call's time. None (the default): wherever oneDNN
+    offers it. The forward that trains (:class:`_BlockedLinear`) does not pack: its weights change at
+    every optimizer step, and repacking them would cost more than it saves. The engine's decode steps and
+    the KL reference, whose weights change at most once per round, do."""
     rows = x.reshape(-1, x.shape[-1])
     m = rows.shape[0]
+    if packed is None:
+        packed = _CAN_PACK and x.device.type == "cpu" and x.dtype == weight.dtype == torch.bfloat16
+    pw = packed_weight(weight) if packed else None
+
+    def gemm(a, out=None):
+        if pw is not None:  # (no out= variant: the blocks are concatenated below)
+            return torch.ops.mkldnn._linear_pointwise(a, pw, bias, "none", [], "")
+        if out is None:
+            return F.linear(a, weight, bias)
+        return torch.addmm(bias, a, weight.T, out=out) if bias is not None else torch.mm(a, weight.T, out=out)
+
     if m <= ROW_BLOCK:  # one call (a decode batch): measured to round as a full block does
-        return F.linear(x, weight, bias)
-    n = -(-m // ROW_BLOCK) * ROW_BLOCK
-    padded = F.pad(rows, (0, 0, 0, n - m)) if n != m else rows
-    out = torch.empty((n, weight.shape[0]), dtype=x.dtype, device=x.device)
-    for i in range(0, n, ROW_BLOCK):
-        torch.addmm(bias, padded[i:i + ROW_BLOCK], weight.T, out=out[i:i + ROW_BLOCK]) if bias is not None \
-            else torch.mm(padded[i:i + ROW_BLOCK], weight.T, out=out[i:i + ROW_BLOCK])
-    return out[:m].view(*x.shape[:-1], weight.shape[0])
+        return gemm(rows).view(*x.shape[:-1], weight.shape[0])
+    whole = m - m % ROW_BLOCK
+    tail = F.pad(rows[whole:], (0, 0, 0, ROW_BLOCK - (m - whole))) if whole < m else None
+    if pw is not None:
+        parts = [gemm(rows[i:i + ROW_BLOCK]) for i in range(0, whole, ROW_BLOCK)]
+        if tail is not None:
+            parts.append(gemm(tail)[:m - whole])
+        return torch.cat(parts).view(*x.shape[:-1], weight.shape[0])
+    out = torch.empty((m, weight.shape[0]), dtype=x.dtype, device=x.device)
+    for i in range(0, whole, ROW_BLOCK):
+        gemm(rows[i:i + ROW_BLOCK], out=out[i:i + ROW_BLOCK])
+    if tail is not None:
+        out[whole:] = gemm(tail)[:m - whole]
+    return out.view(*x.shape[:-1], weight.shape[0])
+
+
+_CAN_PACK = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise") and \
+    hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+
+
+def packed_weight(weight: torch.Tensor) -> torch.Tensor:
+    """oneDNN's pre-packed layout of a (N, K) bf16 weight for ROW_BLOCK-row GEMMs, kept on the tensor and
+    redone when the weight changes (its version counter or storage moves)."""
+    key = (weight.data_ptr(), weight._version)
+    cached = getattr(weight, "_fastrft_packed", None)
+    if cached is None or cached[0] != key:
+        cached = (key, torch.ops.mkldnn._reorder_linear_weight(weight.detach(), ROW_BLOCK))
+        weight._fastrft_packed = cached
+    return cached[1]
 
 
 def triton_kernels():
@@ -110,6 +151,7 @@ def check_invariance(shapes: list[tuple[int, int]], dtype: torch.dtype, device: 
     """Verify, on this process's BLAS, that a row of every linear layer shape (in_features, out_features)
     comes out the same at every row count the mode uses (1, 3, 16, 33, 300 rows); raise
     :class:`ExactModeError` naming the first one that does not."""
+    global _CAN_PACK
     if device.type != "cpu":
         return
     gen = torch.Generator().manual_seed(0)
@@ -117,6 +159,12 @@ def check_invariance(shapes: list[tuple[int, int]], dtype: torch.dtype, device: 
         w = torch.randn(n, k, generator=gen).to(dtype)
         x = torch.randn(300, k, generator=gen).to(dtype)
         full = linear(x, w, None)
+        if dtype == torch.bfloat16 and device.type == "cpu" and _CAN_PACK:
+            # The engine's pre-packed GEMM against the training forward's plain one: if a oneDNN build
+            # rounds them apart, every call goes unpacked (slower, still exact).
+            if not all(torch.equal(blocked_linear(x[:m], w, None, packed=True),
+                                   blocked_linear(x[:m], w, None, packed=False)) for m in (1, 3, 32, 300)):
+                _CAN_PACK = False
         for m in (1, 3, 16, 33):
             if not torch.equal(linear(x[:m], w, None), full[:m]):
                 hint = ("MKL's reproducibility mode is off: set MKL_CBWR=AUTO,STRICT in the environment, or import "

@@ -22,7 +22,8 @@ class TilePlan:
 
     groups: per tile index t, (t, seqs (S,) long tensor, index (S, W) long rows of q, pos (S, W) long);
     a sequence's rows are padded to W with the index of an appended zero row (``pad``: whether any is).
-    where (R,) long or None: row i of the result is row where[i] of the groups' concatenated outputs."""
+    in_order: one group holds every row, in order and unpadded (a decode step within one tile), so its
+    result needs no scatter. ``cache`` keeps what a caller derives from the plan once for every layer."""
 
     def __init__(self, row_seq: np.ndarray, row_pos: np.ndarray, device: torch.device):
         rows = len(row_seq)
@@ -43,14 +44,8 @@ class TilePlan:
             self.groups.append((int(t), torch.from_numpy(seqs).to(device), torch.from_numpy(index).to(device),
                                 torch.from_numpy(pos).to(device)))
             flat.append(index.reshape(-1))
-        flat = np.concatenate(flat) if flat else np.zeros(0, dtype=np.int64)
-        if np.array_equal(flat, np.arange(rows)):
-            self.where = None
-        else:
-            where = np.empty(rows, dtype=np.int64)
-            real = flat < rows
-            where[flat[real]] = np.nonzero(real)[0]
-            self.where = torch.from_numpy(where).to(device)
+        self.in_order = len(flat) == 1 and not self.pad and np.array_equal(flat[0], np.arange(rows))
+        self.cache: dict = {}
         self._masks: dict[tuple[int, int, int], torch.Tensor] = {}
 
     def mask(self, i: int, hkv: int, g: int) -> torch.Tensor:
@@ -69,37 +64,54 @@ class TilePlan:
 def tiled_attention(q: torch.Tensor, plan: TilePlan, gather_kv, scale: float) -> torch.Tensor:
     """Causal attention in which each query's result depends on its own context only.
 
-    q (R, Hq, D): the query rows the plan was made for; gather_kv(seqs, n) -> (k, v), each (S, n, Hkv, D):
-    the first n keys and values of each sequence id in ``seqs`` (finite values past a sequence's end; they
-    are masked). Returns (R, Hq, D) in q's dtype."""
-    hq, d = q.shape[1], q.shape[2]
-    q_ext = torch.cat([q, q.new_zeros(1, hq, d)]) if plan.pad else q
-    outs = []
-    for i, (tile, seqs, index, pos) in enumerate(plan.groups):
-        k, v = gather_kv(seqs, (tile + 1) * TILE)
-        outs.append(_tile_attention(q_ext, index, k, v, plan.mask(i, k.shape[2], hq // k.shape[2]), scale)
-                    .reshape(-1, hq, d))
-    flat = outs[0] if len(outs) == 1 else torch.cat(outs)
-    return flat if plan.where is None else flat.index_select(0, plan.where)
+    q (R, Hq, D): the query rows the plan was made for; gather_kv(i, seqs, n) -> (k, v), each (S, n, Hkv, D):
+    the first n keys and values of each sequence id in ``seqs`` (those of the plan's group i; finite values
+    past a sequence's end, they are masked). Returns (R, Hq, D) in q's dtype.
+
+    The query rows are widened once, and each group's keys and values are permuted and widened in one
+    copy: the fewest passes over memory, since the engine calls this once per layer per decode step."""
+    rows, hq, d = q.shape
+    qf = q.float()
+    if plan.pad:
+        qf = torch.cat([qf, qf.new_zeros(1, hq, d)])
+    single = plan.in_order
+    # One output row more than R when a group's rows are padded: the padding rows land there.
+    out = torch.empty((rows + (not single), hq, d), dtype=q.dtype, device=q.device)
+    for i, (tile, seqs, index, _) in enumerate(plan.groups):
+        k, v = gather_kv(i, seqs, (tile + 1) * TILE)
+        hkv = k.shape[2]
+        o = _tile_attention(qf, None if single else index, _widened(k), _widened(v), plan.mask(i, hkv, hq // hkv),
+                            scale, index.shape)
+        s, w = index.shape
+        if single:  # one group holding every row in order: write the result in place
+            out.view(s, w, hkv, hq // hkv, d).copy_(o.view(s, hkv, hq // hkv, w, d).permute(0, 3, 1, 2, 4))
+        else:
+            rows_i = torch.empty((s, w, hq, d), dtype=q.dtype, device=q.device)
+            rows_i.view(s, w, hkv, hq // hkv, d).copy_(o.view(s, hkv, hq // hkv, w, d).permute(0, 3, 1, 2, 4))
+            out.index_copy_(0, index.flatten(), rows_i.view(s * w, hq, d))
+    return out if single else out[:rows]
 
 
-def _tile_attention(q_ext, index, k, v, hidden, scale: float) -> torch.Tensor:
-    """One tile group: index (S, W) rows of q_ext, k/v (S, N, Hkv, D), hidden (S, Hkv, G * W, N) the
-    masked scores. Returns (S, W, Hq, D) in q's dtype. Every operand is made contiguous in one layout, so
-    the GEMMs see the same memory order on every path."""
-    s, w = index.shape
-    hq, d = q_ext.shape[1], q_ext.shape[2]
-    hkv = k.shape[2]
+def _widened(x: torch.Tensor) -> torch.Tensor:
+    """(S, N, Hkv, D) in any float dtype -> (S, Hkv, N, D) fp32, contiguous, in one copy."""
+    s, n, hkv, d = x.shape
+    return torch.empty((s, hkv, n, d), dtype=torch.float32, device=x.device).copy_(x.permute(0, 2, 1, 3))
+
+
+def _tile_attention(qf, index, kc, vc, hidden, scale: float, shape) -> torch.Tensor:
+    """One tile group of shape (S, W): index (S, W) rows of qf (fp32; None: all of qf's rows, in order),
+    kc/vc (S, Hkv, N, D) fp32 contiguous, hidden (S, Hkv, G * W, N) the masked scores. Returns
+    (S, Hkv, G * W, D) fp32. Every GEMM operand is laid out alike on every path (contiguous), so the
+    GEMMs see the same memory order."""
+    s, w = shape
+    hq, d = qf.shape[1], qf.shape[2]
+    hkv = kc.shape[1]
     g = hq // hkv
-    q = (q_ext.index_select(0, index.flatten()).view(s, w, hkv, g, d).permute(0, 2, 3, 1, 4)
-         .reshape(s, hkv, g * w, d).float().contiguous())
-    kc = k.permute(0, 2, 1, 3).float().contiguous()  # (S, Hkv, N, D)
-    vc = v.permute(0, 2, 1, 3).float().contiguous()
+    rows = qf if index is None else qf.index_select(0, index.flatten())
+    q = rows.view(s, w, hkv, g, d).permute(0, 2, 3, 1, 4).reshape(s, hkv, g * w, d).contiguous()
     if torch.is_grad_enabled() and (q.requires_grad or kc.requires_grad or vc.requires_grad):
-        out = _TileSoftmax.apply(q, kc, vc, hidden, scale)
-    else:
-        out = _tile_forward(q, kc, vc, hidden, scale)[0]
-    return out.view(s, hkv, g, w, d).permute(0, 3, 1, 2, 4).reshape(s, w, hq, d).to(q_ext.dtype)
+        return _TileSoftmax.apply(q, kc, vc, hidden, scale)
+    return _tile_forward(q, kc, vc, hidden, scale)[0]
 
 
 def _tile_forward(q, kc, vc, hidden, scale: float):
@@ -155,7 +167,7 @@ def packed_attention(q, k, v, cu_seqlens: torch.Tensor, scale: float) -> torch.T
 
     kp, vp = padded(k), padded(v)
 
-    def gather(seqs, n):
+    def gather(i, seqs, n):
         return kp.index_select(0, seqs)[:, :n], vp.index_select(0, seqs)[:, :n]
 
     return tiled_attention(q, plan, gather, scale)
@@ -178,12 +190,14 @@ def paged_attention(q, k_cache, v_cache, meta, scale: float) -> torch.Tensor:
     page, hkv, d = k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
     tables = meta.block_tables
 
-    def gather(seqs, n):
+    def gather(i, seqs, n):
         nb = -(-n // page)
-        ids = tables.index_select(0, seqs)[:, :nb].long().clamp_min(0)
-        if ids.shape[1] < nb:  # a table narrower than the tile: block 0 stands in (masked)
-            ids = F.pad(ids, (0, nb - ids.shape[1]))
-        flat = ids.flatten()
+        flat = plan.cache.get(("blocks", i, page))  # the same for every layer of the step
+        if flat is None:
+            ids = tables.index_select(0, seqs)[:, :nb].long().clamp_min(0)
+            if ids.shape[1] < nb:  # a table narrower than the tile: block 0 stands in (masked)
+                ids = F.pad(ids, (0, nb - ids.shape[1]))
+            flat = plan.cache[("blocks", i, page)] = ids.flatten()
         shape = (len(seqs), nb * page, hkv, d)
         return k_cache.index_select(0, flat).view(shape)[:, :n], v_cache.index_select(0, flat).view(shape)[:, :n]
 
