@@ -14,6 +14,8 @@ needed. Where each op's order comes from (measured on this project's CPUs; bench
 - **bf16 linear layers**: oneDNN's AMX kernels round some rows differently for 33..~700 rows than for
   1..32 rows. A forward that calls the GEMM on blocks of exactly :data:`ROW_BLOCK` rows is invariant by
   construction; the engine's decode batches (up to 32 rows) are one call. The backward is unchanged.
+  Forwards without a gradient (the engine, the KL reference) multiply by oneDNN's pre-packed weights,
+  which give the plain GEMM's bits at up to 32 rows and skip its per-call weight reorder.
 - **attention** (:mod:`fastrft.models.tiled_attention`): each query at position t attends over its context padded to
   a whole number of :data:`TILE`-key tiles, ((t // TILE) + 1) * TILE keys, the keys past t masked.
   Decode, prefill and the training forward therefore run the same two GEMMs (K = head_dim, then
