@@ -184,8 +184,8 @@ def resolve(cfg, device: torch.device, precision: str = "fp32") -> str | None:
     is how the tests run the CUDA path). ``on`` with something that cannot honour it raises
     :class:`fastrft.errors.ConfigError` with the reason. ``auto`` is on where the mode costs at most 5%
     (bench/RESULTS.md, "Exact log-probs"): fp32 on CPU with more than one optimizer step per round, where
-    the skipped old-log-prob pass pays for it (0.92x; one step per round costs 1.09x, bf16-mixed
-    1.15-1.17x). Its CUDA cost has not been measured on a GPU, so ``auto`` leaves it off there."""
+    the skipped old-log-prob pass pays for it (0.92-1.06x over runs; one step per round costs 1.05-1.09x,
+    bf16-mixed 1.10-1.14x). Its CUDA cost has not been measured on a GPU, so ``auto`` leaves it off there."""
     setting, ro = cfg.model.exact_logprobs, cfg.rollout
     reasons = []
     backend = "triton" if device.type != "cpu" or cfg.model.kernels == "triton" else "torch"
