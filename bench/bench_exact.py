@@ -56,8 +56,11 @@ def case(precision: str, config: str, mode: str, rounds: int, device: str = "cpu
             times.append(time.perf_counter() - start)
             if "logp_gap_max" in rec:
                 gaps.append(rec["logp_gap_max"])
+        from fastrft.models import exact, row_rules
+
         return {"round_s": statistics.median(times[1:]), "gap_max": max(gaps) if gaps else None,
-                "threads": torch.get_num_threads(), "exact": trainer.exact_logprobs}
+                "threads": torch.get_num_threads(), "exact": trainer.exact_logprobs,
+                "paths": exact.describe(row_rules.chosen())}
 
 
 def main() -> None:
@@ -85,10 +88,17 @@ def main() -> None:
         tmp = tempfile.TemporaryDirectory()
         dtype = FILE_DTYPE[args.precisions.split(",")[0]]
         extra += ["--model", str(write_model_dir(args.shape, dtype, args.device, Path(tmp.name) / args.shape))]
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from harness import cpu_features, device_name, git_sha, versions
+
+    print(f"{device_name(args.device)}; {cpu_features()}; {versions()}; commit {git_sha()}")
     print(f"device {args.device}, model {args.shape or 'SmolLM2-135M-Instruct'}; median seconds per round of "
           f"rounds 2..{args.rounds}")
     print("| precision | config | off s/round | on s/round | on / off | gap max off | gap max on |")
     print("|---|---|---:|---:|---:|---:|---:|")
+    paths = {}
     for precision in args.precisions.split(","):
         for config in args.configs.split(","):
             res = {}
@@ -99,8 +109,11 @@ def main() -> None:
                     sys.exit(f"case {precision}:{config}:{mode} failed:\n{out.stderr[-3000:]}")
                 res[mode] = json.loads(out.stdout.strip().splitlines()[-1])
             off, on = res["off"], res["on"]
+            paths[precision] = on.get("paths") or "-"
             print(f"| {precision} | {config} | {off['round_s']:.2f} | {on['round_s']:.2f} | "
                   f"{on['round_s'] / off['round_s']:.3f} | {off['gap_max']:.3g} | {on['gap_max']:.3g} |", flush=True)
+    for precision, text in paths.items():  # the row rule each GEMM took (fastrft.models.row_rules)
+        print(f"- GEMM paths, {precision}: {text}")
 
 
 if __name__ == "__main__":

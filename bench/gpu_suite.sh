@@ -203,8 +203,7 @@ setup_gpu() {
 }
 
 # The fallback (an unwritable environment, say): compile the extension with pybind11 straight into
-# fastrft/, link fastrft/kernels to kernels/ (pyproject.toml's package-dir mapping) in this disposable
-# copy of the tree, and put the tree on PYTHONPATH.
+# fastrft/ in this disposable copy of the tree, and put the tree on PYTHONPATH.
 install_in_place() {
     local suffix build=/tmp/fastrft_build f pids=() flags
     suffix=$($PY -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))') || return 1
@@ -217,10 +216,9 @@ install_in_place() {
     done
     for f in "${pids[@]}"; do wait "$f" || return 1; done
     c++ -shared "$build"/*.o -o "fastrft/_engine$suffix" || return 1
-    [ -e fastrft/kernels ] || ln -s ../kernels fastrft/kernels || return 1
     export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
     info "fastrft: pip install -e . failed (see the install log); built in place: fastrft/_engine$suffix," \
-        "fastrft/kernels -> kernels/, the tree on PYTHONPATH"
+        "the tree on PYTHONPATH"
 }
 
 setup() {

@@ -55,6 +55,24 @@ def device_name(device: str | None = None) -> str:
     return f"CPU: {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
 
 
+def cpu_features() -> str:
+    """The CPU's vector extensions that change which kernels run (BLAS, oneDNN, ATen), and ATen's choice."""
+    import torch
+
+    flags: set[str] = set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        pass
+    wanted = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx512_fp16", "avx_vnni",
+              "amx_bf16", "amx_tile")
+    have = [f for f in wanted if f in flags] or ["unknown"]
+    return f"ISA {' '.join(have)}; ATen kernels {torch.backends.cpu.get_cpu_capability()}"
+
+
 def versions() -> str:
     import torch
 

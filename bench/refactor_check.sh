@@ -19,7 +19,9 @@ rm -rf "$WORK" && mkdir -p "$WORK/runs-before" "$WORK/runs-after"
 git worktree add --detach -f "$WORK/before" "$BEFORE" >/dev/null
 trap 'git worktree remove --force "$WORK/before"' EXIT
 cp fastrft/_engine*.so "$WORK/before/fastrft/" 2>/dev/null || true  # the C++ extension, built here
-ln -sfn "$WORK/before/kernels" "$WORK/before/fastrft/kernels"        # installed as fastrft.kernels
+# Commits before 2026-12-07 kept the kernels at the root, installed as fastrft.kernels: move them there (a
+# top-level kernels/ on PYTHONPATH would shadow the `kernels` package that transformers imports).
+if [ -d "$WORK/before/kernels" ]; then mv "$WORK/before/kernels" "$WORK/before/fastrft/kernels"; fi
 
 run() {  # run SRC OUT CONFIG
   local src=$1 out=$2 c=$3

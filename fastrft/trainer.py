@@ -100,7 +100,16 @@ class Trainer:
         self.exact_logprobs = exact.resolve(config, self.device, precision)
         if self.exact_logprobs:
             p = self.precision
-            exact.enable([p.master, p.train_model, p.rollout_model], p.compute_dtype, self.device, self.exact_logprobs)
+            try:
+                exact.enable([p.master, p.train_model, p.rollout_model], p.compute_dtype, self.device,
+                             self.exact_logprobs)
+            except exact.ExactModeError as err:  # `on` refuses; `auto` never stops a run
+                if config.model.exact_logprobs == "on":
+                    raise
+                self.exact_logprobs = None
+                if self.world.main:
+                    print(f"fastrft: --exact-logprobs auto: off on this machine ({exact.reason(err)})",
+                          file=sys.stderr)
         warn_unabsorbed_updates(self.precision, config.optim.lr)
         # 4. The learner's parts, then the engine, which holds the rollout model itself (rollouts always
         # see the current weights) and packs its prefill steps within the step's token budget. Every

@@ -16,6 +16,7 @@ import torch
 
 from fastrft.engine.sampler import SamplingParams, draw
 from fastrft.kernels.sampling import sample_tokens
+from fastrft.models import exact
 from fastrft.models.paged import PagedMeta
 
 
@@ -101,6 +102,8 @@ class ModelRunner:
             return hidden @ w.T
         if self._logits_out is None or self._logits_out.shape[0] < n:
             self._logits_out = torch.empty((max(n, self.max_num_seqs), w.shape[0]), dtype=torch.float32)
+        if getattr(self.model, "exact_backend", None) == "torch":  # the trainer's row rule (fastrft.models.exact)
+            return exact.head_logits(hidden, w.T, out=self._logits_out[:n])
         return torch.mm(hidden, w.T, out=self._logits_out[:n])
 
     def _head(self) -> torch.Tensor:

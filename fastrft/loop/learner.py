@@ -30,6 +30,7 @@ from fastrft.loop.logprobs import old_logprobs, packed, reference_logprobs, resp
 from fastrft.loop.plan import split_parts, step_plan
 from fastrft.loop.types import TrainBatch
 from fastrft.microbatch import default_token_budget, merge_micro_stats
+from fastrft.models import exact
 from fastrft.precision import make_adamw
 
 
@@ -54,6 +55,8 @@ class Learner:
                  device: torch.device, exact_logprobs: bool = False):
         self.cfg, self.precision, self.ref, self.engine = cfg, precision, ref, engine
         self.exact_logprobs = exact_logprobs
+        # The exact CPU ops take the LM head's logits under its row rule, as the engine does.
+        self.logits_mm = exact.head_logits if exact_logprobs == "torch" else None
         self.token_budget, self.world, self.device = token_budget, world, device
         self.spec = cfg.loss_spec
         o = cfg.optim
@@ -109,7 +112,7 @@ class Learner:
         # (about a third of a SmolLM2 step, measured); CUDA's caching allocator makes freeing cheap.
         self.optimizer.zero_grad(set_to_none=self.device.type == "cuda")
         micro_stats, micro_tokens, micro_targets = [], [], []
-        kw = dict(temperature=cfg.rollout.temperature, backend=cfg.model.kernels)
+        kw = dict(temperature=cfg.rollout.temperature, backend=cfg.model.kernels, logits_mm=self.logits_mm)
         for micro, real in step_plan(train.select(part), self.token_budget, self.spec, self.world):
             ids = [part[j] for j in micro.members]
             batch = packed(train.select(ids), self.device)
@@ -158,7 +161,7 @@ class Learner:
         """Per sequence of ``train``, the current policy's log-probs of its response tokens (CPU, fp32)."""
         return old_logprobs(self.precision.rollout_model, train, budget=self.token_budget, world=self.world,
                             device=self.device, temperature=self.cfg.rollout.temperature,
-                            backend=self.cfg.model.kernels)
+                            backend=self.cfg.model.kernels, logits_mm=self.logits_mm)
 
 
 def _merge_steps(steps: list[dict[str, float]]) -> dict[str, float]:

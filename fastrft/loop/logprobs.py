@@ -29,17 +29,18 @@ def packed(train: TrainBatch, device: torch.device) -> PackedBatch:
 
 
 @torch.no_grad()
-def reference_logprobs(ref, batch: PackedBatch, *, temperature: float, backend: str) -> torch.Tensor:
+def reference_logprobs(ref, batch: PackedBatch, *, temperature: float, backend: str, logits_mm=None) -> torch.Tensor:
     """The frozen reference policy's log-probs of ``batch``'s response tokens, (N,) fp32."""
-    logp, _ = linear_logprob(*response_hidden(ref, batch), batch.targets, temperature=temperature, backend=backend)
+    logp, _ = linear_logprob(*response_hidden(ref, batch), batch.targets, temperature=temperature, backend=backend,
+                             logits_mm=logits_mm)
     return logp
 
 
 @torch.no_grad()
 def old_logprobs(model, train: TrainBatch, *, budget: int | None, world: World, device: torch.device,
-                 temperature: float, backend: str) -> list[torch.Tensor]:
+                 temperature: float, backend: str, logits_mm=None) -> list[torch.Tensor]:
     """Per sequence, ``model``'s (the pre-update policy's) log-probs of its response tokens (CPU, fp32),
-    computed in micro-batches of the step's token budget."""
+    computed in micro-batches of the step's token budget (``logits_mm``: the exact mode's head GEMM)."""
     # The rollout model holds the same compute weights as the training forward (the masters rounded to
     # the compute dtype, as FSDP's all-gather casts them), so the first step's ratio is exactly 1. Across
     # ranks each computes a contiguous share and all gather it.
@@ -50,7 +51,7 @@ def old_logprobs(model, train: TrainBatch, *, budget: int | None, world: World, 
         batch = pack(part.prompts, [c.token_ids for c in part.completions], [0.0] * len(group),
                      [c.logprobs for c in part.completions]).to(device)
         logp, _ = linear_logprob(*response_hidden(model, batch), batch.targets, temperature=temperature,
-                                 backend=backend)
+                                 backend=backend, logits_mm=logits_mm)
         out.extend(logp.float().cpu().split([len(c.token_ids) for c in part.completions]))
     if world.distributed:
         out = [t for part in world.gather(out) for t in part]

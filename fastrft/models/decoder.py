@@ -88,9 +88,10 @@ class CausalLM(nn.Module):
             if hasattr(type(m), "exact") and m is not self:
                 m.exact = backend if on else False
 
-    def linear_shapes(self) -> list[tuple[int, int]]:
-        """(in_features, out_features) of every linear layer the forward runs."""
-        return sorted({(m.in_features, m.out_features) for m in self.model.modules() if isinstance(m, nn.Linear)})
+    def linear_shapes(self) -> list[tuple[int, int, bool]]:
+        """(in_features, out_features, has a bias) of every linear layer the forward runs."""
+        return sorted({(m.in_features, m.out_features, m.bias is not None) for m in self.model.modules()
+                       if isinstance(m, nn.Linear)})
 
     def reset_buffers(self) -> None:
         """Recompute non-persistent buffers (after building on the meta device)."""

@@ -6,27 +6,28 @@ recomputed) and the trainer's packed forward give the same bits for the same tok
 weights. The sampler's log-probs are then the trainer's, bit for bit, and the old-log-prob pass is not
 needed. Where each op's order comes from (measured on this project's CPUs; bench/RESULTS.md):
 
-- **fp32 linear layers**: MKL picks a different sgemm kernel by row count (1, 2-15 and 16+ rows give
-  three different results). Its conditional-numerical-reproducibility mode ``MKL_CBWR=AUTO,STRICT``
-  computes each output element in one order for every row count and thread count, at the same speed
-  for 8+ rows. ``import fastrft`` sets it (fastrft/__init__.py); it must be set before the first
-  matmul, which :func:`check_invariance` verifies.
-- **bf16 linear layers**: oneDNN's AMX kernels round some rows differently for 33..~700 rows than for
-  1..32 rows. A forward that calls the GEMM on blocks of exactly :data:`ROW_BLOCK` rows is invariant by
-  construction; the engine's decode batches (up to 32 rows) are one call. The backward is unchanged.
-  Forwards without a gradient (the engine, the KL reference) multiply by oneDNN's pre-packed weights,
-  which give the plain GEMM's bits at up to 32 rows and skip its per-call weight reorder.
+- **every GEMM** (each linear layer's shape, the LM head, the attention tiles) runs under a row rule
+  (:mod:`fastrft.models.row_rules`): one plain call, calls padded to at least P rows, or fixed blocks of B
+  rows, whichever is the cheapest that gives a row the same bits in every batch on this process's BLAS,
+  found at start-up by :func:`check_invariance`. Intel's MKL in its conditional-numerical-reproducibility
+  mode ``MKL_CBWR=AUTO,STRICT`` (which ``import fastrft`` sets, fastrft/__init__.py) needs one call for
+  fp32; AMD EPYCs' MKL rounds 1-3 rows apart from 4+ whatever that mode says, so it gets calls padded to 4
+  rows; oneDNN's bf16 AMX kernels round 33..~700 rows apart from 1..32, so bf16 runs 32-row blocks.
+  Forwards without a gradient (the engine, the KL reference) multiply bf16 blocks by oneDNN's pre-packed
+  weights where the probe found them on this CPU with the same bits (they need AVX-512 or AVX-NE-CONVERT);
+  they skip the per-call weight reorder. The backward is unchanged.
 - **attention** (:mod:`fastrft.models.tiled_attention`): each query at position t attends over its context padded to
   a whole number of :data:`TILE`-key tiles, ((t // TILE) + 1) * TILE keys, the keys past t masked.
   Decode, prefill and the training forward therefore run the same two GEMMs (K = head_dim, then
   K = that padded length) and the same softmax over a row of the same length for that query; the rows
-  batched around it change only the GEMMs' row count, which the CNR mode makes irrelevant. It runs in
+  batched around it change only the GEMMs' row count, which their row rule makes irrelevant. It runs in
   fp32 (bf16 inputs are widened exactly), so it is also the more accurate attention.
 - **norms, RoPE, the MLP's SiLU**: row-wise ops. Transcendental ones run with their width padded to
   whole vectors (:func:`fastrft.models.layers.aligned`), so that no element takes PyTorch's scalar tail
   loop in one batch and its vector loop in another; RoPE's cos and sin are taken in float64.
-- **the LM head and the log-softmax**: one fp32 GEMM on both sides (the engine keeps an fp32 copy of
-  a bf16 head) and one formula, :mod:`fastrft.kernels.rows`.
+- **the LM head and the log-softmax**: one fp32 GEMM under one row rule on both sides
+  (:func:`head_logits`; the engine keeps an fp32 copy of a bf16 head) and one formula,
+  :mod:`fastrft.kernels.rows`.
 
 The training backward is free to use any kernel: only the forward's values must match.
 
@@ -44,84 +45,66 @@ import torch
 import torch.nn.functional as F
 
 from fastrft.errors import ConfigError
+from fastrft.models import row_rules
 from fastrft.models.tiled_attention import TILE, packed_attention, paged_attention, tiled_attention  # noqa: F401
-
-ROW_BLOCK = 32  # rows per bf16 GEMM call in exact mode
 
 
 class ExactModeError(ConfigError):
-    """This process cannot compute batch-invariantly (the BLAS was configured before fastrft)."""
+    """This process cannot compute batch-invariantly (its BLAS rounds a row by its batch under every
+    row rule, or MKL was configured before fastrft)."""
 
 
 # ----------------------------------------------------------------------------------------- linear
-class _BlockedLinear(torch.autograd.Function):
-    """Forward in GEMM calls of exactly ROW_BLOCK rows (the last one zero-padded); backward plain."""
+class _RuledLinear(torch.autograd.Function):
+    """Forward under the shape's row rule (:mod:`fastrft.models.row_rules`); backward plain."""
 
     @staticmethod
     def forward(ctx, x, weight, bias):
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
-        return blocked_linear(x, weight, bias, packed=False)
+        return ruled_linear(x, weight, bias, packed=False)
 
     @staticmethod
     def backward(ctx, g):
         return triton_kernels().linear_backward(ctx, g)  # plain PyTorch GEMMs (triton itself is not needed)
 
 
-def blocked_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                   packed: bool | None = None) -> torch.Tensor:
-    """F.linear computed ROW_BLOCK rows per GEMM call (no autograd). Whole blocks are read in place; only
-    a last partial block is copied and zero-padded.
+def ruled_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                 packed: bool | None = None) -> torch.Tensor:
+    """F.linear (no autograd) in the GEMM calls of its shape's row rule (:func:`row_rules.choose`: one
+    plain call on Intel's fp32, calls padded to 4 rows on AMD's, blocks of 32 rows for oneDNN's bf16).
 
-    packed: multiply by a pre-packed copy of ``weight`` (:func:`packed_weight`), which gives the same bits
-    as the plain GEMM at up to ROW_BLOCK rows (checked at start-up, :func:`check_invariance`) and saves
-    oneDNN's per-call weight reorder, most of a small call's time. None (the default): wherever oneDNN
-    offers it. The forward that trains (:class:`_BlockedLinear`) does not pack: its weights change at
-    every optimizer step, and repacking them would cost more than it saves. The engine's decode steps and
-    the KL reference, whose weights change at most once per round, do."""
+    packed: multiply by a pre-packed copy of ``weight`` (:func:`packed_weight`), where the probe found
+    that oneDNN offers it and that it gives the same bits; it saves oneDNN's per-call weight reorder, most
+    of a small call's time. None (the default): wherever the probe allows. The forward that trains
+    (:class:`_RuledLinear`) does not pack: its weights change at every optimizer step, and repacking them
+    would cost more than it saves. The engine's decode steps and the KL reference, whose weights change
+    at most once per round, do."""
     rows = x.reshape(-1, x.shape[-1])
-    m = rows.shape[0]
-    if packed is None:
-        packed = _CAN_PACK and x.device.type == "cpu" and x.dtype == weight.dtype == torch.bfloat16
-    pw = packed_weight(weight) if packed else None
-
-    def gemm(a, out=None):
-        if pw is not None:  # (no out= variant: the blocks are concatenated below)
-            return torch.ops.mkldnn._linear_pointwise(a, pw, bias, "none", [], "")
-        if out is None:
-            return F.linear(a, weight, bias)
-        return torch.addmm(bias, a, weight.T, out=out) if bias is not None else torch.mm(a, weight.T, out=out)
-
-    if m <= ROW_BLOCK:  # one call (a decode batch): measured to round as a full block does
-        return gemm(rows).view(*x.shape[:-1], weight.shape[0])
-    whole = m - m % ROW_BLOCK
-    tail = F.pad(rows[whole:], (0, 0, 0, ROW_BLOCK - (m - whole))) if whole < m else None
-    if pw is not None:
-        parts = [gemm(rows[i:i + ROW_BLOCK]) for i in range(0, whole, ROW_BLOCK)]
-        if tail is not None:
-            parts.append(gemm(tail)[:m - whole])
-        return torch.cat(parts).view(*x.shape[:-1], weight.shape[0])
-    out = torch.empty((m, weight.shape[0]), dtype=x.dtype, device=x.device)
-    for i in range(0, whole, ROW_BLOCK):
-        gemm(rows[i:i + ROW_BLOCK], out=out[i:i + ROW_BLOCK])
-    if tail is not None:
-        out[whole:] = gemm(tail)[:m - whole]
-    return out.view(*x.shape[:-1], weight.shape[0])
+    choice = row_rules.choose(row_rules.Site("linear", weight.shape[1], weight.shape[0], weight.dtype,
+                                             bias is not None))
+    pw = packed_weight(weight, choice.rule.block) if choice.packed and packed is not False else None
+    out = None if pw is not None else torch.empty((rows.shape[0], weight.shape[0]), dtype=x.dtype, device=x.device)
+    y = choice.rule.run(lambda piece, dest: row_rules.gemm(piece, weight.T, bias, pw, out=dest), rows, out=out)
+    return y.view(*x.shape[:-1], weight.shape[0])
 
 
-_CAN_PACK = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise") and \
-    hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
-
-
-def packed_weight(weight: torch.Tensor) -> torch.Tensor:
-    """oneDNN's pre-packed layout of a (N, K) bf16 weight for ROW_BLOCK-row GEMMs, kept on the tensor and
+def packed_weight(weight: torch.Tensor, rows: int) -> torch.Tensor:
+    """oneDNN's pre-packed layout of a (N, K) bf16 weight for ``rows``-row GEMMs, kept on the tensor and
     redone when the weight changes (its version counter or storage moves)."""
-    key = (weight.data_ptr(), weight._version)
+    key = (weight.data_ptr(), weight._version, rows)
     cached = getattr(weight, "_fastrft_packed", None)
     if cached is None or cached[0] != key:
-        cached = (key, torch.ops.mkldnn._reorder_linear_weight(weight.detach(), ROW_BLOCK))
+        cached = (key, row_rules.reorder(weight.detach(), rows))
         weight._fastrft_packed = cached
     return cached[1]
+
+
+def head_logits(hidden: torch.Tensor, weight_t: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The LM head's logits hidden (R, H) @ weight_t (H, V) under its row rule: the same bits for a row
+    in the engine's decode batch, its prefill and the trainer's chunks (their GEMM in the exact mode)."""
+    choice = row_rules.choose(row_rules.Site("head", weight_t.shape[0], weight_t.shape[1], weight_t.dtype))
+    return choice.rule.run(lambda piece, dest: row_rules.gemm(piece, weight_t, out=dest), hidden, out=out)
 
 
 def triton_kernels():
@@ -132,15 +115,15 @@ def triton_kernels():
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, backend: str = "torch") -> torch.Tensor:
-    """The exact mode's linear layer. "torch" (CPU): plain in fp32 (CNR makes it invariant), row-blocked
-    otherwise. "triton": fixed-tile GEMMs without split-K (fastrft.kernels.exact_triton)."""
+    """The exact mode's linear layer. "torch" (CPU): under its shape's row rule (:func:`ruled_linear`).
+    "triton": fixed-tile GEMMs without split-K (fastrft.kernels.exact_triton)."""
     if backend == "triton":
         return triton_kernels().linear(x, weight, bias)
-    if x.dtype == torch.float32 or x.device.type != "cpu":
+    if x.device.type != "cpu":
         return F.linear(x, weight, bias)
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
-        return _BlockedLinear.apply(x, weight, bias)
-    return blocked_linear(x, weight, bias)
+        return _RuledLinear.apply(x, weight, bias)
+    return ruled_linear(x, weight, bias)
 
 
 # ----------------------------------------------------------------------------------------- the process
@@ -148,33 +131,47 @@ def cnr_requested() -> bool:
     return os.environ.get("MKL_CBWR", "").upper().replace(" ", "").endswith("STRICT")
 
 
+def sites(models, dtype: torch.dtype) -> list[row_rules.Site]:
+    """Every GEMM of the exact CPU path of ``models``: each linear layer in ``dtype``, the LM head (fp32 on
+    both sides: the engine keeps an fp32 copy of a bf16 head) and the attention tiles (fp32)."""
+    out = set()
+    for m in models:
+        for k, n, bias in getattr(m, "linear_shapes", lambda: [])():
+            out.add(row_rules.Site("linear", k, n, dtype, bias))
+        if hasattr(m, "lm_head_weight"):
+            v, h = m.lm_head_weight.shape
+            out.add(row_rules.Site("head", h, v, torch.float32))
+            out.add(row_rules.Site("attention", m.config.head_dim, 0, torch.float32))
+    return sorted(out, key=lambda s: (s.kind, s.k, s.n, str(s.dtype), s.bias))
+
+
 @torch.no_grad()
-def check_invariance(shapes: list[tuple[int, int]], dtype: torch.dtype, device: torch.device) -> None:
-    """Verify, on this process's BLAS, that a row of every linear layer shape (in_features, out_features)
-    comes out the same at every row count the mode uses (1, 3, 16, 33, 300 rows); raise
-    :class:`ExactModeError` naming the first one that does not."""
-    global _CAN_PACK
+def check_invariance(targets: list[row_rules.Site], device: torch.device) -> dict[row_rules.Site, row_rules.Choice]:
+    """Give every GEMM site its row rule on this process's BLAS (:func:`fastrft.models.row_rules.choose`),
+    before anything runs; raise :class:`ExactModeError` naming the first site that no rule makes
+    batch-invariant, with the rules tried. Returns the choices (for the start-up line and the bench)."""
     if device.type != "cpu":
-        return
-    gen = torch.Generator().manual_seed(0)
-    for k, n in sorted(set(shapes)):
-        w = torch.randn(n, k, generator=gen).to(dtype)
-        x = torch.randn(300, k, generator=gen).to(dtype)
-        full = linear(x, w, None)
-        if dtype == torch.bfloat16 and device.type == "cpu" and _CAN_PACK:
-            # The engine's pre-packed GEMM against the training forward's plain one: if a oneDNN build
-            # rounds them apart, every call goes unpacked (slower, still exact).
-            if not all(torch.equal(blocked_linear(x[:m], w, None, packed=True),
-                                   blocked_linear(x[:m], w, None, packed=False)) for m in (1, 3, 32, 300)):
-                _CAN_PACK = False
-        for m in (1, 3, 16, 33):
-            if not torch.equal(linear(x[:m], w, None), full[:m]):
-                hint = ("MKL's reproducibility mode is off: set MKL_CBWR=AUTO,STRICT in the environment, or import "
-                        "fastrft before anything runs a matrix multiply" if dtype == torch.float32 and not
-                        cnr_requested() else "this CPU's BLAS rounds differently by batch size")
-                raise ExactModeError(f"exact log-probs: a {k}x{n} {str(dtype).removeprefix('torch.')} linear layer "
-                                     f"gives different bits for {m} rows than for 300 ({hint}); use "
-                                     "--exact-logprobs off")
+        return {}
+    chosen = {}
+    for site in targets:
+        try:
+            chosen[site] = row_rules.choose(site)
+        except row_rules.RowRuleError as err:
+            hint = ("; MKL's reproducibility mode is off: set MKL_CBWR=AUTO,STRICT in the environment, or import "
+                    "fastrft before anything runs a matrix multiply" if site.dtype == torch.float32
+                    and not cnr_requested() else "")
+            raise ExactModeError(f"exact log-probs: this CPU's BLAS cannot be made batch-invariant: {err}{hint}; "
+                                 "use --exact-logprobs off") from None
+    return chosen
+
+
+def describe(chosen: dict[row_rules.Site, row_rules.Choice]) -> str:
+    """One line: which GEMM path each kind of site took, e.g. "linear bf16: blocks of 32 rows (pre-packed)"."""
+    by_kind: dict[str, set[str]] = {}
+    for site, choice in chosen.items():
+        name = f"{site.kind} {str(site.dtype).removeprefix('torch.')}"
+        by_kind.setdefault(name, set()).add(str(choice.rule) + (" (pre-packed)" if choice.packed else ""))
+    return "; ".join(f"{k}: {', '.join(sorted(v))}" for k, v in sorted(by_kind.items()))
 
 
 def resolve(cfg, device: torch.device, precision: str = "fp32") -> str | None:
@@ -218,8 +215,7 @@ def enable(models, dtype: torch.dtype, device: torch.device, backend: str = "tor
     "triton" kernels fix their own order)."""
     models = list({id(m): m for m in models}.values())
     if backend == "torch":
-        shapes = [s for m in models if hasattr(m, "linear_shapes") for s in m.linear_shapes()]
-        check_invariance(shapes, dtype, device)
+        check_invariance(sites([m for m in models if _computes_in(m, dtype)], dtype), device)
     else:
         for m in models:
             if hasattr(m, "config"):
@@ -229,3 +225,14 @@ def enable(models, dtype: torch.dtype, device: torch.device, backend: str = "tor
                     raise ExactModeError(f"exact log-probs: {err}") from None
     for m in models:
         m.set_exact(True, backend)
+
+
+def _computes_in(model, dtype: torch.dtype) -> bool:
+    """Whether ``model`` runs forwards in ``dtype`` (bf16-mixed's fp32 masters only step, never compute)."""
+    w = getattr(model, "lm_head_weight", None)
+    return w is None or w.dtype == dtype
+
+
+def reason(err: ExactModeError) -> str:
+    """The cause an ExactModeError states, without its prefix and its advice (for one-line notices)."""
+    return str(err).removeprefix("exact log-probs: ").split("; use --exact-logprobs off")[0]

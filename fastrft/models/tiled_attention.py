@@ -13,6 +13,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fastrft.models import row_rules
+
 TILE = 64  # keys per attention tile: a query's context is padded to a multiple of this
 
 
@@ -83,12 +85,11 @@ def tiled_attention(q: torch.Tensor, plan: TilePlan, gather_kv, scale: float) ->
         o = _tile_attention(qf, None if single else index, _widened(k), _widened(v), plan.mask(i, hkv, hq // hkv),
                             scale, index.shape)
         s, w = index.shape
-        if single:  # one group holding every row in order: write the result in place
-            out.view(s, w, hkv, hq // hkv, d).copy_(o.view(s, hkv, hq // hkv, w, d).permute(0, 3, 1, 2, 4))
-        else:
-            rows_i = torch.empty((s, w, hq, d), dtype=q.dtype, device=q.device)
-            rows_i.view(s, w, hkv, hq // hkv, d).copy_(o.view(s, hkv, hq // hkv, w, d).permute(0, 3, 1, 2, 4))
-            out.index_copy_(0, index.flatten(), rows_i.view(s * w, hq, d))
+        # One group holding every row in order writes its result in place; others scatter theirs.
+        dest = out if single else torch.empty((s, w, hq, d), dtype=q.dtype, device=q.device)
+        dest.view(s, w, hkv, hq // hkv, d).copy_(o.view(s, hkv, hq // hkv, w, d).permute(0, 3, 1, 2, 4))
+        if not single:
+            out.index_copy_(0, index.flatten(), dest.view(s * w, hq, d))
     return out if single else out[:rows]
 
 
@@ -108,18 +109,23 @@ def _tile_attention(qf, index, kc, vc, hidden, scale: float, shape) -> torch.Ten
     hkv = kc.shape[1]
     g = hq // hkv
     rows = qf if index is None else qf.index_select(0, index.flatten())
-    q = rows.view(s, w, hkv, g, d).permute(0, 2, 3, 1, 4).reshape(s, hkv, g * w, d).contiguous()
-    if torch.is_grad_enabled() and (q.requires_grad or kc.requires_grad or vc.requires_grad):
-        return _TileSoftmax.apply(q, kc, vc, hidden, scale)
-    return _tile_forward(q, kc, vc, hidden, scale)[0]
+    q = rows.view(s, w, hkv, g, d).permute(0, 2, 3, 1, 4).reshape(s, hkv, g * w, d)
+    grad = torch.is_grad_enabled() and (q.requires_grad or kc.requires_grad or vc.requires_grad)
+
+    def piece(qp, hp, _):  # padded pieces' extra rows are zero queries that see every key: finite, dropped
+        qp = qp.contiguous()
+        return _TileSoftmax.apply(qp, kc, vc, hp, scale) if grad else _tile_forward(qp, kc, vc, hp, scale)[0]
+
+    # The GEMMs' row count is G * W per (sequence, kv head): cut or padded as this BLAS needs (row_rules).
+    return row_rules.choose(row_rules.Site("attention", d, 0, torch.float32)).rule.run(piece, q, hidden)
 
 
 def _tile_forward(q, kc, vc, hidden, scale: float):
     """softmax(q k^T * scale, masked) v in fp32, one fixed order of operations; (out, p, l)."""
-    scores = torch.matmul(q, kc.transpose(-1, -2)).mul_(scale).masked_fill_(hidden, float("-inf"))
+    scores = row_rules.gemm(q, kc.transpose(-1, -2)).mul_(scale).masked_fill_(hidden, float("-inf"))
     p = scores.sub_(scores.amax(-1, keepdim=True)).exp_()
     l = p.sum(-1, keepdim=True)
-    return torch.matmul(p, vc).div_(l), p, l
+    return row_rules.gemm(p, vc).div_(l), p, l
 
 
 class _TileSoftmax(torch.autograd.Function):

@@ -41,11 +41,11 @@ Coefficients = Callable[[slice, torch.Tensor, torch.Tensor], "tuple[torch.Tensor
 
 
 # ----------------------------------------------------------------------------------------- PyTorch steps
-def _torch_stats(h, w_t, tgt, inv_temp: float, zbuf, pbuf):
+def _torch_stats(h, w_t, tgt, inv_temp: float, zbuf, pbuf, logits_mm=None):
     """Steps 1 in PyTorch: logits into zbuf (shifted by the row max), exp into pbuf; returns logp,
     entropy and the state :func:`_torch_dz` needs. Every [C, V] pass is in place or into the buffers."""
     c = h.shape[0]
-    z = torch.mm(h, w_t, out=zbuf[:c])
+    z = (logits_mm or torch.mm)(h, w_t, out=zbuf[:c])
     if inv_temp != 1.0:
         z.mul_(inv_temp)
     m = z.amax(1, keepdim=True)
@@ -91,9 +91,12 @@ def default_chunk(n: int, v: int, device: torch.device) -> int:
 
 def lm_head_chunks(hidden, weight, targets, temperature: float, coefficients: Coefficients | None, *,
                    need_dh: bool, need_dw: bool, use_triton: bool, with_entropy: bool = True,
-                   compute_dtype: torch.dtype = torch.float32, chunk: int | None = None):
+                   compute_dtype: torch.dtype = torch.float32, chunk: int | None = None, logits_mm=None):
     """Steps 1-4 over all rows. ``coefficients(rows, logp_c, entropy_c) -> (g_logp_c, g_ent_c or None)``
     gives the per-row gradient coefficients of the objective (None coefficients: forward only).
+    ``logits_mm(h, w_t, out=)``: the PyTorch path's logits GEMM (torch.mm by default); the exact mode
+    passes its row-ruled one (:func:`fastrft.models.exact.head_logits`), the engine's, so that a row's
+    logits have the sampler's bits whatever the chunk's row count.
 
     Returns (logp (N,), entropy (N,) or None, dH (N, H) in hidden's dtype or None, dW (V, H) in
     weight's dtype or None); logp and entropy in fp32 (``compute_dtype`` on the PyTorch path).
@@ -131,7 +134,7 @@ def lm_head_chunks(hidden, weight, targets, temperature: float, coefficients: Co
             lp, lse, ent, mu = tri.logits_stats(hidden[rows], weight, tgt, temperature, entropy is not None, z_out=z)
         else:
             hc = hidden[rows].to(compute_dtype)
-            lp, ent, state = _torch_stats(hc, w_t, tgt, inv_temp, zbuf, pbuf)
+            lp, ent, state = _torch_stats(hc, w_t, tgt, inv_temp, zbuf, pbuf, logits_mm)
         logp[rows] = lp
         if entropy is not None:
             entropy[rows] = ent
@@ -176,26 +179,27 @@ class LinearLogprobFunction(torch.autograd.Function):
     chunk loop with the upstream gradients as coefficients (the logits are recomputed)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, temperature, with_entropy, splits, chunk, use_triton, compute_dtype):
+    def forward(ctx, hidden, weight, targets, temperature, with_entropy, splits, chunk, use_triton, compute_dtype,
+                logits_mm=None):
         if use_triton and hidden.shape[0]:
             logp, _, entropy, _ = tri.logits_stats(hidden, weight, targets, temperature, with_entropy, splits=splits)
         else:
             logp, entropy, _, _ = lm_head_chunks(hidden, weight, targets, temperature, None, need_dh=False,
                                                  need_dw=False, use_triton=use_triton, with_entropy=with_entropy,
-                                                 compute_dtype=compute_dtype, chunk=chunk)
+                                                 compute_dtype=compute_dtype, chunk=chunk, logits_mm=logits_mm)
         ctx.save_for_backward(hidden, weight, targets)
-        ctx.args = (temperature, with_entropy, chunk, use_triton, compute_dtype)
+        ctx.args = (temperature, with_entropy, chunk, use_triton, compute_dtype, logits_mm)
         ctx.set_materialize_grads(False)  # a None upstream gradient switches its term off
         return logp, (entropy if with_entropy else logp.new_empty(0))
 
     @staticmethod
     def backward(ctx, g_logp, g_ent):
         hidden, weight, targets = ctx.saved_tensors
-        temperature, with_entropy, chunk, use_triton, compute_dtype = ctx.args
+        temperature, with_entropy, chunk, use_triton, compute_dtype, logits_mm = ctx.args
         need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if not with_entropy:
             g_ent = None
-        none = (None,) * 7
+        none = (None,) * 8
         if (g_logp is None and g_ent is None) or not (need_dh or need_dw):
             return (torch.zeros_like(hidden) if need_dh else None, torch.zeros_like(weight) if need_dw else None,
                     *none)
@@ -204,7 +208,8 @@ class LinearLogprobFunction(torch.autograd.Function):
             return (None if g_logp is None else g_logp[rows]), (None if g_ent is None else g_ent[rows])
 
         _, _, dh, dw = lm_head_chunks(hidden, weight, targets, temperature, upstream, need_dh=need_dh,
-                                      need_dw=need_dw, use_triton=use_triton, compute_dtype=compute_dtype, chunk=chunk)
+                                      need_dw=need_dw, use_triton=use_triton, compute_dtype=compute_dtype, chunk=chunk,
+                                      logits_mm=logits_mm)
         return dh, dw, *none
 
 
@@ -280,7 +285,7 @@ def prepare(hidden, weight, targets, temperature: float, chunk, backend: str) ->
 
 def linear_logprob(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *, temperature: float = 1.0,
                    with_entropy: bool = False, backend: str = "auto", splits: int | None = None,
-                   chunk: int | None = None):
+                   chunk: int | None = None, logits_mm=None):
     """log softmax(hidden @ weight.T / temperature)[targets] and (optionally) the entropy, per row.
 
     hidden (N, H) and weight (V, H): one dtype of fp32/fp16/bf16, any strides (passed to the kernel as
@@ -288,9 +293,10 @@ def linear_logprob(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
     entropy (N,) fp32 or None); differentiable in hidden and weight through both outputs.
     backend: "auto" (Triton on CUDA, reference on CPU) | "triton" | "reference". ``splits`` overrides the
     number of vocabulary splits of the Triton forward (tests use it to exercise the combine); ``chunk``
-    the rows per chunk of the backward (default :func:`default_chunk`).
+    the rows per chunk of the backward (default :func:`default_chunk`); ``logits_mm`` the PyTorch path's
+    logits GEMM (:func:`lm_head_chunks`).
     """
     targets, use_triton = prepare(hidden, weight, targets, temperature, chunk, backend)
     logp, entropy = LinearLogprobFunction.apply(hidden, weight, targets, float(temperature), with_entropy, splits,
-                                                chunk, use_triton, torch.float32)
+                                                chunk, use_triton, torch.float32, logits_mm)
     return logp, (entropy if with_entropy else None)

@@ -36,7 +36,9 @@ Kernels:
 
 Tiles come from :data:`TILES` on CUDA (checked for sm_90a by the compile gate, :func:`compile_cases`) and
 from :data:`INTERPRETER_TILES` under ``TRITON_INTERPRET=1`` (tests on CPU), where bf16 tiles are upcast to
-fp32 (the interpreter's bf16 ``tl.dot`` is wrong).
+fp32 (the interpreter's bf16 ``tl.dot`` is wrong) and every dot is an ordered sum over K (constexpr ROWWISE):
+the interpreter's ``tl.dot`` is numpy's matmul, whose OpenBLAS AVX2 kernels round a row by its place in the
+tile, which a GPU's MMA does not.
 """
 
 from __future__ import annotations
@@ -73,8 +75,9 @@ for _d, _w in ((64, 4), (128, 8), (256, 8)):
     TILES[("attention", "fp32", _d)] = dict(BLOCK_M=16, num_warps=_w, num_stages=1)
 ATTENTION_DIMS = (64, 128, 256)
 # The interpreter runs programs one at a time in Python: few, large tiles (the results are not compared
-# with CUDA's, only with each other and with a float64 reference).
-INTERPRETER_TILES = {"linear": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages=1),
+# with CUDA's, only with each other and with a float64 reference); a row-wise dot's (M, K, N) product stays
+# within Triton's 2^20 elements.
+INTERPRETER_TILES = {"linear": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=1),
                      "attention": dict(BLOCK_M=64, num_warps=4, num_stages=1), "rms_norm": dict(ROWS=64)}
 
 
@@ -88,7 +91,10 @@ def available(device: torch.device) -> bool:
 
 
 def _flags(dtype: torch.dtype) -> dict:
-    return dict(UPCAST=interpreting() and dtype != torch.float32, IEEE=dtype == torch.float32)
+    """UPCAST: bf16 tiles through fp32 (the interpreter's bf16 dot is wrong). IEEE: exact fp32 dots.
+    ROWWISE: in the interpreter, dots as an ordered sum over K (fastrft.kernels.lm_head_triton.flags)."""
+    return dict(UPCAST=interpreting() and dtype != torch.float32, IEEE=dtype == torch.float32,
+                ROWWISE=interpreting())
 
 
 _CUDA_TILES = False  # tests: run CUDA's tiles (and one-row norm programs) through the interpreter
@@ -131,7 +137,7 @@ if HAVE_TRITON:
     @triton.jit(do_not_specialize=["M"])
     def _linear_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
                        HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                       UPCAST: tl.constexpr, IEEE: tl.constexpr):
+                       UPCAST: tl.constexpr, IEEE: tl.constexpr, ROWWISE: tl.constexpr):
         rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < M
@@ -147,7 +153,10 @@ if HAVE_TRITON:
             if UPCAST:
                 a = a.to(tl.float32)
                 b = b.to(tl.float32)
-            if IEEE:  # inline, not a nested jit call: the interpreter re-patches builtins for every such call
+            # inline, not a nested jit call: the interpreter re-patches builtins for every such call
+            if ROWWISE:
+                acc = acc + tl.sum(a.to(tl.float32)[:, :, None] * b.to(tl.float32)[None, :, :], axis=1)
+            elif IEEE:
                 acc = tl.dot(a, b, acc, input_precision="ieee")
             else:
                 acc = tl.dot(a, b, acc)
@@ -160,7 +169,7 @@ if HAVE_TRITON:
     def _attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, cu_ptr, ctx_ptr, bt_ptr, qk_scale, D, stride_qt, stride_qh,
                           stride_kt, stride_kh, stride_ot, stride_oh, stride_btb, GROUP: tl.constexpr,
                           PAGED: tl.constexpr, PAGE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                          BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+                          BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, ROWWISE: tl.constexpr):
         # Program (b, chunk, kv head): the GROUP query heads of that kv head for new tokens
         # [chunk * TOKENS, +TOKENS) of sequence b, one (token, head) pair per row. Sequence b's new tokens
         # are rows cu[b]..cu[b+1] of q and the last ones of its ctx[b] keys. Packed (not PAGED): key j of
@@ -203,7 +212,9 @@ if HAVE_TRITON:
                              mask=key_ok[None, :] & d_ok[:, None], other=0.0)  # K^T (BLOCK_D, BLOCK_N)
                 if UPCAST:
                     kt = kt.to(tl.float32)
-                if IEEE:
+                if ROWWISE:
+                    s = tl.sum(q.to(tl.float32)[:, :, None] * kt.to(tl.float32)[None, :, :], axis=1) * qk_scale
+                elif IEEE:
                     s = tl.dot(q, kt, input_precision="ieee") * qk_scale
                 else:
                     s = tl.dot(q, kt) * qk_scale
@@ -218,7 +229,9 @@ if HAVE_TRITON:
                 v = tl.load(v_ptr + krow[:, None] * stride_kt + kv_head + d[None, :],
                             mask=key_ok[:, None] & d_ok[None, :], other=0.0)
                 acc = acc * alpha[:, None]
-                if IEEE:
+                if ROWWISE:
+                    acc = acc + tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], axis=1)
+                elif IEEE:
                     acc = tl.dot(p, v, acc, input_precision="ieee")
                 elif UPCAST:
                     acc = tl.dot(p, v.to(tl.float32), acc)
@@ -490,7 +503,7 @@ def compile_cases(full: bool = False) -> list:
     for dt in ("bf16", "fp16", "fp32"):
         cfg = dict(TILES[("linear", dt)])
         warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
-        fl = dict(UPCAST=False, IEEE=dt == "fp32")
+        fl = dict(UPCAST=False, IEEE=dt == "fp32", ROWWISE=False)
         for model, shapes in _LINEAR_SHAPES.items():
             for k, n in shapes:
                 ints = int_args(N=n, K=k, stride_xm=k, stride_wn=k, stride_ym=n)

@@ -26,7 +26,7 @@ class FusedPGLossFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, advantages, seq_ids, old_logp, ref_logp, spec, temperature, use_triton,
-                chunk, given_weights):
+                chunk, given_weights, logits_mm=None):
         need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         weights = aggregation_weights(seq_ids, spec, torch.float32) if given_weights is None else given_weights
         adv = advantages.float()
@@ -42,7 +42,8 @@ class FusedPGLossFunction(torch.autograd.Function):
             return g_lp, (g_ent if spec.entropy_coef else None)
 
         logp, entropy, dh, dw = lm_head_chunks(hidden, weight, targets, temperature, coefficients, need_dh=need_dh,
-                                               need_dw=need_dw, use_triton=use_triton, chunk=chunk)
+                                               need_dw=need_dw, use_triton=use_triton, chunk=chunk,
+                                               logits_mm=logits_mm)
         logp, entropy = logp.float(), entropy.float()
         loss, stats = pg_loss(logp, adv, seq_ids, old_logp=old_logp, ref_logp=ref_logp, entropy=entropy, spec=spec,
                               weights=given_weights)
@@ -62,14 +63,14 @@ class FusedPGLossFunction(torch.autograd.Function):
             g = g_loss.to(torch.float32)
             dh = None if dh is None else dh.mul_(g.to(dh.dtype))
             dw = None if dw is None else dw.mul_(g.to(dw.dtype))
-        return (dh, dw) + (None,) * 10
+        return (dh, dw) + (None,) * 11
 
 
 def fused_linear_pg_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, advantages: torch.Tensor,
                          seq_ids: torch.Tensor, *, old_logp: torch.Tensor | None = None,
                          ref_logp: torch.Tensor | None = None, spec: PGLossSpec, temperature: float = 1.0,
                          rollout_logp: torch.Tensor | None = None, backend: str = "auto", chunk: int | None = None,
-                         weights: torch.Tensor | None = None):
+                         weights: torch.Tensor | None = None, logits_mm=None):
     """Policy-gradient loss of the response tokens, from final hidden states.
 
     hidden (N, H) and weight (V, H) in fp32/fp16/bf16; targets (N,) int64 the taken tokens; advantages
@@ -79,6 +80,7 @@ def fused_linear_pg_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     log-probs, reported as logp_gap_mean / logp_gap_max in the stats. chunk: rows per chunk (default
     :func:`fastrft.kernels.linear_logprob.default_chunk`). weights (N,), optional: the aggregation weights
     of a whole optimizer step that these tokens are a micro-batch of (see :func:`fastrft.algo.pg_loss`).
+    logits_mm: the PyTorch path's logits GEMM (:func:`fastrft.kernels.linear_logprob.lm_head_chunks`).
 
     Returns (loss, stats): a differentiable scalar and a dict of floats (logp_mean, entropy_mean,
     kl_mean, clip_frac_low, clip_frac_high, ratio_min, ratio_max[, logp_gap_mean, logp_gap_max]).
@@ -95,11 +97,11 @@ def fused_linear_pg_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: to
         cast = (lambda t: None if t is None else t.to(hidden.device, torch.float32).contiguous())  # noqa: E731
         loss, logp, _ = FusedPGLossFunction.apply(hidden, weight, targets, advantages, seq_ids, cast(old_logp),
                                                   cast(ref_logp), spec, float(temperature), use_triton, chunk,
-                                                  cast(weights))
+                                                  cast(weights), logits_mm)
         stats = dict(loss.grad_fn.stats) if loss.grad_fn is not None else {}
     else:
         logp, entropy = linear_logprob(hidden, weight, targets, temperature=temperature, with_entropy=True,
-                                       backend=backend)
+                                       backend=backend, logits_mm=logits_mm)
         loss, stats = pg_loss(logp, advantages.float(), seq_ids, old_logp=old_logp, ref_logp=ref_logp,
                               entropy=entropy, spec=spec, weights=weights)
     if rollout_logp is not None and logp.numel():

@@ -20,6 +20,9 @@ Every output tile has exactly one owner: no atomics anywhere. Tiles come from :d
 per (kernel, dtype, shape class); :func:`compile_cases` hands the same entries to the Hopper compile
 gate (:mod:`fastrft.kernels.aot`). Under TRITON_INTERPRET=1 (tests on CPU) the interpreter computes bf16
 ``tl.dot`` wrongly, so bf16 tiles are upcast to fp32 there (constexpr UPCAST) and larger tiles keep it fast.
+The interpreter's ``tl.dot`` is numpy's matmul, whose OpenBLAS AVX2 kernels (AMD EPYC, or any CPU with
+OPENBLAS_CORETYPE=Haswell) round a row by its place in the tile, where a GPU's MMA does not: so the forward's
+dot is an ordered sum over H there (constexpr ROWWISE), and a row's logits do not depend on its tile-mates.
 """
 
 from __future__ import annotations
@@ -104,7 +107,7 @@ if HAVE_TRITON:
                              stride_wh, stride_zn, inv_temp, v_per_split, BLOCK_N: tl.constexpr,
                              BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, WITH_ENTROPY: tl.constexpr,
                              STORE_Z: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
-                             TEMP_PTR: tl.constexpr):
+                             TEMP_PTR: tl.constexpr, ROWWISE: tl.constexpr):
         # TEMP_PTR: inv_temp is a pointer to one fp32 (a decode CUDA graph reads the temperature there).
         if TEMP_PTR:
             inv_t = tl.load(inv_temp)
@@ -138,7 +141,10 @@ if HAVE_TRITON:
                 if UPCAST:
                     a = a.to(tl.float32)
                     b = b.to(tl.float32)
-                acc = _dot(a, b, acc, IEEE)
+                if ROWWISE:  # the interpreter (flags): an ordered sum over H, whatever the row's place
+                    acc = acc + tl.sum(a.to(tl.float32)[:, :, None] * b.to(tl.float32)[None, :, :], axis=1)
+                else:
+                    acc = _dot(a, b, acc, IEEE)
             z = acc * inv_t
             if STORE_Z:
                 tl.store(z_ptr + rows[:, None] * stride_zn + cols[None, :], z,
@@ -334,7 +340,8 @@ def logits_stats(hidden, weight, targets, temperature: float, with_entropy: bool
         hidden, weight, targets, part, z_out if store else part, n, v, h, hidden.stride(0), hidden.stride(1),
         weight.stride(0), weight.stride(1), z_out.stride(0) if store else 0,
         inv_temperature if temp_ptr else 1.0 / temperature, v_per_split, WITH_ENTROPY=with_entropy,
-        STORE_Z=store, TEMP_PTR=temp_ptr, num_warps=warps, num_stages=stages, **cfg, **flags(hidden.dtype))
+        STORE_Z=store, TEMP_PTR=temp_ptr, num_warps=warps, num_stages=stages, **cfg, **flags(hidden.dtype),
+        ROWWISE=interpreting())
     out = torch.empty((4 if with_entropy else 2, n), dtype=torch.float32, device=hidden.device)
     if n:
         _stats_combine_kernel[(triton.cdiv(n, COMBINE_ROWS),)](part, out, n, num_splits, WITH_ENTROPY=with_entropy,
@@ -414,11 +421,12 @@ def compile_cases(full: bool = False) -> list:
                                **ints[0])
                     cases.append(CompileCase(f"{name},store_z={store},entropy={ent}]", _logits_stats_kernel, sig,
                                              dict(cfg, WITH_ENTROPY=ent, STORE_Z=store, TEMP_PTR=False, **fl,
-                                                  **ints[1]), warps, stages))
+                                                  ROWWISE=False, **ints[1]), warps, stages))
             # The exact decode step (fastrft.kernels.exact_triton.sample_head): logits stored, 1/T from memory.
             sig = dict(h_ptr=p, w_ptr=p, tgt_ptr="*i64", part_ptr="*fp32", z_ptr="*fp32", inv_temp="*fp32", **ints[0])
             cases.append(CompileCase(f"{name},store_z=True,entropy=False,temp_ptr=True]", _logits_stats_kernel, sig,
-                                     dict(cfg, WITH_ENTROPY=False, STORE_Z=True, TEMP_PTR=True, **fl, **ints[1]),
+                                     dict(cfg, WITH_ENTROPY=False, STORE_Z=True, TEMP_PTR=True, **fl, ROWWISE=False,
+                                          **ints[1]),
                                      warps, stages))
         elif kernel == "dz":
             ints = int_args(N=4099, V=v, stride_zn=v, stride_dzn=v)
