@@ -10,7 +10,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = {"fastrft": ROOT / "fastrft"}
-MODULE_LINES, CLASS_LINES = 300, 250
+MODULE_LINES, KERNEL_MODULE_LINES, CLASS_LINES = 300, 350, 250  # a kernel module holds a kernel, its launcher and gate
 OVER_THE_LIMIT = {"fastrft/config.py"}  # the field table of every flag; its docstring says why
 
 
@@ -96,7 +96,8 @@ def test_modules_and_classes_are_small():
     for path in (ROOT / "fastrft").rglob("*.py"):
         rel = str(path.relative_to(ROOT))
         text = path.read_text()
-        if len(text.splitlines()) > MODULE_LINES and rel not in OVER_THE_LIMIT:
+        limit = KERNEL_MODULE_LINES if "kernels" in path.parts else MODULE_LINES
+        if len(text.splitlines()) > limit and rel not in OVER_THE_LIMIT:
             too_long.append(f"{rel}: {len(text.splitlines())} lines")
         for node in ast.walk(ast.parse(text)):
             if isinstance(node, ast.ClassDef) and node.end_lineno - node.lineno + 1 > CLASS_LINES:

@@ -43,93 +43,22 @@ tile, which a GPU's MMA does not.
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-try:
+from fastrft.kernels.exact_attention import packed_attention, paged_attention
+from fastrft.kernels.exact_common import (ATTENTION_DIMS, HAVE_TRITON, INTERPRETER_TILES, KEY_TILE, TILES,
+                                          _cuda_launch, _differentiable, _flags, _Recomputed, _tile, available,
+                                          check_launch, check_model, cuda_tiles, interpreting)
+
+# The mode's API in one place: its attention and shared helpers live in the two modules above.
+__all__ = ["ATTENTION_DIMS", "HAVE_TRITON", "INTERPRETER_TILES", "KEY_TILE", "TILES", "available", "check_launch",
+           "check_model", "compile_cases", "cuda_tiles", "interpreting", "linear", "linear_backward",
+           "linear_forward", "packed_attention", "paged_attention", "rms_norm", "rms_norm_forward",
+           "rms_norm_reference", "sample_head"]
+
+if HAVE_TRITON:
     import triton
     import triton.language as tl
-
-    HAVE_TRITON = True
-except ImportError:  # CPU-only installs: the exact mode runs its PyTorch ops (fastrft.models.exact)
-    HAVE_TRITON = False
-
-LOG2E = 1.4426950408889634
-KEY_TILE = 64  # keys per attention tile, as in the CPU path (fastrft.models.tiled_attention.TILE)
-DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-
-# ----------------------------------------------------------------------------------------- tiles
-# (kernel, dtype, shape class) -> launch configuration. Shape classes: linear by nothing (one tile per
-# dtype: M, N and K vary freely and the tile never follows them), attention by BLOCK_D (the head dim
-# rounded up to a power of two). 16-bit operands run tensor-core dots (64-row tiles: one Hopper
-# warpgroup MMA); fp32 operands run exact IEEE dots, with smaller tiles. Every entry passes the sm_90a
-# compile gate (tests/test_compile_gate.py) with no spills.
-TILES: dict[tuple, dict] = {}
-for _dt in ("bf16", "fp16"):
-    TILES[("linear", _dt)] = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=3)
-    for _d, _w in ((64, 4), (128, 8), (256, 8)):
-        TILES[("attention", _dt, _d)] = dict(BLOCK_M=64, num_warps=_w, num_stages=2)
-TILES[("linear", "fp32")] = dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=2)
-for _d, _w in ((64, 4), (128, 8), (256, 8)):
-    TILES[("attention", "fp32", _d)] = dict(BLOCK_M=16, num_warps=_w, num_stages=1)
-ATTENTION_DIMS = (64, 128, 256)
-# The interpreter runs programs one at a time in Python: few, large tiles (the results are not compared
-# with CUDA's, only with each other and with a float64 reference); a row-wise dot's (M, K, N) product stays
-# within Triton's 2^20 elements.
-INTERPRETER_TILES = {"linear": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=1),
-                     "attention": dict(BLOCK_M=64, num_warps=4, num_stages=1), "rms_norm": dict(ROWS=64)}
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def available(device: torch.device) -> bool:
-    """Whether these kernels can run on ``device``: CUDA with triton, or anything in the interpreter."""
-    return HAVE_TRITON and (device.type == "cuda" or interpreting())
-
-
-def _flags(dtype: torch.dtype) -> dict:
-    """UPCAST: bf16 tiles through fp32 (the interpreter's bf16 dot is wrong). IEEE: exact fp32 dots.
-    ROWWISE: in the interpreter, dots as an ordered sum over K (fastrft.kernels.lm_head_triton.flags)."""
-    return dict(UPCAST=interpreting() and dtype != torch.float32, IEEE=dtype == torch.float32,
-                ROWWISE=interpreting())
-
-
-_CUDA_TILES = False  # tests: run CUDA's tiles (and one-row norm programs) through the interpreter
-
-
-class cuda_tiles:
-    """Context manager for tests: the launchers use :data:`TILES` (the CUDA configurations) on CPU
-    tensors too, so the interpreter runs the very launches a GPU would get."""
-
-    def __enter__(self):
-        global _CUDA_TILES
-        self._old, _CUDA_TILES = _CUDA_TILES, True
-
-    def __exit__(self, *exc):
-        global _CUDA_TILES
-        _CUDA_TILES = self._old
-
-
-def _cuda_launch(device: torch.device) -> bool:
-    return device.type == "cuda" or _CUDA_TILES
-
-
-def _tile(kernel: str, dtype: torch.dtype, device: torch.device, head_dim: int | None = None) -> dict:
-    if not _cuda_launch(device):
-        return dict(INTERPRETER_TILES[kernel])
-    key = (kernel, DTYPE_NAMES[dtype])
-    if kernel == "attention":
-        block_d = triton.next_power_of_2(head_dim)
-        cls = next((c for c in ATTENTION_DIMS if block_d <= c), None)
-        if cls is None:
-            raise ValueError(f"exact attention supports head_dim <= {ATTENTION_DIMS[-1]}; got {head_dim} "
-                             "(use --exact-logprobs off)")
-        key += (cls,)
-    return dict(TILES[key])
-
 
 # ----------------------------------------------------------------------------------------- kernels
 if HAVE_TRITON:
@@ -165,83 +94,6 @@ if HAVE_TRITON:
         tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :], acc.to(y_ptr.dtype.element_ty),
                  mask=row_ok[:, None] & col_ok[None, :])
 
-    @triton.jit(do_not_specialize=["stride_btb"])
-    def _attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, cu_ptr, ctx_ptr, bt_ptr, qk_scale, D, stride_qt, stride_qh,
-                          stride_kt, stride_kh, stride_ot, stride_oh, stride_btb, GROUP: tl.constexpr,
-                          PAGED: tl.constexpr, PAGE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                          BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, ROWWISE: tl.constexpr):
-        # Program (b, chunk, kv head): the GROUP query heads of that kv head for new tokens
-        # [chunk * TOKENS, +TOKENS) of sequence b, one (token, head) pair per row. Sequence b's new tokens
-        # are rows cu[b]..cu[b+1] of q and the last ones of its ctx[b] keys. Packed (not PAGED): key j of
-        # the sequence is row cu[b] + j of k and v; paged: slot bt[b, j // PAGE] * PAGE + j % PAGE.
-        TOKENS: tl.constexpr = BLOCK_M // GROUP
-        b = tl.program_id(0).to(tl.int64)
-        chunk = tl.program_id(1)
-        kvh = tl.program_id(2)
-        q_start = tl.load(cu_ptr + b).to(tl.int64)
-        n_new = (tl.load(cu_ptr + b + 1) - tl.load(cu_ptr + b)).to(tl.int32)
-        if chunk * TOKENS < n_new:
-            ctx = tl.load(ctx_ptr + b).to(tl.int32)
-            first = ctx - n_new
-            r = tl.arange(0, BLOCK_M)
-            i = chunk * TOKENS + r // GROUP
-            qh = (kvh * GROUP + r % GROUP).to(tl.int64)
-            row_ok = (r < TOKENS * GROUP) & (i < n_new)
-            pos = first + i
-            d = tl.arange(0, BLOCK_D)
-            d_ok = d < D
-            q_rows = q_start + i.to(tl.int64)
-            q = tl.load(q_ptr + q_rows[:, None] * stride_qt + qh[:, None] * stride_qh + d[None, :],
-                        mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-            if UPCAST:
-                q = q.to(tl.float32)
-            kv_head = kvh.to(tl.int64) * stride_kh
-            hi = tl.minimum(first + (chunk + 1) * TOKENS, ctx)  # keys past the block's last query: unused
-            m = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
-            l = tl.zeros((BLOCK_M,), dtype=tl.float32)
-            acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-            for t0 in range(0, hi, BLOCK_N):
-                keys = t0 + tl.arange(0, BLOCK_N)
-                key_ok = keys < hi
-                if PAGED:
-                    phys = tl.load(bt_ptr + b * stride_btb + keys // PAGE, mask=key_ok, other=0).to(tl.int64)
-                    krow = phys * PAGE + (keys % PAGE).to(tl.int64)
-                else:
-                    krow = q_start + keys.to(tl.int64)
-                kt = tl.load(k_ptr + krow[None, :] * stride_kt + kv_head + d[:, None],
-                             mask=key_ok[None, :] & d_ok[:, None], other=0.0)  # K^T (BLOCK_D, BLOCK_N)
-                if UPCAST:
-                    kt = kt.to(tl.float32)
-                if ROWWISE:
-                    s = tl.sum(q.to(tl.float32)[:, :, None] * kt.to(tl.float32)[None, :, :], axis=1) * qk_scale
-                elif IEEE:
-                    s = tl.dot(q, kt, input_precision="ieee") * qk_scale
-                else:
-                    s = tl.dot(q, kt) * qk_scale
-                # Causal visibility alone decides (keys <= pos < hi): the same mask on every path.
-                s = tl.where(keys[None, :] <= pos[:, None], s, float("-inf"))
-                # Key 0 is visible to every row, so m is finite from the first tile on; a tile a row cannot
-                # see leaves m, l and acc bit-identical (rescale exactly 1, weights exactly 0).
-                m_new = tl.maximum(m, tl.max(s, axis=1))
-                alpha = tl.where(m_new == m, 1.0, tl.exp2(m - m_new))
-                p = tl.exp2(s - m_new[:, None])
-                l = l * alpha + tl.sum(p, axis=1)
-                v = tl.load(v_ptr + krow[:, None] * stride_kt + kv_head + d[None, :],
-                            mask=key_ok[:, None] & d_ok[None, :], other=0.0)
-                acc = acc * alpha[:, None]
-                if ROWWISE:
-                    acc = acc + tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], axis=1)
-                elif IEEE:
-                    acc = tl.dot(p, v, acc, input_precision="ieee")
-                elif UPCAST:
-                    acc = tl.dot(p, v.to(tl.float32), acc)
-                else:
-                    acc = tl.dot(p.to(v.dtype), v, acc)
-                m = m_new
-            out = acc / l[:, None]
-            tl.store(o_ptr + q_rows[:, None] * stride_ot + qh[:, None] * stride_oh + d[None, :],
-                     out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
-
     @triton.jit(do_not_specialize=["R"])
     def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, R, D, stride_x, stride_y, eps, ROWS: tl.constexpr,
                               BLOCK_D: tl.constexpr):
@@ -254,21 +106,6 @@ if HAVE_TRITON:
         h = (xf * inv[:, None]).to(x.dtype).to(tl.float32)
         w = tl.load(w_ptr + d, mask=d < D, other=0.0).to(tl.float32)
         tl.store(y_ptr + r[:, None] * stride_y + d[None, :], (w[None, :] * h).to(y_ptr.dtype.element_ty), mask=ok)
-
-
-def check_model(head_dim: int, dtype: torch.dtype, device: torch.device) -> None:
-    """Refuse, before anything runs, a model these kernels have no CUDA tile for (ValueError)."""
-    check_launch(device)
-    if _cuda_launch(device):
-        _tile("attention", dtype, device, head_dim)
-
-
-def check_launch(device: torch.device) -> None:
-    if not HAVE_TRITON:
-        raise RuntimeError("the exact mode's Triton kernels need the triton package (pip install triton)")
-    if device.type != "cuda" and not interpreting():
-        raise RuntimeError("the exact mode's Triton kernels need CUDA tensors, or TRITON_INTERPRET=1 set before "
-                           "fastrft.kernels is imported (CPU interpreter, for tests)")
 
 
 # ----------------------------------------------------------------------------------------- linear
@@ -348,113 +185,11 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tor
     return weight * h.to(x.dtype)
 
 
-class _Recomputed(torch.autograd.Function):
-    """forward: ``exact(*args)``; backward: the gradient of ``reference(*args)``, recomputed (the training
-    backward need not be batch-invariant, only the forward's values)."""
-
-    @staticmethod
-    def forward(ctx, exact, reference, n_static, *args):
-        ctx.reference, ctx.n_static = reference, n_static
-        ctx.save_for_backward(*args[:len(args) - n_static])
-        ctx.static = args[len(args) - n_static:]
-        return exact(*args)
-
-    @staticmethod
-    def backward(ctx, g):
-        tensors = [t.detach().requires_grad_(t.is_floating_point() and need)
-                   for t, need in zip(ctx.saved_tensors, ctx.needs_input_grad[3:])]
-        with torch.enable_grad():
-            out = ctx.reference(*tensors, *ctx.static)
-        wanted = [t for t in tensors if t.requires_grad]
-        grads = iter(torch.autograd.grad(out, wanted, g, allow_unused=True) if wanted else ())
-        return (None, None, None, *[next(grads) if t.requires_grad else None for t in tensors],
-                *[None] * ctx.n_static)
-
-
-def _differentiable(*tensors) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """The exact RMSNorm: the Triton forward; the backward of :func:`rms_norm_reference`."""
     if _differentiable(x, weight):
         return _Recomputed.apply(rms_norm_forward, rms_norm_reference, 1, x, weight, float(eps))
     return rms_norm_forward(x, weight, eps)
-
-
-# ----------------------------------------------------------------------------------------- attention
-def _attention(q, k, v, cu, ctx, tables, scale: float, max_new: int, page: int | None) -> torch.Tensor:
-    """Launch ``_attention_kernel``: q (T, Hq, D) the new tokens, packed by ``cu`` (B + 1,); ctx (B,) the
-    keys each sequence attends to after this step; k/v packed (T, Hkv, D) like q when ``page`` is None,
-    else caches (num_blocks, page, Hkv, D) addressed through ``tables`` (B, max_blocks)."""
-    check_launch(q.device)
-    t, hq, d = q.shape
-    hkv = k.shape[-2]
-    out = torch.empty_like(q)
-    batch = cu.shape[0] - 1
-    if t == 0 or batch == 0:
-        return out
-    cfg = _tile("attention", q.dtype, q.device, d)
-    warps, stages, block_m = cfg["num_warps"], cfg["num_stages"], cfg["BLOCK_M"]
-    paged = page is not None
-    if paged:
-        rows_k = k.view(-1, hkv, d)
-        stride_kt, stride_kh = rows_k.stride(0), rows_k.stride(1)
-    else:  # packed k and v: both contiguous (_packed_forward), so they share strides
-        stride_kt, stride_kh = k.stride(0), k.stride(1)
-    group = hq // hkv
-    block_m = max(block_m, triton.next_power_of_2(group))  # a block holds at least one token's query heads
-    grid = (batch, triton.cdiv(max_new, block_m // group), hkv)
-    _attention_kernel[grid](q, k, v, out, cu, ctx, tables if paged else cu, scale * LOG2E, d, q.stride(0), q.stride(1),
-                            stride_kt, stride_kh, out.stride(0), out.stride(1), tables.stride(0) if paged else 0,
-                            GROUP=hq // hkv, PAGED=paged, PAGE=page if paged else 1, BLOCK_M=block_m, BLOCK_N=KEY_TILE,
-                            BLOCK_D=triton.next_power_of_2(d), num_warps=warps, num_stages=stages, **_flags(q.dtype))
-    return out
-
-
-def _packed_forward(q, k, v, cu_seqlens, scale: float):
-    lens = cu_seqlens[1:] - cu_seqlens[:-1]
-    max_len = int(lens.max()) if lens.numel() else 0
-    k, v = k.contiguous(), v.contiguous()
-    return _attention(q, k, v, cu_seqlens, lens, None, scale, max_len, None)
-
-
-def _packed_reference(q, k, v, cu_seqlens, scale: float):
-    """Causal attention per packed sequence through PyTorch SDPA (what the backward differentiates)."""
-    outs = []
-    for s, e in zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist()):
-        o = torch.nn.functional.scaled_dot_product_attention(
-            q[s:e].transpose(0, 1), k[s:e].transpose(0, 1), v[s:e].transpose(0, 1), is_causal=True, scale=scale,
-            enable_gqa=q.shape[1] != k.shape[1])
-        outs.append(o.transpose(0, 1))
-    return torch.cat(outs) if outs else torch.empty_like(q)
-
-
-def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
-                     scale: float) -> torch.Tensor:
-    """Causal attention within each packed sequence (the training forward), batch-invariant; its backward
-    is PyTorch attention's, recomputed. q (T, Hq, D), k/v (T, Hkv, D), cu_seqlens (B + 1,) int32."""
-    if _differentiable(q, k, v):
-        return _Recomputed.apply(_packed_forward, _packed_reference, 2, q, k, v, cu_seqlens, float(scale))
-    return _packed_forward(q, k, v, cu_seqlens, scale)
-
-
-def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta, scale: float) -> torch.Tensor:
-    """Attention of a step's new tokens over the paged cache (decode or prefill, the new K/V already
-    stored), batch-invariant and equal bit for bit to :func:`packed_attention` for the same token.
-    Decode launches depend on shapes only (CUDA graphs); a prefill reads its longest new run once and
-    keeps it on ``meta``."""
-    if meta.is_prefill:
-        cached = getattr(meta, "tile_plan", None)
-        if not isinstance(cached, tuple):
-            cu = meta.cu_seqlens_q
-            cached = meta.tile_plan = (cu, int((cu[1:] - cu[:-1]).max()))
-    else:
-        cached = getattr(meta, "tile_plan", None)
-        if not isinstance(cached, tuple) or cached[0].shape[0] != q.shape[0] + 1:
-            cached = meta.tile_plan = (torch.arange(q.shape[0] + 1, dtype=torch.int32, device=q.device), 1)
-    cu, max_new = cached
-    return _attention(q, k_cache, v_cache, cu, meta.context_lens, meta.block_tables, scale, max_new, k_cache.shape[1])
 
 
 # ----------------------------------------------------------------------------------------- LM head + sampler
@@ -489,14 +224,13 @@ def sample_head(hidden: torch.Tensor, weight: torch.Tensor, seeds: torch.Tensor,
 
 
 # ----------------------------------------------------------------------------------------- compile gate
-# Representative shapes: SmolLM2-135M (H 576, 9/3 heads of 64), Qwen2.5-1.5B (H 1536, 12/2 heads of 128).
+# Representative shapes: SmolLM2-135M (H 576), Qwen2.5-1.5B (H 1536).
 _LINEAR_SHAPES = {"smollm2": ((576, 576), (576, 1536), (1536, 576)), "qwen2.5-1.5b": ((1536, 256), (8960, 1536))}
-_ATTENTION_SHAPES = {64: (9, 3), 128: (12, 2), 256: (8, 4)}
 
 
 def compile_cases(full: bool = False) -> list:
-    """The exact mode's CUDA launches: the linear kernel per dtype and model shape, the norm per width,
-    and the attention kernel per dtype and head-dim class, packed and paged."""
+    """The exact mode's CUDA launches of this module: the linear kernel per dtype and model shape, the norm
+    per width (the attention kernel's are in fastrft.kernels.exact_attention)."""
     from fastrft.kernels.aot import CompileCase, int_args
 
     cases = []
@@ -518,20 +252,4 @@ def compile_cases(full: bool = False) -> list:
             cases.append(CompileCase(f"exact.rms_norm[{dt},d={d}]", _rms_norm_kernel, sig,
                                      dict(ROWS=1, BLOCK_D=triton.next_power_of_2(d)), 4 if d <= 4096 else 8, 1,
                                      full_only=d not in (64, 576) or dt != "bf16"))
-        for d, (hq, hkv) in _ATTENTION_SHAPES.items():
-            cfg = TILES[("attention", dt, d)]
-            for paged in (False, True):
-                row_k = hkv * d
-                ints = int_args(D=d, stride_qt=hq * d, stride_qh=d, stride_kt=row_k, stride_kh=d, stride_ot=hq * d,
-                                stride_oh=d)
-                sig = dict(q_ptr=f"*{dt}", k_ptr=f"*{dt}", v_ptr=f"*{dt}", o_ptr=f"*{dt}", cu_ptr="*i32",
-                           ctx_ptr="*i32", bt_ptr="*i32", qk_scale="fp32", stride_btb="i32", **ints[0])
-                # fp32's exact IEEE dots run on FMA units with operands in registers: they spill a few hundred
-                # bytes at every tile tried (16-32 rows, 4-8 warps); fp32 runs on CUDA are rare (bf16-mixed
-                # is the default), so these compile with spills allowed, the 16-bit ones must have none.
-                cases.append(CompileCase(f"exact.attention[{dt},d={d},paged={paged}]", _attention_kernel, sig,
-                                         dict(GROUP=hq // hkv, PAGED=paged, PAGE=16, BLOCK_M=cfg["BLOCK_M"],
-                                              BLOCK_N=KEY_TILE, BLOCK_D=d, **fl, **ints[1]),
-                                         cfg["num_warps"], cfg["num_stages"], spill_free=dt != "fp32",
-                                         full_only=d != 64 or dt != "bf16"))
     return cases

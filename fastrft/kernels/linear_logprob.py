@@ -27,9 +27,10 @@ from typing import Callable
 
 import torch
 
+from fastrft.kernels import lm_head_grad_triton as grad
 from fastrft.kernels import lm_head_triton as tri
+from fastrft.kernels.lm_head_triton import HAVE_TRITON
 from fastrft.kernels.rows import exp_shifted_, log_rows, row_sums
-from fastrft.kernels.lm_head_triton import HAVE_TRITON, compile_cases  # re-exported: the compile gate reads it
 
 __all__ = ["BACKENDS", "HAVE_TRITON", "LinearLogprobFunction", "check_chunk", "check_inputs", "compile_cases",
            "default_chunk", "linear_logprob", "linear_logprob_reference", "lm_head_chunks", "prepare",
@@ -38,6 +39,11 @@ __all__ = ["BACKENDS", "HAVE_TRITON", "LinearLogprobFunction", "check_chunk", "c
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 BACKENDS = ("auto", "triton", "reference")
 Coefficients = Callable[[slice, torch.Tensor, torch.Tensor], "tuple[torch.Tensor, torch.Tensor | None]"]
+
+
+def compile_cases(full: bool = False) -> list:
+    """The Triton kernels' launches for the sm_90a compile gate (fastrft.kernels.aot): forward and gradient."""
+    return tri.compile_cases(full) + grad.compile_cases(full)
 
 
 # ----------------------------------------------------------------------------------------- PyTorch steps
@@ -145,8 +151,8 @@ def lm_head_chunks(hidden, weight, targets, temperature: float, coefficients: Co
         g_ent = None if g_ent is None else g_ent.to(lp.dtype).contiguous()
         if use_triton:
             dz = dzbuf[:c]
-            tri.form_dz(z, dz, tgt, lse, mu, g_logp, g_ent, temperature, hidden.dtype)
-            tri.grad_gemms(dz, hidden[rows], weight, dh[rows] if need_dh else None, dw, accumulate=i > 0)
+            grad.form_dz(z, dz, tgt, lse, mu, g_logp, g_ent, temperature, hidden.dtype)
+            grad.grad_gemms(dz, hidden[rows], weight, dh[rows] if need_dh else None, dw, accumulate=i > 0)
         else:
             dz = _torch_dz(state, g_logp, g_ent, inv_temp)
             if need_dh:

@@ -185,7 +185,7 @@ def default_splits(batch: int, vocab: int, device: torch.device, tile: int) -> i
     small, never a split without a whole tile. 1 off-GPU."""
     if device.type != "cuda":
         return 1
-    from fastrft.kernels.paged_attention import _sm_count
+    from fastrft.kernels.paged_attention_triton import _sm_count
 
     sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
     return max(1, min(MAX_SPLITS, -(-2 * sms // max(batch, 1)), -(-vocab // tile)))
