@@ -6,8 +6,9 @@ One SmolLM2 round on an add1 example: the G rollouts are sampled once, then repl
 token budget puts all sequences in one micro-batch, or 2, 4 or 1 sequences in each. Each trainer takes
 one optimizer step on the same rollouts from the same weights and logs its gradient norm. Runs with
 --exact-logprobs off and on; prints the norms' bits side by side. Run it once as is and once with
-MKL_CBWR=AUTO (MKL's default kernels by row count; the exact mode then refuses to start) to see what
-the reproducibility mode that fastrft sets changes.
+MKL_CBWR=AUTO (MKL's default kernels by row count; the exact mode's start-up probe then gives the GEMMs
+that round by row count padded calls or fixed row blocks, fastrft.models.row_rules, or refuses where no
+rule works) to see what the reproducibility mode that fastrft sets changes.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ def main() -> None:
                 budget = sum(lengths[-per:])  # room for the `per` longest sequences
                 try:
                     trainer = Trainer(config(f"{tmp}/{mode}-{per}", mode, budget))
-                except ExactModeError as e:  # MKL_CBWR set to something other than strict
+                except ExactModeError as e:  # no row rule makes this BLAS batch-invariant
                     print(f"exact {mode}: refused: {e}")
                     break
                 trainer.rollout = lambda r, p: groups
