@@ -67,7 +67,7 @@ def main() -> None:
                   flush=True)
     print("\nthe probe's choice on this machine:")
     sites = [row_rules.Site("linear", k, n, dt) for dt in dtypes.values() for k, n in SHAPES]
-    sites += [row_rules.Site("head", 576, 49152, torch.float32), row_rules.Site("attention", 64, 0, torch.float32)]
+    sites += [row_rules.Site("head", 576, 49152, torch.float32), row_rules.Site("attention", 64, 3, torch.float32)]
     for site in sites:
         c = row_rules.choose(site)
         print(f"- {site}: {c.rule}{' (pre-packed)' if c.packed else ''}")

@@ -67,7 +67,7 @@ def test_the_probe_finds_what_each_blas_needs(blas):
     blas(amd_like)
     assert row_rules.choose(Site("linear", 40, 96, torch.float32)).rule == RowRule(0, 4)
     assert row_rules.choose(Site("head", 64, 83, torch.float32)).rule == RowRule(0, 4)
-    assert row_rules.choose(Site("attention", 16, 0, torch.float32)).rule == RowRule(0, 4)
+    assert row_rules.choose(Site("attention", 16, 2, torch.float32)).rule == RowRule(0, 4)
     # bf16's 32-row blocks with unpadded small calls: a decode batch of 1-3 rows would round apart.
     assert row_rules.choose(Site("linear", 40, 96, torch.bfloat16, True)).rule == RowRule(32, 32)
     blas(hopeless)
@@ -176,7 +176,7 @@ for dtype in (torch.float32, torch.bfloat16):
             assert all(torch.equal(exact.linear(x[s:s + m], w, None), full[s:s + m])
                        for s, m in ((0, 1), (3, 2), (5, 3), (1, 4), (7, 33), (0, 199))), (dtype, k, n, choice)
         print("linear", dtype, k, n, choice.rule, "packed" if choice.packed else "plain")
-print("attention", row_rules.choose(row_rules.Site("attention", 16, 0, torch.float32)).rule)
+print("attention", row_rules.choose(row_rules.Site("attention", 16, 2, torch.float32)).rule)
 w, x = torch.randn(70, 40, generator=g), torch.randn(90, 40, generator=g)
 full = et.linear(x, w, None)  # the Triton interpreter on numpy's AVX2 OpenBLAS
 assert all(torch.equal(et.linear(x[-m:], w, None), full[-m:]) for m in (1, 3, 17, 65))

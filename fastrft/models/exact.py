@@ -141,7 +141,9 @@ def sites(models, dtype: torch.dtype) -> list[row_rules.Site]:
         if hasattr(m, "lm_head_weight"):
             v, h = m.lm_head_weight.shape
             out.add(row_rules.Site("head", h, v, torch.float32))
-            out.add(row_rules.Site("attention", m.config.head_dim, 0, torch.float32))
+            cfg = m.config
+            out.add(row_rules.Site("attention", cfg.head_dim, cfg.num_heads // cfg.num_kv_heads,
+                                   torch.float32))
     return sorted(out, key=lambda s: (s.kind, s.k, s.n, str(s.dtype), s.bias))
 
 

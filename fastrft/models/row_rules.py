@@ -122,8 +122,8 @@ def reorder(weight: torch.Tensor, rows: int) -> torch.Tensor:
 @dataclasses.dataclass(frozen=True)
 class Site:
     """A GEMM whose right operand's shape is fixed: a linear layer or the LM head (k, n: in and out
-    features), or an attention tile (kind "attention", k: the head dim; its other size follows the
-    context, in whole 64-key tiles)."""
+    features), or an attention tile (kind "attention", k: the head dim, n: query heads per kv head; its
+    other size follows the context, in whole 64-key tiles)."""
 
     kind: str
     k: int
@@ -134,7 +134,7 @@ class Site:
     def __str__(self) -> str:
         dt = str(self.dtype).removeprefix("torch.")
         if self.kind == "attention":
-            return f"the attention tiles of head dim {self.k} ({dt})"
+            return f"the attention tiles of head dim {self.k}, {self.n} query heads per kv head ({dt})"
         what = "the LM head" if self.kind == "head" else "a linear layer"
         return f"{what} of {self.k} x {self.n} ({dt}{', with bias' if self.bias else ''})"
 
@@ -170,7 +170,10 @@ def forget() -> None:
 COUNTS = (1, 2, 3, 4, 5, 7, 8, 9, 15, 16, 17, 31, 32, 33, 48, 63, 64, 65, 100, 127, 128, 129, 200, 255, 256,
           300, 511, 700, 1024, 2048)
 OFFSETS = (0, 1, 2, 3, 5, 8, 13, 31, 37)
-_CHECK_FLOPS = 1.5e9  # per call pattern at most: large GEMMs (the LM head) are checked at fewer rows
+# A rule that makes one call of any row count (block 0) is only as good as the counts it was checked at:
+# at least 300 rows (2,048 where one call costs at most _CHECK_FLOPS), never fewer. Fixed blocks are
+# invariant by construction once a row's place in its block is checked: three blocks' worth of rows.
+MIN_TOP, _CHECK_FLOPS = 300, 4e9
 
 
 def probe(site: Site) -> Choice:
@@ -180,7 +183,7 @@ def probe(site: Site) -> Choice:
     cases = _operands(site, gen)
     tried = []
     for rule in RULES[site.dtype]:
-        if all(_invariant(rule, *case) for case in cases):
+        if all(_invariant(rule, *case[:3], _counts_for(rule, case[3]), case[4]) for case in cases):
             packed = site.kind == "linear" and site.dtype == torch.bfloat16 and _packing_agrees(rule, cases[0])
             return Choice(rule, packed)
         tried.append(str(rule))
@@ -195,19 +198,23 @@ def _operands(site: Site, gen) -> list[tuple]:
         return torch.randn(*shape, generator=gen).to(site.dtype)
 
     if site.kind != "attention":
-        top = max(40, min(COUNTS[-1], int(_CHECK_FLOPS / (2 * site.k * site.n))))
+        top = max(MIN_TOP, min(COUNTS[-1], int(_CHECK_FLOPS / (2 * site.k * site.n))))
         counts = [c for c in COUNTS if c <= top]
         a = randn(counts[-1] + max(OFFSETS), site.k)
         return [(a, randn(site.n, site.k).T, randn(site.n) if site.bias else None, counts, False)]
     # Scores (rows x head dim) @ K^T and weights (rows x keys) @ V over contexts of 1 and 3 tiles; the
-    # rows of one kv head's tile are its (query head, token) pairs, up to G * 64 of them.
-    counts = [c for c in COUNTS if c <= 256]
+    # rows of one kv head's tile are its (query head, token) pairs, up to G * 64 of them (n = G).
+    counts = [c for c in COUNTS if c <= max(64, 64 * site.n)]
     rows = counts[-1] + max(OFFSETS)
     cases = []
     for keys in (64, 192):
         cases.append((randn(2, rows, site.k), randn(2, keys, site.k).transpose(-1, -2), None, counts, True))
         cases.append((randn(2, rows, keys).softmax(-1), randn(2, keys, site.k), None, counts, True))
     return cases
+
+
+def _counts_for(rule: RowRule, counts: list[int]) -> list[int]:
+    return [c for c in counts if c <= 3 * rule.block + 5] if rule.block else counts
 
 
 def _invariant(rule: RowRule, a, b, bias, counts, contiguous, packed=None) -> bool:
@@ -237,6 +244,6 @@ def _packing_agrees(rule: RowRule, case) -> bool:
         packed = reorder(b.T.contiguous(), rule.block)
         plain = rule.run(lambda piece, _: gemm(piece, b, bias), a)
         return all(torch.equal(rule.run(lambda piece, _: gemm(piece, b, bias, packed), a[s:s + c]), plain[s:s + c])
-                   for s, c in zip(OFFSETS * 4, counts))
+                   for s, c in zip(OFFSETS * 4, _counts_for(rule, counts)))
     except RuntimeError:  # "bf16 path needs the cpu support avx_ne_convert or avx512bw, ...": an AVX2 CPU
         return False

@@ -117,7 +117,7 @@ def _tile_attention(qf, index, kc, vc, hidden, scale: float, shape) -> torch.Ten
         return _TileSoftmax.apply(qp, kc, vc, hp, scale) if grad else _tile_forward(qp, kc, vc, hp, scale)[0]
 
     # The GEMMs' row count is G * W per (sequence, kv head): cut or padded as this BLAS needs (row_rules).
-    return row_rules.choose(row_rules.Site("attention", d, 0, torch.float32)).rule.run(piece, q, hidden)
+    return row_rules.choose(row_rules.Site("attention", d, g, torch.float32)).rule.run(piece, q, hidden)
 
 
 def _tile_forward(q, kc, vc, hidden, scale: float):
