@@ -61,3 +61,23 @@ def test_no_installed_package_was_compiled_here():
             if not _PORTABLE.search(tag):
                 compiled.append(f"{name} ({tag})")
     assert compiled == [], f"built from source on this machine: {compiled}"
+
+
+def test_every_module_imports_without_triton():
+    """`make demo` installs no triton (the demo extra has none; a CPU-only user's machine may lack it): every
+    module of the package must import, and a run's modules work, with ``import triton`` failing."""
+    import subprocess
+    import sys
+
+    code = ("import sys, pkgutil, importlib\n"
+            "sys.modules['triton'] = None\n"  # `import triton` now raises ImportError
+            "import fastrft\n"
+            "names = [m.name for m in pkgutil.walk_packages(fastrft.__path__, 'fastrft.') if m.name != 'fastrft.__main__']\n"
+            "for name in names:\n"
+            "    importlib.import_module(name)\n"
+            "from fastrft.kernels import HAVE_TRITON\n"
+            "assert not HAVE_TRITON\n"
+            "print(len(names))\n")
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT.parent, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert int(res.stdout.split()[-1]) > 50

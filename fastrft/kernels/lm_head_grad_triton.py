@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import torch
 
-from fastrft.kernels.lm_head_triton import CLASS_SHAPES, HAVE_TRITON, TILES, _dot, flags, tile
+from fastrft.kernels.lm_head_triton import CLASS_SHAPES, HAVE_TRITON, TILES, flags, tile
 
-if HAVE_TRITON:
+if HAVE_TRITON:  # (a CPU-only install without triton imports this module too: its PyTorch path needs none of it)
     import triton
     import triton.language as tl
+
+    from fastrft.kernels.lm_head_triton import _dot
 
 # ----------------------------------------------------------------------------------------- kernels
 if HAVE_TRITON:
