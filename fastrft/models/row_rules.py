@@ -16,9 +16,10 @@ So nothing is assumed of the machine. A :class:`RowRule` says how a GEMM with a 
 such GEMM (a :class:`Site`) the first rule of its dtype's list :data:`RULES` under which every row comes
 out with the same bits in every pattern of calls the run makes: one row alone, a decode batch, a prefill,
 the training forward's hundreds or thousands of rows, the row at other offsets of its block. The lists are
-ordered by measured cost (bench/RESULTS.md, "Row rules"): one plain call; calls padded to at least P rows
-(free above P); calls of exactly B rows (fixed blocks: 1.4-1.7x the plain GEMM time at SmolLM2's shapes
-in fp32, so they come last there; bf16 starts with them, its measured oneDNN behaviour). A site that no
+ordered by measured cost (bench/RESULTS.md, "What each row rule costs"): one plain call; calls padded to
+at least P rows (free above P); calls of exactly B rows (fixed blocks: 1.5-2x the plain GEMM time at
+SmolLM2's shapes in fp32 training forwards, so they come last there; bf16 starts with them, its measured
+oneDNN behaviour). A site that no
 rule makes invariant raises :class:`RowRuleError` naming the rules tried.
 
 Optional fast paths are probed the same way, never assumed: oneDNN's pre-packed bf16 weights (which the
@@ -90,13 +91,12 @@ def _pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
 
 
 PLAIN = RowRule()
-# Per dtype, cheapest first (bench/RESULTS.md, "Row rules"). fp32: a plain call (Intel's MKL in CNR mode),
+# Per dtype, cheapest first (bench/RESULTS.md, "What each row rule costs"). fp32: a plain call (Intel's MKL in CNR mode),
 # calls padded to a few rows (AMD's MKL), fixed blocks last. bf16: oneDNN's 32-row blocks first, whose
 # small calls agree with a full block on Intel (no padding of a decode batch), then the same padded.
 _FIXED = [RowRule(b, b) for b in (32, 64, 16, 8, 4)]
 RULES = {torch.float32: [PLAIN, *(RowRule(0, p) for p in (2, 4, 8, 16, 32)), *_FIXED],
          torch.bfloat16: [RowRule(32, 1), *_FIXED, PLAIN, *(RowRule(0, p) for p in (2, 4, 8, 16, 32))]}
-PACK_ROWS = 32  # the batch size oneDNN's pre-packed weights are laid out for
 
 
 def gemm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, packed: torch.Tensor | None = None,
