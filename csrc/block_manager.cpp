@@ -199,6 +199,13 @@ void BlockManager::reset_prefix_cache() {
     has_hash_[b] = 0;
     block_tokens_[b].clear();
   }
+  // With no sequence alive every block is free: put the pool back in a fresh manager's order, so that
+  // what follows a reset (a round after a checkpoint, the same round after a resume) gets the same blocks.
+  if (seqs_.empty()) {
+    head_ = tail_ = -1;
+    num_free_ = 0;
+    for (int64_t b = 0; b < num_blocks_; ++b) push_free(static_cast<int32_t>(b));
+  }
 }
 
 // ------------------------------------------------------------------------------------------ queries

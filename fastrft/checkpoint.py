@@ -18,7 +18,7 @@ directory and manifest, but the model and AdamW state are a distributed-checkpoi
 ``dcp/`` that every rank writes its shards into, and ``state.pt`` holds the rest (rank 0's). Rank 0
 renames it into place after all ranks have written, so it is atomic the same way, and the manifest's
 checksums cover the shards. DCP reshards on load, so a sharded checkpoint resumes on another number of
-ranks; :func:`export_run` assembles the full weights in one process.
+ranks; :func:`fastrft.export.export_run` assembles the full weights in one process.
 """
 
 from __future__ import annotations
@@ -32,8 +32,6 @@ import shutil
 import sys
 from pathlib import Path
 from typing import Any
-
-import torch
 
 # rng_state and set_rng_state are part of this module's API (the loop restores RNG state through it).
 from fastrft.checkpoint_state import _write_state, load_state, rng_state, set_rng_state  # noqa: F401
@@ -185,9 +183,10 @@ def verify(path: Path) -> str | None:
 
 
 
-def load_latest(run_dir: Path, warn=None) -> tuple[int, dict[str, Any]] | None:
+def load_latest(run_dir: Path, warn=None, damaged: list | None = None) -> tuple[int, dict[str, Any]] | None:
     """The newest whole checkpoint of a run as (round, payload), or None. Damaged ones are reported
-    through ``warn`` (default: stderr) and skipped; they are left on disk for inspection."""
+    through ``warn`` (default: stderr) and skipped; they are left on disk for inspection. ``damaged``
+    collects (checkpoint directory, problem) of each one skipped."""
     warn = warn or (lambda msg: print(msg, file=sys.stderr))
     for round_, path in reversed(checkpoint_dirs(run_dir)):
         problem = verify(path)
@@ -198,6 +197,8 @@ def load_latest(run_dir: Path, warn=None) -> tuple[int, dict[str, Any]] | None:
                 problem = f"state.pt refused: {e}"
             except Exception as e:  # noqa: BLE001 - whole on disk but unreadable (another torch, a bug)
                 problem = f"state.pt cannot be loaded: {e.__class__.__name__}: {e}"
+        if damaged is not None:
+            damaged.append((path, problem))
         warn(f"fastrft: checkpoint {path} is damaged ({problem}); skipped")
     return None
 
@@ -222,60 +223,5 @@ def truncate(path: Path, size: int) -> None:
                            "was modified by hand")
 
 
-# ------------------------------------------------------------------------------------------ export
+#: Files of a model directory that hold weights (export copies the others).
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
-
-
-def export_run(run_dir: str | os.PathLike[str], out: str | os.PathLike[str]) -> Path:
-    """Write the newest checkpoint of a run as an HF-format directory (config.json, model.safetensors,
-    the source model's tokenizer and generation files) that ``transformers`` loads as is."""
-    from safetensors.torch import save_file
-
-    from fastrft.models.config import with_architecture
-    from fastrft.models.loader import resolve_model_dir
-
-    run_dir, out = Path(run_dir), Path(out)
-    if out.exists() and not out.is_dir():
-        raise FastRFTError(f"--out {out} is a file; pass the path of a new directory")
-    if out.exists() and any(out.iterdir()):
-        raise FastRFTError(f"--out {out} exists and is not empty; choose a new directory")
-    cfg_file = run_dir / "config.json"
-    if not cfg_file.exists():
-        raise FastRFTError(f"{run_dir}: no config.json; pass a run directory written by fastrft train")
-    found = load_latest(run_dir)
-    if found is None:
-        raise FastRFTError(f"{run_dir}: no whole checkpoint to export (checkpoints are written every --save-every "
-                           "rounds and at the end of a run)")
-    round_, payload = found
-    model_name = json.loads(cfg_file.read_text())["model"]["model"]
-    source = resolve_model_dir(model_name)
-    hf_config = with_architecture(json.loads((source / "config.json").read_text()))
-    if "model" in payload:
-        state = payload["model"]
-    else:  # sharded: assemble the full fp32 masters from the DCP shards, in this one process
-        from fastrft.distributed import dcp_full_model_state
-        from fastrft.models import load_model
-
-        template = load_model(model_name, dtype=torch.float32, device="cpu").state_dict()
-        state = dcp_full_model_state(shard_dir(run_dir, round_), template)
-    if hf_config.get("tie_word_embeddings", False):
-        state = {k: v for k, v in state.items() if k != "lm_head.weight"}
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise FastRFTError(f"--out {out}: cannot create it ({e.strerror}); choose a writable path") from None
-    for f in sorted(source.iterdir()):
-        if f.is_file() and not f.name.endswith(_WEIGHT_SUFFIXES) and f.name not in ("config.json",
-                                                                                      "model.safetensors.index.json"):
-            shutil.copy2(f, out / f.name)
-    dtype = next(iter(state.values())).dtype
-    hf_config["torch_dtype"] = str(dtype).removeprefix("torch.")
-    (out / "config.json").write_text(json.dumps(hf_config, indent=2))
-    weights = out / "model.safetensors"
-    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(weights),
-              metadata={"format": "pt", "fastrft_run": str(run_dir), "fastrft_round": str(round_)})
-    # safetensors creates the file owner-only (0600); an exported model is shared like its other files.
-    umask = os.umask(0)
-    os.umask(umask)
-    weights.chmod(0o666 & ~umask)
-    return out

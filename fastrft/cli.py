@@ -1,125 +1,29 @@
 """Command line: ``fastrft train | ladder | presets | export | demo | plot``.
 
-The flags of ``train`` and ``demo`` are generated from the config dataclasses (one flag per field,
-``--field-name``, help text from the field), so the CLI can never drift from the Python API. A flag
-left out keeps the base config's value: the defaults for ``train`` (or a ``--config`` JSON file), the
-demo preset for ``demo``. Errors a user can fix print one line, without a traceback, and exit 2.
+The flags of ``train`` and ``demo`` are generated from the config dataclasses (fastrft.cli_flags: one
+flag per field, ``--field-name``, help text from the field), so the CLI can never drift from the Python
+API. A flag left out keeps the base config's value: the defaults for ``train`` (or a ``--config`` JSON
+file), the demo preset for ``demo``. Errors a user can fix print one line, without a traceback, and exit 2.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
-import typing
 from pathlib import Path
 from typing import Any
 
-from fastrft.config import GROUPS, LEGACY_DTYPES, PRECISIONS, ModelConfig, TrainConfig, build_group, flag
-from fastrft.errors import ConfigError, FastRFTError, read_json_object
+from fastrft.cli_flags import add_config_flags, config_from_args, flag_values, load_config_file
+from fastrft.config import TrainConfig
+from fastrft.errors import FastRFTError
 
-_UNSET = object()
-
+__all__ = ["add_config_flags", "build_parser", "config_from_args", "flag_values", "load_config_file", "main"]
 
 class _Parser(argparse.ArgumentParser):
     """Usage errors in one line, naming the flag, with where to read more (not the 50-line usage)."""
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-def _parse_optional(inner):
-    def parse(text: str):
-        return None if text.lower() in ("none", "null") else inner(text)
-
-    return parse
-
-
-def _parse_tuple(inner):
-    def parse(text: str):
-        return tuple(inner(x.strip()) for x in text.split(",") if x.strip())
-
-    return parse
-
-
-def _converter(tp: Any):
-    """argparse ``type=`` for a dataclass field annotation."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin is tuple:
-        return _parse_tuple(args[0])
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-        inner = [a for a in args if a is not type(None)][0]
-        return _parse_optional(_converter(inner))
-    return tp
-
-
-#: What ``fastrft ladder`` does with a flag instead of the train default, for its --help.
-LADDER_HELP = {
-    ("run", "out"): "the study's directory (default: runs/ladder-<profile>)",
-    ("run", "seed"): "the study's first seed: its runs use seeds S, S+1, ..., S + --seeds - 1 (default: 0)",
-    ("run", "name"): "not accepted by the ladder: each run is named <preset>/seed-<s>",
-}
-
-
-def add_config_flags(parser: argparse.ArgumentParser, ladder: bool = False) -> None:
-    """One flag per config field. ``ladder``: say where the ladder's values come from instead of the train
-    defaults (the profile and the presets set many fields; --out, --seed and --name mean other things)."""
-    from fastrft.presets import fields_set_by_presets
-
-    preset_fields = fields_set_by_presets() if ladder else set()
-    for group_name, cls in GROUPS.items():
-        group = parser.add_argument_group(group_name)
-        hints = typing.get_type_hints(cls)
-        for f in dataclasses.fields(cls):
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
-            text = f"{f.metadata.get('help', '')} (default: {f.metadata.get('shown', shown)})"
-            if (group_name, f.name) in LADDER_HELP and ladder:
-                text = LADDER_HELP[group_name, f.name]
-            elif (group_name, f.name) in preset_fields:
-                text = f"{f.metadata.get('help', '')} (default: set by --profile and the preset)"
-            kwargs: dict[str, Any] = dict(dest=f"{group_name}.{f.name}", default=_UNSET, help=text)
-            if hints[f.name] is bool:
-                kwargs["action"] = argparse.BooleanOptionalAction
-            else:
-                kwargs["type"] = _converter(hints[f.name])
-                kwargs["metavar"] = f.name.upper()
-            group.add_argument(flag(f.name), **kwargs)
-        if cls is ModelConfig:
-            group.add_argument("--dtype", dest="model.precision", default=_UNSET, type=_legacy_dtype,
-                               metavar="DTYPE", help="older spelling of --precision: float32 | bfloat16 | float16 "
-                                                     "= fp32 | bf16 | fp16")
-
-
-def _legacy_dtype(text: str) -> str:
-    if text not in LEGACY_DTYPES:
-        raise argparse.ArgumentTypeError(f"must be one of {', '.join(LEGACY_DTYPES)} (or use --precision "
-                                         f"{' | '.join(PRECISIONS)})")
-    return LEGACY_DTYPES[text]
-
-
-def flag_values(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
-    """The config fields given on the command line, by section."""
-    values: dict[str, dict[str, Any]] = {}
-    for dest, value in vars(args).items():
-        if "." in dest and value is not _UNSET:
-            group, name = dest.split(".", 1)
-            values.setdefault(group, {})[name] = value
-    return values
-
-
-def config_from_args(args: argparse.Namespace, base: TrainConfig, *layers: dict[str, dict[str, Any]]) -> TrainConfig:
-    """Overlay ``layers`` (profile, preset) and then the flags given on the command line onto ``base``;
-    validation happens on construction."""
-    from fastrft.presets import overlay
-
-    values = overlay(base.to_dict(), *layers, flag_values(args))
-    return TrainConfig(**{g: build_group(GROUPS[g], v, g) for g, v in values.items()})
-
-
-def load_config_file(path: str) -> TrainConfig:
-    data = read_json_object(path, ConfigError, " (--config expects a run's config.json or a file like it)")
-    return TrainConfig.from_dict(data)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -151,9 +55,13 @@ def build_parser() -> argparse.ArgumentParser:
                              "another in this process)")
     add_config_flags(ladder, ladder=True)
     sub.add_parser("presets", help="list the layer presets and profiles")
-    export = sub.add_parser("export", help="write a run's newest checkpoint as an HF-format model directory")
-    export.add_argument("run_dir")
+    export = sub.add_parser("export", help="write a run's checkpoint (the newest whole one, or --round N) as an "
+                                           "HF-format model directory")
+    export.add_argument("run_dir", metavar="RUN_DIR", help="a run directory written by fastrft train")
     export.add_argument("--out", required=True, help="new directory for config.json, model.safetensors, tokenizer")
+    export.add_argument("--round", type=int, default=None, metavar="N",
+                        help="the checkpoint of round N (default: the newest whole checkpoint; a run keeps its "
+                             "last --keep-checkpoints of them)")
     demo = sub.add_parser("demo", help="the minimalist layer on SmolLM2-135M-Instruct, sized for 2 CPU cores (2-3 min "
                                       "of compute)")
     add_config_flags(demo)
@@ -182,9 +90,11 @@ def main(argv: list[str] | None = None) -> int:
             print(describe())
             return 0
         if args.command == "export":
-            from fastrft.checkpoint import export_run
+            from fastrft.export import export_checkpoint
 
-            print(f"exported: {export_run(args.run_dir, args.out)}")
+            out, round_ = export_checkpoint(args.run_dir, args.out, args.round)
+            which = "" if args.round is not None else " (its newest whole checkpoint)"
+            print(f"exported round {round_} of {args.run_dir}{which}: {out}")
             return 0
         if args.command == "ladder":
             return _ladder(args)
@@ -209,9 +119,18 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(e, RunInterrupted):
             print(f"fastrft: {e}", file=sys.stderr)
             return e.exit_code
-        print(f"fastrft: {e or 'aborted; rerun the same command to continue from the last checkpoint'}",
-              file=sys.stderr)
+        print(f"fastrft: {str(e) or _interrupted(args.command)}", file=sys.stderr)
         return 130
+
+
+def _interrupted(command: str) -> str:
+    """What a Ctrl-C outside a run's rounds stopped (a run's loop says so itself)."""
+    if command == "ladder":
+        return "ladder interrupted; rerun the same command to continue (finished runs are kept)"
+    if command in ("train", "demo"):
+        return ("interrupted while starting (loading the model and data, before the first round): nothing was "
+                "trained; rerun the same command to start again")
+    return f"{command} interrupted"
 
 
 def _resolve_profile(profile: str, flags: dict[str, dict[str, Any]], base: TrainConfig, command: str) -> str:

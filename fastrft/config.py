@@ -70,8 +70,9 @@ def _require(cond: bool, name: str, message: str) -> None:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    model: str = opt(DEFAULT_MODEL, "model directory (HF format: config.json, *.safetensors, tokenizer) "
-                                    f"or the embedded alias '{DEFAULT_MODEL}'")
+    model: str = opt(DEFAULT_MODEL, "model directory (HF format: config.json, *.safetensors, tokenizer), a "
+                                    "Hugging Face hub id owner/name[@revision] (downloaded into the HF cache), or "
+                                    f"the embedded alias '{DEFAULT_MODEL}'")
     precision: str = opt("auto", "numeric precision: auto (bf16-mixed on CUDA, fp32 on CPU) | fp32 | bf16-mixed "
                                  "(fp32 master weights and AdamW state, bf16 forward/backward, rollouts and "
                                  "evaluation) | bf16 (pure low-precision weights: an update below the format's "
@@ -107,7 +108,9 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    dataset: str = opt("arithmetic", "gsm8k | math | arithmetic (synthetic, for small models)")
+    dataset: str = opt("arithmetic", "gsm8k | math | arithmetic (synthetic, for small models) | custom (rows of "
+                                     "your own: --train-file, --prompt-column, --answer-column) | a Hugging Face hub "
+                                     "dataset id owner/name (splits train and test, through the datasets package)")
     train_file: str | None = opt(None, "training split file (.jsonl/.json/.parquet); default: the builtin copy")
     test_file: str | None = opt(None, "test split file; default: the builtin copy")
     level: str = opt("add1", "arithmetic difficulty: add1 | add2 | mul | addsub")
@@ -195,7 +198,7 @@ class DataConfig:
         for spec in self.reward_funcs:
             if not spec.startswith(funcs.PYTHON):  # a function passed from Python comes back with the Trainer
                 try:
-                    funcs.load(spec)
+                    funcs.check(spec, funcs.load(spec), self)
                 except ConfigError as e:
                     raise ConfigError(f"reward_funcs ({flag('reward_funcs')}) {e}") from None
         if self.dataset == "arithmetic":
@@ -390,6 +393,8 @@ class RunConfig:
         _require(all(x in REPORT_TO for x in self.report_to), "report_to",
                  f"must list {', '.join(REPORT_TO)}, got {','.join(self.report_to)!r}")
         _require("none" not in self.report_to or len(self.report_to) == 1, "report_to", "none cannot be combined")
+        _require(not (self.tensorboard and "none" in self.report_to), "report_to",
+                 "none contradicts --tensorboard (which writes <run dir>/tb); drop one of the two")
         _require(self.out is None or self.out.strip() != "", "out", "is empty; give a directory (or leave the "
                  "flag out for runs/<name>-<timestamp>)")
         _require(self.name.strip() != "", "name", "is empty; give the run a name (it starts the default --out)")

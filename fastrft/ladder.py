@@ -37,9 +37,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tqdm.auto import tqdm
+from fastrft.progress import bar as progress_bar
 
-from fastrft import presets, rundir
+from fastrft import lock, presets, rundir
 from fastrft.config import GROUPS, TrainConfig, build_group
 from fastrft.errors import ConfigError
 from fastrft.report import MIN_EFFECT, baseline, dynamics_table, ladder_table, plot_ladder, plural, read_metrics
@@ -93,10 +93,19 @@ def run_ladder(pairs: list[Pair], out: Path, settings: dict[str, Any], *, force:
     """Run every pair not yet complete, up to ``jobs`` at once (1: in this process, one after another);
     write ladder.md and curves.png; return {"table", "figure"}."""
     from fastrft import ladder_jobs
-    from fastrft.checkpoint import CKPT_DIR
 
     ladder_jobs.check_jobs(jobs)
-    out.mkdir(parents=True, exist_ok=True)
+    # The study directory is locked for the ladder's life (a second ladder on it would run its pairs twice);
+    # each run directory in it is locked by its own run (fastrft.lock).
+    with lock.hold(out, lock.command_line()):
+        return _run_ladder(pairs, out, settings, force, keep_checkpoints, jobs)
+
+
+def _run_ladder(pairs: list[Pair], out: Path, settings: dict[str, Any], force: bool, keep_checkpoints: bool,
+                jobs: int) -> dict[str, Any]:
+    from fastrft import ladder_jobs
+    from fastrft.checkpoint import CKPT_DIR
+
     meta = out / "ladder.json"
     if meta.exists() and not force:
         old = json.loads(meta.read_text())
@@ -109,8 +118,7 @@ def run_ladder(pairs: list[Pair], out: Path, settings: dict[str, Any], *, force:
     todo = [p for p in pairs if not rundir.is_complete(p.out)]
     print(f"fastrft ladder: {plural(len(pairs), 'run')} ({len(pairs) - len(todo)} already complete) in {out}",
           file=sys.stderr)
-    overall = tqdm(total=len(pairs), initial=len(pairs) - len(todo), desc="ladder", unit="run", file=sys.stderr,
-                   dynamic_ncols=True, position=0)
+    overall = progress_bar(total=len(pairs), initial=len(pairs) - len(todo), desc="ladder", unit="run", position=0)
 
     def finished(pair: Pair, t0: float) -> None:
         overall.update(1)

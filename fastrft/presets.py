@@ -83,6 +83,9 @@ ALIASES: dict[str, str] = {"L0": "L0-minimal", "L1": "L1-advantage", "L2": "L2-r
                            "L3": "L3-negative-reward", "L4": "L4-hard-example", "L5": "L5-batch"}
 
 #: Profiles: machine sizing, never a design choice.
+#: What --profile auto picks (fastrft.cli resolves it: it needs the device and the model).
+AUTO_PROFILE = "cpu-mini on a CPU with the embedded model, else paper (the default of fastrft ladder)"
+
 PROFILES: dict[str, tuple[str, dict[str, dict[str, Any]]]] = {
     "paper": ("the paper's setting: lr 1e-6, responses <= 1024 tokens, evaluation every 100 rounds", {}),
     "cpu-mini": (
@@ -110,7 +113,8 @@ def resolve(name: str) -> Preset:
 
 def profile(name: str) -> dict[str, dict[str, Any]]:
     if name not in PROFILES:
-        raise ConfigError(f"unknown profile {name!r} (--profile); choose one of: {', '.join(PROFILES)}")
+        raise ConfigError(f"unknown profile {name!r} (--profile); choose one of: {', '.join(PROFILES)}, or auto "
+                          f"({AUTO_PROFILE})")
     return PROFILES[name][1]
 
 
@@ -138,5 +142,5 @@ def describe() -> str:
         fields = ", ".join(f"{s}.{k}={v}" for s, kv in p.overrides.items() for k, v in kv.items()) or "–"
         rows.append(f"| {p.name} | {p.layer} | {p.choice_text(overlay(paper, p.overrides))} | {fields} |")
     aliases = ", ".join(f"{a} = {t}" for a, t in ALIASES.items())
-    profiles = "\n".join(f"- {n}: {d}" for n, (d, _) in PROFILES.items())
+    profiles = "\n".join([*(f"- {n}: {d}" for n, (d, _) in PROFILES.items()), f"- auto: {AUTO_PROFILE}"])
     return "\n".join(rows) + f"\n\nShort names: {aliases}.\n\nProfiles (--profile), machine sizing only:\n{profiles}"

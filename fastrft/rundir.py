@@ -20,8 +20,10 @@ from fastrft.errors import ConfigError
 #: Config fields that change nothing a run computes; a resume may differ in them freely. The token budget
 #: only changes memory (up to rounding: it cuts a step into micro-batches whose gradients add up), so a
 #: run that ran out of memory can resume with a smaller one.
-RESUME_IGNORED = {("run", "progress"), ("run", "tensorboard"), ("run", "report_to"), ("run", "keep_checkpoints"), ("run", "threads"),
-                  ("run", "dist_timeout"),
+#: Where the run lives is not part of what it computes: a run started without --out resumes with --out
+#: runs/train-<stamp>, and a run directory spelled another way (./r, r/, /abs/r) or moved resumes as is.
+RESUME_IGNORED = {("run", "out"), ("run", "progress"), ("run", "tensorboard"), ("run", "report_to"),
+                  ("run", "keep_checkpoints"), ("run", "threads"), ("run", "dist_timeout"),
                   ("optim", "max_tokens_per_step")}
 
 
@@ -80,6 +82,19 @@ def existing_run(out_dir: Path, requested: dict[str, Any], force: bool) -> str |
     return "resume"
 
 
+def base_eval_only(out_dir: Path) -> bool:
+    """metrics.jsonl holds the base model's evaluation and nothing else: the run stopped in round 1."""
+    records = _records(out_dir / "metrics.jsonl")
+    return bool(records) and all(r.get("kind") == "eval" and r.get("round") == 0 for r in records)
+
+
+def _records(path: Path) -> list[dict]:
+    try:
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    except (OSError, json.JSONDecodeError):
+        return [{}]  # unreadable: counts as something other than a base evaluation
+
+
 def _unstarted(out_dir: Path) -> bool:
     """No checkpoint, and no record but the round-0 evaluation: a run that failed before its first round
     (a bad flag found late, a reward that broke), which the corrected command may take over."""
@@ -122,19 +137,25 @@ def config_diff(stored: dict[str, Any], requested: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def start_over(out_dir: Path, damaged: list[str], force: bool) -> None:
+def start_over(out_dir: Path, damaged: list[tuple], force: bool) -> None:
     """No usable checkpoint: start afresh if nothing was recorded, or with ``force``, keeping the old records
-    beside the new ones as *.before-<time>.jsonl; otherwise refuse, saying what was found."""
+    beside the new ones as *.before-<time>.jsonl; otherwise refuse, saying what was found. ``damaged``:
+    (checkpoint directory, problem) of each damaged checkpoint."""
+    from fastrft.report.records import plural
+
     logs = [out_dir / name for name in ("metrics.jsonl", "rollouts.jsonl")]
     records = sum(_count_lines(p) for p in logs)
     if records and not force:
-        found = (f"{len(damaged)} checkpoint(s), every one damaged ({'; '.join(damaged)})" if damaged
-                 else "no checkpoint (the run crashed or was killed before writing its first one; its output "
-                      "said which)")
-        raise ConfigError(f"out (--out) {out_dir} holds {records} recorded lines in metrics.jsonl and "
-                          f"rollouts.jsonl but {found}, so the run cannot continue from them; nothing was "
+        if damaged:
+            each = ", ".join(f"{Path(path).name}: {problem}" for path, problem in damaged)
+            found = (f"its only checkpoint is damaged ({each})" if len(damaged) == 1 else
+                     f"all {len(damaged)} of its checkpoints are damaged ({each})")
+        else:
+            found = "no checkpoint (the run crashed or was killed before writing its first one)"
+        raise ConfigError(f"out (--out) {out_dir} holds {plural(records, 'recorded line')} (metrics.jsonl, "
+                          f"rollouts.jsonl) but {found}, so the run cannot continue from them; nothing was "
                           "changed. Pass --force to start it over (the old records are kept as "
-                          "*.before-<time>.jsonl), or use a new --out.")
+                          "*.before-<time>.jsonl), or use a new --out")
     when = stamp()
     for p in logs:
         if _count_lines(p):

@@ -30,12 +30,12 @@ from typing import Any
 
 import torch
 
-from fastrft import rundir
+from fastrft import lock, rundir
 from fastrft.config import TrainConfig
 from fastrft.distributed import ShardedPrecision, SplitEngine, init_world
 from fastrft.engine import Engine, EngineConfig
 from fastrft.errors import ConfigError
-from fastrft.loop import difficulty
+from fastrft.loop import difficulty, inputs
 from fastrft.loop.checkpointing import Checkpoints
 from fastrft.loop.data import TrainingData
 from fastrft.loop.evaluator import Evaluator
@@ -62,10 +62,27 @@ class Trainer:
         sum is the training reward; they replace ``config.data.reward_funcs`` (and its weights) and are
         recorded there by name (fastrft.rewards.funcs). ``train_dataset``, ``eval_dataset``: rows of your
         own (a ``datasets.Dataset``, a list of dicts) with the columns ``config.data.prompt_column`` and
-        ``answer_column`` (fastrft.data.custom); the run's dataset is then "custom"."""
+        ``answer_column`` (fastrft.data.custom); the run's dataset is then "custom".
+
+        The run directory is locked (fastrft.lock) from here until :meth:`run` returns, or :meth:`close`:
+        a second process on it is refused with the name of this one, and writes nothing."""
+        self._lock = None
+        try:
+            self._build(config, force, base_eval_cache, reward_funcs, reward_weights, train_dataset, eval_dataset)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Release the run directory's lock (a run that failed to start leaves no empty directory)."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def _build(self, config, force, base_eval_cache, reward_funcs, reward_weights, train_dataset, eval_dataset):
         # 0. What only Python can pass (functions, rows) is folded into the config, which records it.
-        config, given = _with_reward_funcs(config, reward_funcs, reward_weights)
-        config, rows = _with_rows(config, train_dataset, eval_dataset)
+        config, given = inputs.with_reward_funcs(config, reward_funcs, reward_weights)
+        config, rows = inputs.with_rows(config, train_dataset, eval_dataset)
         # 1. Under torchrun each rank joins the job here and takes its device; a plain process is world size 1.
         self.world, self.device = init_world(_resolve_device(config.model.device), config.run.dist_timeout)
         if self.world.distributed and self.world.main:
@@ -82,6 +99,7 @@ class Trainer:
         run = config.run
         self.out_dir = Path(run.out) if run.out else Path("runs") / f"{run.name}-{rundir.stamp()}"
         rundir.check_writable(self.out_dir)
+        self._take_lock()
         existing = rundir.existing_run(self.out_dir, config.to_dict(), force)
         self.world.barrier()  # every rank has read the run directory before rank 0 writes into it
         self._progress = run.progress and self.world.main
@@ -131,6 +149,8 @@ class Trainer:
             cands, cfg=config, gen=self._gen, model=self.precision.rollout_model, encode=encode,
             out_dir=self.out_dir, world=self.world, progress=self._progress), rows)
         self.data.check_lengths(self.engine.check_fits)
+        # Reward functions that cannot run fail here, on one probe completion, before anything costly.
+        inputs.check_rewards(self.reward_funcs, config, self.data.train_set.examples, self.tokenizer)
         self._create_run_dir(existing)
         # 6. The evaluator and the checkpoints; then, for a run that exists, its last checkpoint.
         self.evaluator = Evaluator(config, self._gen, self.precision.rollout_model, self.data.train_set,
@@ -140,11 +160,23 @@ class Trainer:
         self.checkpoints = Checkpoints(config, self.out_dir, self.learner, self.data.train_example_ids, self.world)
         self.resumed_from: int | None = None
         if existing in ("resume", "forced", "unstarted") and not self.complete:
-            restored = self.checkpoints.restore(force or existing == "unstarted")
+            restored = self.checkpoints.restore(force or existing == "unstarted", keep_base_eval=existing == "resume")
             if restored is not None:
                 self.resumed_from, self.state = restored
         self._clock = WallClock(self.state.wall)
         self._recorder: Recorder | NullRecorder = NullRecorder()
+
+    def _take_lock(self) -> None:
+        """Rank 0 locks the run directory; every rank raises the same one line when another process has it."""
+        refused = None
+        if self.world.main:
+            try:
+                self._lock = lock.hold(self.out_dir, lock.command_line())
+            except ConfigError as e:
+                refused = str(e)
+        refused = self.world.broadcast(refused)
+        if refused:
+            raise ConfigError(refused)
 
     def _create_run_dir(self, existing: str | None) -> None:
         try:
@@ -163,6 +195,7 @@ class Trainer:
         """Train until round ``run.rounds``; return the run's summary (also written to summary.json). A run
         directory that already holds this run continues from its last checkpoint."""
         if self.complete:
+            self.close()
             return json.loads((self.out_dir / "summary.json").read_text())
         self._clock.start(self.state.wall)
         self._recorder = (Recorder(self.cfg, self.out_dir, done=self.state.round, progress=self._progress)
@@ -171,6 +204,7 @@ class Trainer:
             return self._loop().run(self.data.train_example_ids)
         finally:
             self._recorder = NullRecorder()
+            self.close()
 
     def round(self, r: int) -> dict[str, Any]:
         """Run round ``r`` (rollouts, scores, update) and return its metrics record; the run loop records it."""
@@ -243,37 +277,6 @@ class Trainer:
     @property
     def skipped(self) -> int:
         return self.state.skipped
-
-
-def _with_rows(config: TrainConfig, train, test) -> tuple[TrainConfig, dict | None]:
-    """``config`` with dataset "custom" when rows were passed from Python, and those rows by split."""
-    if train is None:
-        if test is not None:
-            raise ConfigError("eval_dataset (Trainer argument) needs a train_dataset as well")
-        return config, None
-    rows = {"train": list(train), **({"test": list(test)} if test is not None else {})}
-    data = dataclasses.replace(config.data, dataset="custom", train_file=None, test_file=None)
-    return config.replace(data=data), rows
-
-
-def _with_reward_funcs(config: TrainConfig, funcs: list | None,
-                       weights: list[float] | None) -> tuple[TrainConfig, list | None]:
-    """``config`` recording ``funcs`` (callables or names) in data.reward_funcs, and the callables."""
-    from fastrft.rewards.funcs import load, spec_of
-
-    if funcs is None:
-        if weights is not None:
-            raise ConfigError("reward_weights (Trainer argument) needs reward_funcs as well")
-        return config, None
-    if not isinstance(funcs, (list, tuple)) or not funcs:
-        raise ConfigError("reward_funcs (Trainer argument) must be a non-empty list of functions or names")
-    specs = [f if isinstance(f, str) else spec_of(f) for f in funcs]
-    bad = [f for f in funcs if not isinstance(f, str) and not callable(f)]
-    if bad:
-        raise ConfigError(f"reward_funcs (Trainer argument): {bad[0]!r} is neither a function nor a name")
-    weights = tuple(float(w) for w in weights) if weights is not None else config.data.reward_weights
-    data = dataclasses.replace(config.data, reward_funcs=tuple(specs), reward_weights=weights)  # validated
-    return config.replace(data=data), [load(f) if isinstance(f, str) else f for f in funcs]
 
 
 def _enable_checkpointing(model) -> None:

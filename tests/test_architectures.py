@@ -9,7 +9,8 @@ import shutil
 import pytest
 import torch
 
-from fastrft.checkpoint import export_run, save_checkpoint
+from fastrft.checkpoint import save_checkpoint
+from fastrft.export import export_run
 from fastrft.models import load_model
 from fastrft.models.config import FAMILIES, with_architecture
 

@@ -141,7 +141,7 @@ def test_every_checkpoint_damaged_is_refused_then_forced(tiny_llama, tmp_path, c
     before = _snapshot(out)
     capsys.readouterr()
     assert main(args) == 2
-    _one_line_error(capsys, "every one damaged", "SHA-256", "nothing was changed", "--force", "new --out")
+    _one_line_error(capsys, "its only checkpoint is damaged", "SHA-256", "nothing was changed", "--force", "new --out")
     assert _snapshot(out) == before
 
     assert main([*args, "--force"]) == 0

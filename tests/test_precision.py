@@ -159,7 +159,8 @@ def test_export_of_a_bf16_mixed_run_writes_the_fp32_masters(tiny_models, tmp_pat
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from fastrft.checkpoint import export_run, load_latest
+    from fastrft.checkpoint import load_latest
+    from fastrft.export import export_run
     from fastrft.models import load_model
     from fastrft.trainer import Trainer
 

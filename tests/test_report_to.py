@@ -41,7 +41,7 @@ def test_report_to_wandb_logs_every_round_and_evaluation(tiny_llama, tmp_path, m
     out = tmp_path / "run"
     assert main(_args(tiny_llama, out, "--report-to", "wandb,tensorboard")) == 0
     (init,) = sent["init"]
-    assert init["name"] == "train" and init["dir"] == str(out) and init["resume"] == "allow" and init["config"]["run"]
+    assert init["name"] == "run" and init["dir"] == str(out) and init["resume"] == "allow" and init["config"]["run"]
     steps = [(step, sorted(k.split("/")[0] for k in data)[0]) for step, data in sent["log"]]
     assert steps == [(0, "eval"), (1, "train"), (2, "train"), (2, "eval")]
     assert "train/reward_mean" in sent["log"][1][1] and "eval/test_pass1" in sent["log"][-1][1]
@@ -50,7 +50,7 @@ def test_report_to_wandb_logs_every_round_and_evaluation(tiny_llama, tmp_path, m
 
 def test_report_to_wandb_for_real_in_offline_mode(tiny_llama, tmp_path, monkeypatch):
     """The real wandb package, WANDB_MODE=offline: the run's records land in <run dir>/wandb under the run
-    id derived from the run directory, rounds and evaluations both."""
+    id kept in the run directory, rounds and evaluations both."""
     import pytest
 
     pytest.importorskip("wandb")

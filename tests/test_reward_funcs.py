@@ -72,7 +72,8 @@ def test_a_trl_style_reward_list_trains_from_python_and_each_is_logged(tiny_llam
     for r in rounds:
         assert r["reward_mean"] == pytest.approx(r["reward_exact_mean"] + 0.5 * r["reward_length_penalty_mean"])
         assert "correct_mean" in r  # correctness is still measured
-    assert calls == [3, 3]  # batched: one call per round with the round's 3 completions
+    # batched: one call on one probe completion before the run starts, then one per round with its 3
+    assert calls == [1, 3, 3]
     stored = json.loads((out / "config.json").read_text())["data"]["reward_funcs"]
     assert stored == ["python:test_a_trl_style_reward_list_trains_from_python_and_each_is_logged.<locals>.exact",
                       f"{__name__}:length_penalty"]

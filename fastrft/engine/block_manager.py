@@ -236,10 +236,14 @@ class PyBlockManager:
 
     def reset_prefix_cache(self) -> None:
         """Forget every cached prefix (call after each optimizer step: the weights changed). Blocks in
-        use keep working; they can no longer be matched."""
+        use keep working; they can no longer be matched. With no sequence alive, the free pool goes back
+        to a fresh manager's order, so that what follows a reset (the round after a checkpoint, the same
+        round after a resume) is given the same blocks."""
         self._cache.clear()
         self._hash = [None] * self._num_blocks
         self._block_tokens = [None] * self._num_blocks
+        if not self._seqs:
+            self._free = OrderedDict.fromkeys(range(self._num_blocks))
 
     # ------------------------------------------------------------------------------------- queries
     def block_table(self, seq_ids) -> np.ndarray:

@@ -50,25 +50,36 @@ class Checkpoints:
         """The finished checkpoints by round."""
         return dict(ckpt.checkpoint_dirs(self.out_dir))
 
-    def restore(self, force: bool) -> tuple[int, RunState] | None:
+    def restore(self, force: bool, keep_base_eval: bool = False) -> tuple[int, RunState] | None:
         """Continue from the newest whole checkpoint: (its round, the run state). With none, start over
         (None) only if nothing was recorded yet, or with ``force``, which keeps the old records beside the
-        new ones: records are never dropped without the user asking."""
+        new ones: records are never dropped without the user asking. ``keep_base_eval``: a run that stopped
+        in round 1 (a reward function that raised, a crash) with only the base model's evaluation recorded
+        keeps it and continues with round 1: (0, a fresh run state), as after an interrupt."""
         main = self.world.main
         if main:
             ckpt.clean_partial(self.out_dir)
-        damaged: list[str] = []
+        warnings: list[str] = []
+        damaged: list[tuple] = []  # (checkpoint directory, problem)
         # Rank 0 picks and verifies the checkpoint; the others load the one it chose.
-        found = ckpt.load_latest(self.out_dir, warn=damaged.append) if main else None
+        found = ckpt.load_latest(self.out_dir, warn=warnings.append, damaged=damaged) if main else None
         chosen = self.world.broadcast(None if found is None else found[0])
         if not main and chosen is not None:
             found = ckpt.load_round(self.out_dir, chosen)
         if chosen is None:
+            kept = self.world.broadcast(main and keep_base_eval and not damaged and rundir.base_eval_only(self.out_dir))
+            if kept:
+                if main:  # rollouts of the round that did not finish are dropped, as a checkpoint's restore does
+                    ckpt.truncate(self.out_dir / "rollouts.jsonl", 0)
+                    print(f"fastrft: {self.out_dir} holds the base model's evaluation and no checkpoint (the run "
+                          "stopped in round 1); keeping the evaluation and starting round 1", file=sys.stderr)
+                self.world.barrier()
+                return 0, RunState()
             if main:
                 rundir.start_over(self.out_dir, damaged, force)
             self.world.barrier()
             return None
-        for msg in damaged:
+        for msg in warnings:
             print(msg, file=sys.stderr)
         round_, payload = found
         ckpt.check_layout(self.out_dir, round_, payload, self.world.distributed)

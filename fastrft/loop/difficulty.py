@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from tqdm.auto import tqdm
+from fastrft.progress import bar as progress_bar
 
 from fastrft.config import TrainConfig
 from fastrft.data import Example, selection
@@ -39,8 +39,7 @@ def pass_counts(cands: list[Example], *, cfg: TrainConfig, gen, model, encode, o
     def sample(exs: list[Example]) -> list[list[float]]:
         out = []
         chunk = max(1, ro.max_batch_size // d.difficulty_samples)
-        bar = tqdm(total=len(exs), desc="difficulty", unit="problem", disable=not progress, file=sys.stderr,
-                   dynamic_ncols=True)
+        bar = progress_bar(total=len(exs), desc="difficulty", unit="problem", disable=not progress, transient=True)
         for i in range(0, len(exs), chunk):
             part = exs[i:i + chunk]
             groups = gen.generate([encode(x) for x in part], n=d.difficulty_samples, max_new_tokens=ro.max_new_tokens,

@@ -10,14 +10,13 @@ its generation is collective.
 
 from __future__ import annotations
 
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from tqdm.auto import tqdm
+from fastrft.progress import bar as progress_bar
 
 from fastrft.config import TrainConfig
 from fastrft.evaluate import BaseEvalCache, EvalSet, base_eval_key, eval_sequences, evaluate
@@ -78,8 +77,8 @@ class Evaluator:
         self.model.eval()
         self.reset_prefix_cache()
         total = eval_sequences(self.train_set, self.test_set, train_samples=e.train_samples, greedy=e.greedy)
-        with tqdm(total=total, desc=f"eval round {r}", unit="seq", leave=False, file=sys.stderr,
-                  disable=not self.progress, dynamic_ncols=True) as bar:
+        with progress_bar(total=total, desc=f"eval round {r}", unit="seq", transient=True,
+                          disable=not self.progress) as bar:
             def measure():
                 return evaluate(self.gen, self.train_set, self.test_set, train_samples=e.train_samples,
                                 temperature=e.eval_temperature,

@@ -6,6 +6,7 @@ statistics (fastrft.loop.learner) or the skip counters, then the stage timings (
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from fastrft.loop.types import Rollouts, RoundBatch, Scores
@@ -24,7 +25,8 @@ def rollout_metrics(batch: RoundBatch, rollouts: Rollouts, scores: Scores) -> di
         "rollout_tokens": rollouts.tokens, "extra_rollout_tokens": rollouts.extra_tokens,
     }
     for name, values in scores.by_function.items():  # --reward-funcs: each function's mean where it applied
-        metrics[f"reward_{name}_mean"] = _mean([v for v in values if v is not None])
+        given = [v for v in values if v is not None]
+        metrics[f"reward_{name}_mean"] = _mean(given) if given else math.nan  # none applied: NaN, as TRL logs
     if scores.baselines:  # window / extra_samples: the rewards the baseline was taken from
         metrics.update(baseline_mean=_mean([_mean(b) for b in scores.baselines]),
                        baseline_std=_mean([_std(b) for b in scores.baselines]))

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tqdm.auto import tqdm
+from fastrft.progress import bar as progress_bar
 
 from fastrft.config import TrainConfig
 from fastrft.errors import ConfigError
@@ -29,8 +29,8 @@ class Recorder:
         sinks = report_sinks(cfg)
         self.tb = _tensorboard(out_dir) if "tensorboard" in sinks else None
         self.wandb = _wandb(cfg, out_dir) if "wandb" in sinks else None
-        self.bar = tqdm(total=cfg.run.rounds, initial=done, desc=cfg.run.name, unit="round", disable=not progress,
-                        file=sys.stderr, dynamic_ncols=True)
+        self.bar = progress_bar(total=cfg.run.rounds, initial=done, desc=cfg.run.name, unit="round",
+                                disable=not progress)
 
     def note(self, line: str) -> None:
         """A line above the progress bar, on stderr."""
@@ -47,15 +47,20 @@ class Recorder:
         self.scalars(record, record["round"], prefix="eval/")
         self.note(line)
 
-    def rollouts(self, batch: RoundBatch, rollouts: Rollouts, scores: Scores) -> None:
-        """The round's first --log-samples responses with their rewards, to rollouts.jsonl."""
+    def rollouts(self, batch: RoundBatch, rollouts: Rollouts, scores: Scores, extra: dict | None = None) -> None:
+        """The round's first --log-samples responses with their rewards, to rollouts.jsonl; ``extra``: the
+        columns reward functions logged (``log_extra``), one value per response."""
         if self.samples is None:
             return
         flat = [(ex, c) for ex, g in zip(batch.examples, rollouts.groups) for c in g]
         n = self.cfg.run.log_samples
-        self.samples.write({"round": batch.round, "samples": [
-            {"example": ex.id, "text": c.text, "reward": rw, "tokens": len(c.token_ids), "finish": c.finish_reason}
-            for (ex, c), rw in list(zip(flat, scores.rewards))[:n]]})
+        samples = [{"example": ex.id, "text": c.text, "reward": rw, "tokens": len(c.token_ids),
+                    "finish": c.finish_reason} for (ex, c), rw in list(zip(flat, scores.rewards))[:n]]
+        for column, values in (extra or {}).items():
+            for sample, value in zip(samples, values):
+                sample.setdefault(column, value if isinstance(value, (str, int, float, bool, type(None)))
+                                  else str(value))
+        self.samples.write({"round": batch.round, "samples": samples})
 
     def scalars(self, record: dict[str, Any], step: int, prefix: str) -> None:
         """The record's numbers as TensorBoard scalars and wandb metrics (--report-to), at step = round."""
@@ -91,7 +96,7 @@ class NullRecorder:
     def evaluation(self, record: dict[str, Any], line: str) -> None:
         pass
 
-    def rollouts(self, batch: RoundBatch, rollouts: Rollouts, scores: Scores) -> None:
+    def rollouts(self, batch: RoundBatch, rollouts: Rollouts, scores: Scores, extra: dict | None = None) -> None:
         pass
 
     def close(self) -> None:
@@ -115,14 +120,25 @@ def check_sinks(cfg: TrainConfig) -> None:
 
 
 def _wandb(cfg: TrainConfig, out_dir: Path):
-    """A wandb run for this run directory: the same id on every resume, so its history continues."""
-    import hashlib
+    """A wandb run for this run directory: the same id on every resume (kept in <run dir>/wandb-id, so a
+    moved directory continues it too), named after the run directory unless --name was given; its files
+    go to WANDB_DIR when that is set, else into the run directory."""
+    import os
+    import uuid
 
     import wandb
 
-    run_id = hashlib.sha1(str(out_dir.resolve()).encode()).hexdigest()[:16]
-    return wandb.init(project=None, name=cfg.run.name, id=run_id, resume="allow", dir=str(out_dir),
-                      config=cfg.to_dict())
+    from fastrft.config import RunConfig
+
+    id_file = out_dir / "wandb-id"
+    run_id = id_file.read_text().strip() if id_file.exists() else ""
+    if not run_id:
+        run_id = uuid.uuid4().hex[:16]
+        id_file.write_text(run_id + "\n")
+    given = cfg.run.name not in (RunConfig.name, "demo")  # the defaults of train and demo name nothing
+    extra = {} if os.environ.get("WANDB_DIR") else {"dir": str(out_dir)}
+    return wandb.init(project=None, name=cfg.run.name if given else out_dir.resolve().name, id=run_id,
+                      resume="allow", config=cfg.to_dict(), **extra)
 
 
 def _tensorboard(out_dir: Path):

@@ -21,6 +21,7 @@ from fastrft.loop.learner import Learner
 from fastrft.loop.metrics import rollout_metrics, timings
 from fastrft.loop.scoring import score
 from fastrft.loop.types import Rollouts, RunState, Scores, TrainBatch
+from fastrft.rewards.calling import Progress
 from fastrft.rewards.funcs import RewardFunc
 
 
@@ -42,10 +43,12 @@ def train_round(s: Stages, state: RunState, r: int) -> dict[str, Any]:
     batch = s.data.for_round(r)
     rollouts = s.sample(r, batch.prompt_ids)
     t1 = time.monotonic()
-    scores = score(batch, rollouts, s.cfg.algo, state.history, s.reward_funcs)
+    progress = position(s.cfg, state, r)
+    scores = score(batch, rollouts, s.cfg.algo, state.history, s.reward_funcs, progress)
     t2 = time.monotonic()
-    s.recorder.rollouts(batch, rollouts, scores)
+    s.recorder.rollouts(batch, rollouts, scores, progress.extra)
     metrics = rollout_metrics(batch, rollouts, scores)
+    metrics.update(logged_metrics(progress, metrics))
     if _carries_gradient(s.cfg, scores):
         stats = s.learner.update(r, TrainBatch.of(batch, rollouts, scores), first_update=state.updates)
         state.updates += stats["optimizer_steps"]
@@ -55,6 +58,20 @@ def train_round(s: Stages, state: RunState, r: int) -> dict[str, Any]:
         metrics.update(skipped=1, skipped_total=state.skipped, time_fwd_bwd=0.0, time_optim=0.0)
     metrics.update(timings(metrics, t1 - t0, t2 - t1, time.monotonic() - t2))
     return metrics
+
+
+def position(cfg: TrainConfig, state: RunState, r: int) -> Progress:
+    """Round ``r``'s place in the run, as reward functions see it (their ``trainer_state``)."""
+    a, d = cfg.algo, cfg.data
+    return Progress(global_step=state.updates, max_steps=cfg.run.rounds * a.ppo_epochs * a.mini_batches,
+                    epoch=(r - 1) / max(cfg.run.rounds, 1), answer_column=d.answer_column,
+                    prompt_column=d.prompt_column)
+
+
+def logged_metrics(progress: Progress, metrics: dict[str, Any]) -> dict[str, float]:
+    """What the reward functions logged with ``log_metric``, averaged over the round; a name that a
+    record field already has is prefixed ``reward_``."""
+    return {(k if k not in metrics else f"reward_{k}"): sum(v) / len(v) for k, v in progress.metrics.items() if v}
 
 
 def _carries_gradient(cfg: TrainConfig, scores: Scores) -> bool:

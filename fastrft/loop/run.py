@@ -161,7 +161,9 @@ class RunLoop:
 def _check_finite(metrics: dict[str, Any], saved: dict[int, Path], hint: str) -> None:
     """A round whose update produced NaN or inf has diverged: stop with what happened, before its record
     is written (metrics.jsonl holds numbers only), pointing at the checkpoint a rerun continues from."""
-    bad = [k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)]
+    # A reward function's mean is NaN when it returned None throughout (TRL's convention): not divergence.
+    bad = [k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)
+           and not (k.startswith("reward_") and k != "reward_mean")]
     if bad:
         last = f"round {max(saved)}" if saved else "none yet"
         raise FastRFTError(f"round {metrics['round']} diverged: {', '.join(bad)} not finite (NaN or inf), so "

@@ -22,6 +22,7 @@ from fastrft.algo import ADVANTAGES, group_advantages, map_reward
 from fastrft.config import AlgoConfig
 from fastrft.loop.types import Rollouts, RoundBatch, Scores
 from fastrft.rewards import funcs as reward_funcs
+from fastrft.rewards.calling import Progress
 from fastrft.rewards.funcs import RewardFunc
 
 
@@ -34,15 +35,17 @@ def correct(example, completion, fail_truncated: bool) -> float:
 
 
 def score(batch: RoundBatch, rollouts: Rollouts, algo: AlgoConfig, history: dict[str, list[float]],
-          funcs: list[RewardFunc] | None = None) -> Scores:
+          funcs: list[RewardFunc] | None = None, progress: Progress | None = None) -> Scores:
     """Scores, rewards and advantages of ``rollouts``; appends this round's rewards to ``history`` (the
     window baseline's per-example record, updated in place) when the estimator uses it. With ``funcs``
-    (--reward-funcs) the reward is their weighted sum instead of the mapped correctness score."""
+    (--reward-funcs) the reward is their weighted sum instead of the mapped correctness score;
+    ``progress``: the run's position for their ``trainer_state``, and what they log."""
+    progress = progress or Progress()
     pair = (algo.reward_fail, algo.reward_success)
     scores = [[correct(ex, c, algo.fail_truncated) for c in g] for ex, g in zip(batch.examples, rollouts.groups)]
     by_function: dict[str, list] = {}
     if funcs:
-        totals, by_function = _weighted(funcs, batch.examples, rollouts.groups)
+        totals, by_function = _weighted(funcs, batch.examples, rollouts.groups, progress)
         sizes = [len(g) for g in rollouts.groups]
         rewards_ = [totals[sum(sizes[:i]):sum(sizes[:i + 1])] for i in range(len(sizes))]
     else:
@@ -57,7 +60,7 @@ def score(batch: RoundBatch, rollouts: Rollouts, algo: AlgoConfig, history: dict
             del hist[:-algo.window]
             baseline = torch.tensor(hist)
         elif kind == "extra" and funcs:
-            baseline = torch.tensor(_weighted(funcs, [ex], [rollouts.extra[i]])[0])
+            baseline = torch.tensor(_weighted(funcs, [ex], [rollouts.extra[i]], Progress(**_position(progress)))[0])
         elif kind == "extra":
             baseline = torch.tensor([map_reward(correct(ex, c, algo.fail_truncated), pair)
                                      for c in rollouts.extra[i]])
@@ -68,7 +71,14 @@ def score(batch: RoundBatch, rollouts: Rollouts, algo: AlgoConfig, history: dict
                   advantages=advantages, baselines=baselines, by_function=by_function)
 
 
-def _weighted(funcs: list[RewardFunc], examples, groups) -> tuple[list[float], dict[str, list]]:
+def _weighted(funcs: list[RewardFunc], examples, groups, progress: Progress) -> tuple[list[float], dict[str, list]]:
     """The reward functions over the groups' responses, flat in rollout order."""
     flat = [(ex, c) for ex, g in zip(examples, groups) for c in g]
-    return reward_funcs.score(funcs, [c.text for _, c in flat], [ex for ex, _ in flat])
+    return reward_funcs.score(funcs, [c.text for _, c in flat], [ex for ex, _ in flat],
+                              [list(c.token_ids) for _, c in flat], progress)
+
+
+def _position(p: Progress) -> dict:
+    """``p``'s run position without its logs (the extra samples' scoring logs nothing)."""
+    return dict(global_step=p.global_step, max_steps=p.max_steps, epoch=p.epoch, answer_column=p.answer_column,
+                prompt_column=p.prompt_column)

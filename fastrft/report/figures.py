@@ -57,8 +57,11 @@ def curves_figure(records: list[dict[str, Any]], title: str = "") -> Any:
     series = [("reward_mean", "reward", "tab:green")]
     if any(r.get("correct_mean") != r.get("reward_mean") for r in rounds):  # {-1,+1} rewards: show both
         series.append(("correct_mean", "share correct", "tab:purple"))
-    _round_panel(ax_reward, rounds, series, "reward per round")
-    _round_panel(ax_loss, stepped, [("loss", "loss", "tab:red")], "loss per round (skipped rounds left out)")
+    # --reward-funcs: each function's mean, thinner, beside their weighted sum.
+    parts = sorted({k for r in rounds for k in r if k.startswith("reward_") and k.endswith("_mean")} - {"reward_mean"})
+    series += [(k, k.removeprefix("reward_").removesuffix("_mean"), f"C{4 + i % 6}") for i, k in enumerate(parts)]
+    _round_panel(ax_reward, rounds, series, "reward per round" + (" (and each reward function)" if parts else ""))
+    _loss_panel(ax_loss, stepped)
     kl_key = "kl_mean" if any("kl_mean" in r for r in stepped) else "kl"
     if any(r.get(kl_key) for r in stepped):
         _round_panel(ax_kl, stepped, [(kl_key, "KL", "tab:brown")], "KL to the initial policy per round")
@@ -69,6 +72,20 @@ def curves_figure(records: list[dict[str, Any]], title: str = "") -> Any:
         fig.suptitle(title)
     fig.tight_layout()
     return fig
+
+
+def _loss_panel(ax: Any, stepped: list[dict[str, Any]]) -> None:
+    """The loss per round; when it is one constant (one step per round on fresh samples with a {0, 1}
+    reward and no baseline: the loss is minus the mean advantage, -1 in every round that steps), it says
+    nothing, so the mean log-prob of the trained tokens, which moves as the policy learns, is drawn
+    instead, and the title says why."""
+    losses = {round(float(r["loss"]), 9) for r in stepped if r.get("loss") is not None}
+    if len(losses) == 1 and any(r.get("logp_mean") is not None for r in stepped):
+        _round_panel(ax, stepped, [("logp_mean", "mean log-prob of the trained tokens", "tab:red")],
+                     f"loss is {losses.pop():g} in every round that stepped (-mean advantage);\n"
+                     "the trained tokens' log-prob instead")
+        return
+    _round_panel(ax, stepped, [("loss", "loss", "tab:red")], "loss per round (skipped rounds left out)")
 
 
 def _moving_mean(ys: list[float], w: int) -> list[float]:
@@ -201,20 +218,35 @@ def _plot_deltas(ax: Any, layers: list[dict[str, Any]], base: dict[str, Any]) ->
 
 
 def plot_overlay(runs: list[tuple[str, list[dict[str, Any]]]], png: str | Path) -> Path:
-    """Several runs on shared axes: train Pass@1 (left) and test Pass@1 (right), one colour per run."""
-    fig, axes = _pyplot().subplots(1, 2, figsize=(11, 4.0), dpi=110, sharey=True)
-    for i, (name, records) in enumerate(runs):
-        color = f"C{i % 10}"
-        for ax, key in zip(axes, ("train_pass1", "test_pass1")):
-            c = curve(records, key)
+    """Several runs on shared axes: train Pass@1 (left) and test Pass@1 (right), one colour and one marker
+    per run, each panel with its legend. Runs that coincide (several at 0, say) would hide one another, so
+    each run's line is drawn a little wider than the next and with its own marker, and runs whose
+    points coincide are named together in the legend."""
+    from matplotlib.lines import Line2D
+
+    fig, axes = _pyplot().subplots(1, 2, figsize=(11, 4.4), dpi=110, sharey=True)
+    markers = "osD^vP*Xh<>"
+    for ax, key, title in zip(axes, ("train_pass1", "test_pass1"), ("train Pass@1", "test Pass@1 (T=1)")):
+        curves = [(i, name, curve(records, key)) for i, (name, records) in enumerate(runs)]
+        groups: dict[tuple, list[int]] = {}
+        for i, _, c in curves:
             if c:
-                ax.plot(*zip(*c), color=color, marker="o", ms=3, label=name)
-    for ax, title in zip(axes, ("train Pass@1", "test Pass@1 (T=1)")):
+                groups.setdefault(tuple(c), []).append(i)
+        for i, name, c in curves:
+            if c:
+                ax.plot(*zip(*c), color=f"C{i % 10}", marker=markers[i % len(markers)], ms=7 - 4 * i / max(len(runs), 1),
+                        lw=2.6 - 1.8 * i / max(len(runs), 1), alpha=0.85, zorder=2 + i)
+        handles = []
+        for same in groups.values():
+            first = same[0]
+            label = runs[first][0] if len(same) == 1 else " = ".join(runs[j][0] for j in same) + " (same points)"
+            handles.append(Line2D([], [], color=f"C{first % 10}", marker=markers[first % len(markers)], label=label))
         ax.set_title(title)
         _round_axis(ax)
-        ax.set_ylim(-0.02, 1.02)
+        ax.set_ylim(-0.04, 1.04)
         ax.grid(alpha=0.3)
-    axes[1].legend(loc="best", fontsize=8)
+        if handles:
+            ax.legend(handles=handles, loc="best", fontsize=8)
     fig.tight_layout()
     return _save(fig, png)
 

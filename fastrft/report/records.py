@@ -1,4 +1,4 @@
-"""metrics.jsonl and the small JSON files a study shares: writing, locking, reading.
+"""metrics.jsonl and the small JSON files a study shares: writing, locking (fastrft.lock), reading.
 
 metrics.jsonl holds one JSON object per line with ``kind`` = "round" (one per training round) or
 "eval" (one per evaluation). It is flushed and fsynced after every record, so an interrupted run leaves
@@ -10,14 +10,10 @@ from __future__ import annotations
 import json
 import math
 import os
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-try:
-    import fcntl
-except ImportError:  # not POSIX: no advisory locks; the caches are then safe for one writer at a time
-    fcntl = None
+from fastrft.lock import locked  # re-exported: the caches' writers take it from here
 
 
 class MetricsLog:
@@ -26,6 +22,9 @@ class MetricsLog:
         self._f = open(self.path, "a", encoding="utf-8")
 
     def write(self, record: dict[str, Any]) -> None:
+        """One record; a NaN or infinite value (a reward function that never applied) is written as null,
+        which JSON can hold."""
+        record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
         self._f.write(json.dumps(record, allow_nan=False, default=_jsonable) + "\n")
         self._f.flush()
         os.fsync(self._f.fileno())
@@ -42,22 +41,6 @@ def write_json(path: str | Path, data: Any) -> None:
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     tmp.write_text(json.dumps(data, indent=1, sort_keys=True), encoding="utf-8")
     os.replace(tmp, path)
-
-
-@contextmanager
-def locked(path: str | Path) -> Iterator[None]:
-    """Hold an exclusive lock for ``path`` (an advisory ``flock`` on the sibling ``<name>.lock``).
-
-    The study caches are read-modify-write: two runs that read, add their entry and :func:`write_json`
-    at the same time would each drop the other's entry. Writers that read and write inside this block
-    never lose an entry; readers need no lock (a rename is atomic). The lock is on a sibling file
-    because the cache itself is replaced by every write, and a lock on a replaced file locks nothing."""
-    lock = Path(path).with_name(Path(path).name + ".lock")
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock, "a", encoding="utf-8") as f:
-        if fcntl is not None:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX)  # released when the file is closed
-        yield
 
 
 def _jsonable(x: Any) -> Any:

@@ -43,15 +43,14 @@ def load(spec: str) -> RewardFn:
 
 
 def load_any(spec: str) -> Callable:
-    """Like :func:`load`, but also accepts TRL's batched signature ``f(completions, **kwargs)``."""
+    """Like :func:`load`, but also accepts TRL's batched signature ``f(completions, **kwargs)``
+    (fastrft.rewards.calling.is_batched)."""
+    from fastrft.rewards.calling import is_batched
+
     fn = _resolve(spec)
     if not callable(fn):
         raise ConfigError(f"{spec!r} is not callable (an object of type {type(fn).__name__})")
-    try:
-        params = inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return fn
-    return fn if "completions" in params else load(spec)
+    return fn if is_batched(fn) else load(spec)
 
 
 def _resolve(spec: str) -> object:

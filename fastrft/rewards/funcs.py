@@ -5,26 +5,26 @@ A function is given as a registered name, as ``"module.path:function"``, or (fro
 function itself, and has one of two signatures:
 
 - ``f(response: str, answer: str) -> float``: fastrft's own, called once per response;
-- ``f(completions: list[str], **kwargs) -> list[float | None]``: TRL's batched one, called once per
-  round with ``completions`` (the responses), ``prompts`` (each example's question), ``answer`` (the
-  reference answers) and every other column of the examples (``Example.meta``), each a list in the
-  order of the completions. ``None`` means "does not apply" and adds nothing.
+- ``f(completions, **kwargs) -> list[float | None]``: TRL's batched one, called once per batch with the
+  arguments TRL passes (fastrft.rewards.calling): ``completions`` (strings, or one assistant message each
+  for a conversational dataset), ``prompts``, ``completion_ids``, every column of the examples,
+  ``trainer_state``, ``log_metric`` and ``log_extra``. ``None`` means "does not apply" and adds nothing.
 
-Any finite float is allowed (not only [0, 1]); a value that is not one stops the round with an error
-naming the function. Each function's mean is logged per round as ``reward_<name>_mean``.
+Any finite float is allowed (not only [0, 1]); a value that is not one, or an exception, stops the
+round with one line naming the function and the completion. Each function's mean over the values it
+gave is logged per round as ``reward_<name>_mean`` (NaN when it gave none, with a warning, as TRL).
 """
 
 from __future__ import annotations
 
-import inspect
 import math
 import numbers
 import reprlib
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
-from fastrft.errors import ConfigError, FastRFTError
-from fastrft.rewards import custom
+from fastrft.errors import ConfigError
+from fastrft.rewards import calling, custom
 from fastrft.rewards.registry import names, registered
 
 #: How a function given from Python is recorded in config.json when it cannot be imported by name.
@@ -53,10 +53,7 @@ def spec_of(fn: Callable[..., Any]) -> str:
 
 
 def _is_batched(fn: Callable[..., Any]) -> bool:
-    try:
-        return "completions" in inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
+    return calling.is_batched(fn)
 
 
 def load(spec: str) -> Callable[..., Any]:
@@ -71,6 +68,17 @@ def load(spec: str) -> Callable[..., Any]:
         return custom.load_any(spec)
     raise ConfigError(f"unknown reward function {spec!r}; choose one of: {', '.join(names())}, or write "
                       f"'module.path:function'")
+
+
+def check(spec: str, fn: Callable[..., Any], data, columns: set[str] | None = None) -> None:
+    """Refuse a batched function that requires an argument the run cannot pass (``data``: the DataConfig;
+    ``columns``: the loaded dataset's columns, when known; else the builtin datasets' known ones)."""
+    if not _is_batched(fn):
+        return
+    where = f"dataset {data.dataset!r}"
+    if columns is None and data.dataset in calling.BUILTIN_COLUMNS:
+        columns = set(calling.BUILTIN_COLUMNS[data.dataset])
+    calling.check_arguments(spec, fn, columns, data.answer_column, where, data.prompt_column)
 
 
 def resolve(specs: Sequence[str], weights: Sequence[float],
@@ -88,28 +96,40 @@ def resolve(specs: Sequence[str], weights: Sequence[float],
     return out
 
 
-def score(funcs: list[RewardFunc], completions: list[str], examples: list) -> tuple[list[float], dict[str, list]]:
-    """(weighted totals per completion, each function's values by name); ``examples[i]`` is completion i's."""
-    columns: dict[str, list[Any]] = {"prompts": [ex.question for ex in examples],
-                                     "answer": [ex.answer for ex in examples]}
-    for key in sorted({k for ex in examples for k in ex.meta}):
-        columns.setdefault(key, [ex.meta.get(key) for ex in examples])
-    totals = [0.0] * len(completions)
+def score(funcs: list[RewardFunc], completions: list[str], examples: list, completion_ids=None,
+          progress: calling.Progress | None = None) -> tuple[list[float], dict[str, list]]:
+    """(weighted totals per completion, each function's values by name); ``examples[i]`` is completion i's,
+    ``completion_ids[i]`` its token ids. ``progress``: the run's position, and what the functions log
+    (fastrft.rewards.calling). A value None adds nothing to the total (nansum, as TRL)."""
+    progress = progress or calling.Progress()
+    n = len(completions)
+    totals = [0.0] * n
     values: dict[str, list] = {}
+    kwargs = None
     for f in funcs:
         if f.batched:
-            got = f.fn(completions=list(completions), **columns)
-            if not isinstance(got, (list, tuple)) or len(got) != len(completions):
-                raise FastRFTError(f"reward function {f.spec!r} returned {reprlib.repr(got)}; a batched reward must "
-                                   f"return a list of {len(completions)} floats (or None), one per completion")
+            kwargs = kwargs or calling.batched_kwargs(completions, examples, completion_ids, progress)
+            got = calling.call_batched(f.spec, f.fn, dict(kwargs), n)
+            if not isinstance(got, (list, tuple)) or len(got) != n:
+                raise calling.RewardError(f"reward function {f.spec!r} returned {reprlib.repr(got)}; a batched reward "
+                                          f"must return a list of {n} floats (or None), one per completion")
         else:
-            got = [f.fn(c, ex.answer) for c, ex in zip(completions, examples)]
+            got = [calling.call_single(f.spec, f.fn, c, ex.answer, i, n)
+                   for i, (c, ex) in enumerate(zip(completions, examples))]
         for i, v in enumerate(got):
             if v is None:
                 continue
             if not isinstance(v, numbers.Real) or isinstance(v, bool) or not math.isfinite(v):
-                raise FastRFTError(f"reward function {f.spec!r} returned {reprlib.repr(v)} for completion {i} "
-                                   f"({reprlib.repr(completions[i])}); a reward must be a finite float (or None)")
+                raise calling.RewardError(f"reward function {f.spec!r} returned {reprlib.repr(v)} for completion "
+                                          f"{i + 1} of {n} ({reprlib.repr(completions[i])}); a reward must be a "
+                                          "finite float (or None)")
             totals[i] += f.weight * float(v)
         values[f.name] = [None if v is None else float(v) for v in got]
+        if n and all(v is None for v in got):
+            calling.warn_once(f"none:{f.spec}", f"reward function {f.spec!r} returned None for every completion it "
+                              f"was given; its reward_{f.name}_mean is logged as NaN (null in metrics.jsonl), as "
+                              "TRL does, and it adds nothing to the reward")
+    if funcs and any(all(values[f.name][i] is None for f in funcs) for i in range(n)):
+        calling.warn_once("none:all", "every reward function returned None for some completion; it is rewarded 0. "
+                          "Make at least one function return a value for every completion")
     return totals, values

@@ -1,0 +1,242 @@
+"""How a round calls TRL-style batched reward functions: the keyword arguments TRL's GRPOTrainer
+passes, in its formats, and what happens when a function fails.
+
+A batched function ``f(completions, **kwargs)`` is called once per batch with, each a list in the order
+of the completions (as TRL does):
+
+- ``completions``: plain strings; for a *conversational* dataset (its prompt column holds lists of
+  ``{"role", "content"}`` messages), ``[{"role": "assistant", "content": text}]`` per completion;
+- ``prompts``: the prompt column as the dataset holds it (a string, or the list of messages);
+- ``completion_ids``: the completion's token ids (``list[int]``);
+- the reference answer, under the answer column's name (``--answer-column``; also as ``answer``), and
+  every other column of the dataset under its own name;
+- ``trainer_state``: a ``transformers.TrainerState`` with ``global_step`` (optimizer steps taken so
+  far), ``max_steps`` (``--rounds`` x the steps of a round) and ``epoch`` (rounds done / ``--rounds``);
+- ``log_metric(name, value)``: adds a scalar to the round's record (averaged over the round's calls);
+- ``log_extra(column, values)``: adds a column to the round's samples in rollouts.jsonl.
+
+A function without ``**kwargs`` receives only the arguments it names; one that names an argument no
+run provides is refused before anything loads (:func:`check_arguments`), and one that names a column
+the dataset lacks, when the data is loaded. A coroutine function is run to completion.
+
+A function that raises stops the batch with one line (:class:`RewardError`): the function, the
+exception and where it was raised, and the completion it was scoring (found by calling it on each
+completion alone when it was called on a batch), cut short.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import reprlib
+import sys
+import traceback
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from fastrft.errors import ConfigError, FastRFTError
+
+#: What every run passes to a batched reward function, besides the dataset's columns.
+PROVIDED = ("completions", "prompts", "completion_ids", "trainer_state", "log_metric", "log_extra", "answer")
+
+#: The columns of the builtin datasets (besides the answer), known before their files are read.
+BUILTIN_COLUMNS = {"gsm8k": ("solution",), "math": ("level", "type"), "arithmetic": ("level",)}
+
+
+class RewardError(FastRFTError):
+    """A reward function raised, or returned something that is not a reward."""
+
+
+@dataclass
+class Progress:
+    """Where the run is, for ``trainer_state``; and what the functions logged this round."""
+
+    global_step: int = 0
+    max_steps: int = 0
+    epoch: float = 0.0
+    answer_column: str = "answer"
+    prompt_column: str = "prompt"
+    metrics: dict[str, list[float]] = field(default_factory=dict)  # log_metric
+    extra: dict[str, list[Any]] = field(default_factory=dict)  # log_extra
+
+    def trainer_state(self):
+        try:
+            from transformers import TrainerState
+        except ImportError:  # transformers is a dependency; this only keeps the module importable without it
+            from types import SimpleNamespace as TrainerState  # type: ignore[assignment]
+        return TrainerState(global_step=self.global_step, max_steps=self.max_steps, epoch=self.epoch,
+                            num_train_epochs=1)
+
+    def log_metric(self, name: str, value: float) -> None:
+        self.metrics.setdefault(str(name), []).append(float(value))
+
+    def log_extra(self, column: str, values: list) -> None:
+        self.extra.setdefault(str(column), []).extend(values)
+
+
+#: Parameter names only TRL's batched form has.
+BATCHED_NAMES = ("completions", "completion_ids", "prompts", "trainer_state")
+
+
+def is_batched(fn: Callable[..., Any]) -> bool:
+    """TRL's batched form: a function that names one of its arguments, or takes ``**kwargs`` (as TRL's
+    own do, e.g. one that reads only ``completion_ids``). fastrft's ``f(response, answer)`` does neither."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name in BATCHED_NAMES or p.kind is p.VAR_KEYWORD for p in params)
+
+
+def parameters(fn: Callable[..., Any]) -> tuple[list[str], bool] | None:
+    """(the names ``fn`` requires, whether it takes ``**kwargs``); None when it has no signature."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    required = [p.name for p in params if p.default is inspect.Parameter.empty
+                and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    positional_only = [p.name for p in params if p.kind is p.POSITIONAL_ONLY]
+    if positional_only:
+        return positional_only + ["/"], False  # "/" marks them: keyword arguments cannot fill them
+    return required, any(p.kind is p.VAR_KEYWORD for p in params)
+
+
+def check_arguments(spec: str, fn: Callable[..., Any], columns: set[str] | None, answer_column: str,
+                    where: str, prompt_column: str = "prompt") -> None:
+    """Refuse a batched function that requires an argument no run passes. ``columns``: the dataset's
+    columns when known (None: a dataset whose columns are read later; only the fixed names are checked)."""
+    got = parameters(fn)
+    if got is None:
+        return
+    required, _ = got
+    if "/" in required:
+        raise ConfigError(f"reward function {spec!r}: its parameter(s) {', '.join(required[:-1])} are positional-only; "
+                          f"a batched reward is called with keyword arguments ({', '.join(PROVIDED)}, and the "
+                          "dataset's columns), so drop the '/'")
+    known = set(PROVIDED) | {answer_column} | ({prompt_column} - {"prompt"})
+    for name in required:
+        if name in known or (columns is None and name not in ("completion", "prompt")):
+            continue
+        if columns is not None and name in columns:
+            continue
+        have = sorted(known | (columns or set()))
+        raise ConfigError(f"reward function {spec!r} requires the argument {name!r}, which {where} does not "
+                          f"provide; a batched reward receives {', '.join(have)}: rename the parameter, give it a "
+                          "default, or add the column to the dataset")
+
+
+def conversational(examples) -> bool:
+    """Whether the dataset's prompts are conversations (TRL then passes completions as messages)."""
+    return any("prompt_messages" in ex.meta for ex in examples)
+
+
+def batched_kwargs(completions: list[str], examples, completion_ids, progress: Progress) -> dict[str, Any]:
+    """The keyword arguments of one batched call (module docstring)."""
+    chat = conversational(examples)
+    kwargs: dict[str, Any] = {
+        "prompts": [[dict(m) for m in ex.meta["prompt_messages"]] if chat else ex.question for ex in examples],
+        "completions": [[{"role": "assistant", "content": c}] for c in completions] if chat else list(completions),
+        "completion_ids": [list(ids) for ids in completion_ids] if completion_ids is not None else
+        [[] for _ in completions],
+    }
+    for key in sorted({k for ex in examples for k in ex.meta} - {"prompt_messages"}):
+        kwargs.setdefault(key, [ex.meta.get(key) for ex in examples])
+    if progress.prompt_column != "prompt":  # TRL passes every column but "prompt" under its own name
+        kwargs.setdefault(progress.prompt_column, kwargs["prompts"])
+    answers = [ex.answer for ex in examples]
+    kwargs.setdefault(progress.answer_column, answers)
+    kwargs.setdefault("answer", answers)
+    kwargs.update(trainer_state=progress.trainer_state(), log_metric=progress.log_metric,
+                  log_extra=progress.log_extra)
+    return kwargs
+
+
+def call_batched(spec: str, fn: Callable[..., Any], kwargs: dict[str, Any], n: int) -> Any:
+    """``fn`` on one batch of ``n`` completions; a failure raises RewardError naming the completion."""
+    got = parameters(fn)
+    if got is not None and not got[1]:  # no **kwargs: only what it names
+        names = set(inspect.signature(fn).parameters)
+        kwargs = {k: v for k, v in kwargs.items() if k in names}
+    try:
+        return _run(fn, kwargs)
+    except Exception as e:  # noqa: BLE001 - the user's code: any exception becomes one line
+        failed = e
+    index = None
+    if n > 1:  # which completion: the first that fails alone
+        for i in range(n):
+            one = {k: v[i:i + 1] if isinstance(v, list) and len(v) == n else v for k, v in kwargs.items()}
+            try:
+                _run(fn, one)
+            except Exception as e:  # noqa: BLE001
+                index, failed = i, e
+                break
+    texts = kwargs.get("completions") or []
+    raise RewardError(describe_failure(spec, failed, index if n > 1 else 0, _text(texts, index if n > 1 else 0), n))
+
+
+def call_single(spec: str, fn: Callable[..., Any], text: str, answer: str, index: int, n: int) -> Any:
+    try:
+        return fn(text, answer)
+    except Exception as e:  # noqa: BLE001
+        raise RewardError(describe_failure(spec, e, index, text, n)) from None
+
+
+def describe_failure(spec: str, e: BaseException, index: int | None, text: str | None, n: int) -> str:
+    """One line: the function, the exception and where it was raised, and the completion it scored."""
+    here = Path(__file__).resolve().parent.parent  # the fastrft package: the call site is not the place
+    frames = [f for f in traceback.extract_tb(e.__traceback__) if not Path(f.filename).resolve().is_relative_to(here)]
+    at = f" at {Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else ""
+    message = (str(e).splitlines() or [""])[0]
+    message = message if len(message) <= 160 else message[:157] + "..."
+    what = (f"completion {index + 1} of {n} ({_short(text)})" if index is not None and text is not None
+            else f"a batch of {n} completions (each alone scores fine)")
+    return (f"reward function {spec!r} raised {type(e).__name__}: {message}{at}, scoring {what}; fix the function "
+            "and rerun the same command (the run continues from what it recorded)")
+
+
+def _run(fn: Callable[..., Any], kwargs: dict[str, Any]) -> Any:
+    out = fn(**kwargs)
+    if inspect.isawaitable(out):
+        return asyncio.run(_await(out))
+    return out
+
+
+async def _await(awaitable):
+    return await awaitable
+
+
+def _text(completions: list, index: int | None) -> str | None:
+    if index is None or index >= len(completions):
+        return None
+    c = completions[index]
+    return c[0]["content"] if isinstance(c, list) and c and isinstance(c[0], dict) else str(c)
+
+
+def _short(text: str) -> str:
+    r = reprlib.Repr()
+    r.maxstring = 80
+    return r.repr(text)
+
+
+_WARNED: set[str] = set()
+_QUIET = [0]
+
+
+def warn_once(key: str, message: str) -> None:
+    """Print ``message`` on stderr the first time ``key`` is seen in this process (not inside quiet())."""
+    if key not in _WARNED and not _QUIET[0]:
+        _WARNED.add(key)
+        print(f"fastrft: warning: {message}", file=sys.stderr)
+
+
+@contextmanager
+def quiet() -> Iterator[None]:
+    """No warnings meanwhile: the probe call before a run says nothing about the run's rewards."""
+    _QUIET[0] += 1
+    try:
+        yield
+    finally:
+        _QUIET[0] -= 1
