@@ -175,6 +175,18 @@ def test_a_reward_that_cannot_run_fails_in_one_line_before_anything_is_written(t
     assert not out.exists()  # nothing costly ran, nothing was written
 
 
+def test_a_correctness_reward_that_raises_is_one_line_too(tiny_llama, tmp_path, monkeypatch, capsys):
+    mod = _reward_module(tmp_path, monkeypatch, """
+        def strict(response, answer):
+            raise ValueError("cannot parse " + response)
+        """, name="myreward")
+    assert main(_args(tiny_llama, tmp_path / "run", "--reward", f"{mod}:strict")) == 2
+    err = capsys.readouterr().err
+    (line,) = [x for x in err.splitlines() if x.strip()]
+    assert line.startswith(f"fastrft: error: reward '{mod}:strict' raised ValueError: cannot parse ")
+    assert f"at {mod}.py:3, scoring the response " in line and "Traceback" not in err
+
+
 def test_a_reward_that_raises_in_round_1_keeps_the_base_evaluation_and_the_fixed_rerun_continues(
         tiny_llama, tmp_path, monkeypatch, capsys):
     fine = """

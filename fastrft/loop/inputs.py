@@ -45,15 +45,25 @@ def with_reward_funcs(config: TrainConfig, funcs: list | None,
 
 
 def check_rewards(funcs: list, config: TrainConfig, examples: list, tokenizer) -> None:
-    """Refuse a batched function that requires a column the loaded dataset lacks, then call every function
-    once, on one probe completion (the first training example's reference answer), so that one that
-    cannot run fails now, with one line, rather than in round 1 after the base evaluation."""
-    if not funcs or not examples:
+    """Call the correctness reward, and refuse a batched function that requires a column the loaded
+    dataset lacks, then call every function once, on one probe completion (the first training example's
+    reference answer), so that one that cannot run fails now, with one line, rather than in round 1
+    after the base evaluation."""
+    if not examples:
+        return
+    from fastrft import rewards
+
+    probe = examples[0]
+    try:  # the correctness reward (--reward, or the dataset's own), which the base evaluation calls
+        rewards.score(probe.reward, probe.answer, probe.answer)
+    except calling.RewardError as e:
+        raise calling.RewardError(f"{e} [found before the run started, on a probe: example {probe.id}'s reference "
+                                  "answer as the response]") from None
+    if not funcs:
         return
     columns = {k for ex in examples for k in ex.meta} - {"prompt_messages"}
     for f in funcs:
         reward_funcs.check(f.spec, f.fn, config.data, columns | {config.data.answer_column})
-    probe = examples[0]
     text = probe.answer
     ids = tokenizer.encode(text, add_special_tokens=False) if tokenizer is not None else []
     d = config.data

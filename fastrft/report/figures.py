@@ -12,6 +12,9 @@ from fastrft.report.records import eval_records, plural, round_records
 from fastrft.report.tables import MIN_EFFECT, baseline, compare, curve, layer_means, mean_curve
 
 
+#: Colours of the --reward-funcs components (none of the reward's, the share correct's or the panels').
+PART_COLORS = ("tab:olive", "tab:cyan", "tab:pink", "tab:gray", "tab:blue", "tab:orange")
+
 CURVES = (("train_pass1", "train Pass@1", "-", "tab:blue"), ("test_pass1", "test Pass@1 (T=1)", "-", "tab:orange"),
           ("test_greedy", "test greedy", "--", "tab:orange"))
 
@@ -57,10 +60,19 @@ def curves_figure(records: list[dict[str, Any]], title: str = "") -> Any:
     series = [("reward_mean", "reward", "tab:green")]
     if any(r.get("correct_mean") != r.get("reward_mean") for r in rounds):  # {-1,+1} rewards: show both
         series.append(("correct_mean", "share correct", "tab:purple"))
-    # --reward-funcs: each function's mean, thinner, beside their weighted sum.
+    # --reward-funcs: each function's mean (dashed, its moving mean only) beside their weighted sum.
     parts = sorted({k for r in rounds for k in r if k.startswith("reward_") and k.endswith("_mean")} - {"reward_mean"})
-    series += [(k, k.removeprefix("reward_").removesuffix("_mean"), f"C{4 + i % 6}") for i, k in enumerate(parts)]
-    _round_panel(ax_reward, rounds, series, "reward per round" + (" (and each reward function)" if parts else ""))
+    _round_panel(ax_reward, rounds, series, "reward per round" + (", and each reward function" if parts else ""))
+    for i, key in enumerate(parts):
+        pts = [(r["round"], float(r[key])) for r in rounds if r.get(key) is not None]
+        if pts:
+            xs, ys = zip(*pts)
+            w = max(1, min(25, len(ys) // 8))
+            ax_reward.plot(xs, _moving_mean(list(ys), w), color=PART_COLORS[i % len(PART_COLORS)], lw=1.4, ls="--",
+                           label=key.removeprefix("reward_").removesuffix("_mean") + (f", mean of last {w}" if w > 1
+                                                                                     else ""))
+    if parts:
+        ax_reward.legend(loc="best", fontsize=7)
     _loss_panel(ax_loss, stepped)
     kl_key = "kl_mean" if any("kl_mean" in r for r in stepped) else "kl"
     if any(r.get(kl_key) for r in stepped):
@@ -218,35 +230,26 @@ def _plot_deltas(ax: Any, layers: list[dict[str, Any]], base: dict[str, Any]) ->
 
 
 def plot_overlay(runs: list[tuple[str, list[dict[str, Any]]]], png: str | Path) -> Path:
-    """Several runs on shared axes: train Pass@1 (left) and test Pass@1 (right), one colour and one marker
-    per run, each panel with its legend. Runs that coincide (several at 0, say) would hide one another, so
-    each run's line is drawn a little wider than the next and with its own marker, and runs whose
-    points coincide are named together in the legend."""
-    from matplotlib.lines import Line2D
-
+    """Several runs on shared axes: train Pass@1 (left) and test Pass@1 (right), one colour and marker per
+    run, each panel with its legend. Runs whose points coincide (several at 0, say) would hide one
+    another: they are drawn once, named together in the legend."""
     fig, axes = _pyplot().subplots(1, 2, figsize=(11, 4.4), dpi=110, sharey=True)
     markers = "osD^vP*Xh<>"
     for ax, key, title in zip(axes, ("train_pass1", "test_pass1"), ("train Pass@1", "test Pass@1 (T=1)")):
-        curves = [(i, name, curve(records, key)) for i, (name, records) in enumerate(runs)]
         groups: dict[tuple, list[int]] = {}
-        for i, _, c in curves:
+        for i, (_, records) in enumerate(runs):
+            c = curve(records, key)
             if c:
                 groups.setdefault(tuple(c), []).append(i)
-        for i, name, c in curves:
-            if c:
-                ax.plot(*zip(*c), color=f"C{i % 10}", marker=markers[i % len(markers)], ms=7 - 4 * i / max(len(runs), 1),
-                        lw=2.6 - 1.8 * i / max(len(runs), 1), alpha=0.85, zorder=2 + i)
-        handles = []
-        for same in groups.values():
+        for points, same in groups.items():
             first = same[0]
             label = runs[first][0] if len(same) == 1 else " = ".join(runs[j][0] for j in same) + " (same points)"
-            handles.append(Line2D([], [], color=f"C{first % 10}", marker=markers[first % len(markers)], label=label))
+            ax.plot(*zip(*points), color=f"C{first % 10}", marker=markers[first % len(markers)], ms=4, label=label)
         ax.set_title(title)
         _round_axis(ax)
         ax.set_ylim(-0.04, 1.04)
         ax.grid(alpha=0.3)
-        if handles:
-            ax.legend(handles=handles, loc="best", fontsize=8)
+        if groups:
+            ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
     return _save(fig, png)
-

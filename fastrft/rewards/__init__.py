@@ -55,11 +55,18 @@ def score(name: str, response: str, answer: str) -> float:
     """Score ``response`` against the reference final ``answer`` with reward ``name`` (a registered name
     or ``"module.path:function"``): a float in [0, 1], 1.0 for correct.
 
-    A reward that returns anything else (not a number, NaN, outside [0, 1]) raises
-    :class:`~fastrft.errors.FastRFTError` naming it: the trainer maps scores linearly onto
+    A reward that raises, or returns anything else (not a number, NaN, outside [0, 1]), raises
+    :class:`~fastrft.errors.FastRFTError` naming it, in one line: the trainer maps scores linearly onto
     (--reward-fail, --reward-success) and counts them for Pass@k, so a stray value would corrupt both.
     """
-    value = get(name)(response, answer)
+    fn = get(name)
+    try:
+        value = fn(response, answer)
+    except Exception as e:  # noqa: BLE001 - the user's code: any exception becomes one line
+        from fastrft.rewards.calling import RewardError, describe_failure
+
+        raise RewardError(describe_failure(name, e, None, response, 1).replace("reward function", "reward", 1)) \
+            from None
     if isinstance(value, numbers.Real) and not math.isnan(value) and 0 <= value <= 1:
         return float(value)
     raise FastRFTError(f"reward {name!r} returned {reprlib.repr(value)} ({type(value).__name__}) for the response "

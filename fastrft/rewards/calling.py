@@ -191,8 +191,12 @@ def describe_failure(spec: str, e: BaseException, index: int | None, text: str |
     at = f" at {Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else ""
     message = (str(e).splitlines() or [""])[0]
     message = message if len(message) <= 160 else message[:157] + "..."
-    what = (f"completion {index + 1} of {n} ({_short(text)})" if index is not None and text is not None
-            else f"a batch of {n} completions (each alone scores fine)")
+    if text is None:
+        what = f"a batch of {n} completions (each alone scores fine)"
+    elif index is None:
+        what = f"the response {_short(text)}"
+    else:
+        what = f"completion {index + 1} of {n} ({_short(text)})"
     return (f"reward function {spec!r} raised {type(e).__name__}: {message}{at}, scoring {what}; fix the function "
             "and rerun the same command (the run continues from what it recorded)")
 
