@@ -101,6 +101,21 @@ def test_conversational_rows_get_messages_ids_columns_and_a_trainer_state():
     assert totals == pytest.approx([sum(v[i] for v in values.values()) for i in range(2)])
 
 
+class _Overlong:
+    """A callable object, as TRL's reward factories return: logged under its __name__, as TRL logs it."""
+
+    __name__ = "soft_overlong_punishment_reward"
+
+    def __call__(self, completion_ids, **kwargs):
+        return [-float(len(ids) > 2) for ids in completion_ids]
+
+
+def test_a_callable_object_is_batched_and_named_as_trl_names_it():
+    (f,) = funcs.resolve([funcs.spec_of(_Overlong())], [], [_Overlong()])
+    assert f.batched and f.name == "soft_overlong_punishment_reward"
+    assert funcs.score([f], ["a", "b"], _examples()[:2], [[1], [1, 2, 3]])[1] == {f.name: [-0.0, -1.0]}
+
+
 def test_plain_string_prompts_get_plain_strings():
     seen = {}
 

@@ -41,7 +41,8 @@ class RewardFunc:
 
 
 def spec_of(fn: Callable[..., Any]) -> str:
-    """``module:qualname`` when that imports back to ``fn``, else ``python:<qualname>``."""
+    """``module:qualname`` when that imports back to ``fn``, else ``python:<qualname>`` (a callable object:
+    ``python:<its __name__>``, else its class name)."""
     module, qualname = getattr(fn, "__module__", None), getattr(fn, "__qualname__", None)
     if module and qualname and "<" not in qualname:
         try:
@@ -49,7 +50,9 @@ def spec_of(fn: Callable[..., Any]) -> str:
                 return f"{module}:{qualname}"
         except ConfigError:
             pass
-    return PYTHON + (qualname or type(fn).__name__)
+    # A callable object (TRL's factories return some) is named by its __name__, as TRL names it in logs.
+    name = getattr(fn, "__name__", None) if qualname is None else qualname
+    return PYTHON + (name if isinstance(name, str) and name else type(fn).__name__)
 
 
 def _is_batched(fn: Callable[..., Any]) -> bool:
