@@ -142,6 +142,11 @@ class DataConfig:
                                             "--reward (or the dataset's own); empty = that reward, mapped by "
                                             "--reward-fail/--reward-success")
     reward_weights: tuple[float, ...] = opt((), "one weight per --reward-funcs function (empty = all 1.0)")
+    reward_format: str = opt("auto", "how batched --reward-funcs see prompts and completions: auto (as TRL: chat "
+                                     "messages, completion[0]['content'], when the dataset's prompts are "
+                                     "conversations, else strings) | text | messages (TRL's conversational format "
+                                     "for any dataset, e.g. recipes written for a conversational GSM8K on --dataset "
+                                     "gsm8k: prompts as the rendered messages)")
     prompt_column: str = opt("prompt", "custom / hub datasets: the column holding the prompt (a string or a list of "
                                        "chat messages)")
     answer_column: str = opt("answer", "custom / hub datasets: the column holding the reference answer")
@@ -193,6 +198,8 @@ class DataConfig:
                  f"has {len(self.reward_weights)} weight(s) for {len(self.reward_funcs)} --reward-funcs function(s); "
                  "give one weight per function, or none (all 1.0)")
         _require(all(math.isfinite(w) for w in self.reward_weights), "reward_weights", "must be finite numbers")
+        _require(self.reward_format in ("auto", "text", "messages"), "reward_format",
+                 f"must be auto, text or messages, got {self.reward_format!r}")
         from fastrft.rewards import funcs
 
         for spec in self.reward_funcs:

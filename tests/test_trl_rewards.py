@@ -185,3 +185,26 @@ def test_a_function_that_returns_only_none_warns_once_and_logs_nan(tiny_llama, t
     rounds = [r for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "round"]
     assert all(r["reward_never_applies_mean"] is None for r in rounds)  # NaN, written as JSON null
     assert all(math.isfinite(r["reward_mean"]) and r["reward_mean"] == r["reward_arithmetic_mean"] for r in rounds)
+
+
+def gsm8k_recipe_correctness(prompts, completions, answer, **kwargs):
+    """As the widely copied GSM8K recipe writes it: the question from the last prompt turn, the reply
+    from each completion's one message."""
+    SEEN["recipe_question"] = prompts[0][-1]["content"]
+    return [2.0 if c[0]["content"].strip().endswith(a) else 0.0 for c, a in zip(completions, answer)]
+
+
+def test_reward_format_messages_gives_a_builtin_dataset_the_conversational_format(tiny_llama, tmp_path, capsys):
+    base = ["train", "--model", str(tiny_llama), "--rounds", "1", "--eval-every", "0", "--group-size", "2",
+            "--advantage", "grpo", "--max-new-tokens", "3", "--test-size", "2", "--train-samples", "1",
+            "--no-progress", "--example-index", "65", "--system-prompt", "Be brief.", "--reward-funcs",
+            f"{__name__}:gsm8k_recipe_correctness"]
+    # The builtin arithmetic prompts are plain questions: strings, as TRL passes a standard dataset's, and
+    # the recipe's completion[0]["content"] fails in one line that names the fix.
+    assert main([*base, "--out", str(tmp_path / "text")]) == 2
+    err = capsys.readouterr().err
+    assert "string indices must be integers" in err and "pass --reward-format messages" in err
+    assert main([*base, "--out", str(tmp_path / "messages"), "--reward-format", "messages"]) == 0
+    assert SEEN["recipe_question"].startswith("What is 8 + 3?")
+    rounds = [r for r in read_metrics(tmp_path / "messages" / "metrics.jsonl") if r["kind"] == "round"]
+    assert len(rounds) == 1 and "reward_gsm8k_recipe_correctness_mean" in rounds[0]

@@ -66,6 +66,17 @@ def has_chat_template(tokenizer: Any) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
+def prompt_messages(example: Example, dataset: str | None = None, *, template: str | None = None,
+                    system: str | None = None) -> list[dict[str, str]]:
+    """The prompt as chat messages: the example's own conversation, or one user turn (the prompt text);
+    with ``system`` (--system-prompt) a system turn first, unless the conversation has one."""
+    messages = [dict(m) for m in example.meta.get("prompt_messages", ())] or \
+        [{"role": "user", "content": prompt_text(example, dataset, template)}]
+    if system is not None and messages[0]["role"] != "system":  # --system-prompt
+        messages.insert(0, {"role": "system", "content": system})
+    return messages
+
+
 def render_prompt(tokenizer: Any, example: Example, dataset: str | None = None, *, template: str | None = None,
                   system: str | None = None) -> str:
     """Render the prompt as the model expects it: one user turn, then the assistant header.
@@ -82,10 +93,7 @@ def render_prompt(tokenizer: Any, example: Example, dataset: str | None = None, 
         str: The templated prompt (including any special-token text the template writes), or the
         plain prompt text when the tokenizer has no chat template.
     """
-    messages = [dict(m) for m in example.meta.get("prompt_messages", ())] or \
-        [{"role": "user", "content": prompt_text(example, dataset, template)}]
-    if system is not None and messages[0]["role"] != "system":  # --system-prompt
-        messages.insert(0, {"role": "system", "content": system})
+    messages = prompt_messages(example, dataset, template=template, system=system)
     if not has_chat_template(tokenizer):
         return "\n\n".join(m["content"] for m in messages)
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)

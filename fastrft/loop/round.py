@@ -62,10 +62,18 @@ def train_round(s: Stages, state: RunState, r: int) -> dict[str, Any]:
 
 def position(cfg: TrainConfig, state: RunState, r: int) -> Progress:
     """Round ``r``'s place in the run, as reward functions see it (their ``trainer_state``)."""
-    a, d = cfg.algo, cfg.data
+    a = cfg.algo
     return Progress(global_step=state.updates, max_steps=cfg.run.rounds * a.ppo_epochs * a.mini_batches,
-                    epoch=(r - 1) / max(cfg.run.rounds, 1), answer_column=d.answer_column,
-                    prompt_column=d.prompt_column)
+                    epoch=(r - 1) / max(cfg.run.rounds, 1), **reward_view(cfg))
+
+
+def reward_view(cfg: TrainConfig) -> dict[str, Any]:
+    """How the reward functions see the data (the fields of Progress that the config sets)."""
+    from fastrft.data.prompts import prompt_messages
+
+    d = cfg.data
+    return dict(answer_column=d.answer_column, prompt_column=d.prompt_column, format=d.reward_format,
+                messages=lambda ex: prompt_messages(ex, d.dataset, template=d.prompt_template, system=d.system_prompt))
 
 
 def logged_metrics(progress: Progress, metrics: dict[str, Any]) -> dict[str, float]:

@@ -81,4 +81,4 @@ def _weighted(funcs: list[RewardFunc], examples, groups, progress: Progress) -> 
 def _position(p: Progress) -> dict:
     """``p``'s run position without its logs (the extra samples' scoring logs nothing)."""
     return dict(global_step=p.global_step, max_steps=p.max_steps, epoch=p.epoch, answer_column=p.answer_column,
-                prompt_column=p.prompt_column)
+                prompt_column=p.prompt_column, format=p.format, messages=p.messages)

@@ -5,8 +5,10 @@ A batched function ``f(completions, **kwargs)`` is called once per batch with, e
 of the completions (as TRL does):
 
 - ``completions``: plain strings; for a *conversational* dataset (its prompt column holds lists of
-  ``{"role", "content"}`` messages), ``[{"role": "assistant", "content": text}]`` per completion;
-- ``prompts``: the prompt column as the dataset holds it (a string, or the list of messages);
+  ``{"role", "content"}`` messages), ``[{"role": "assistant", "content": text}]`` per completion, as
+  TRL decides; ``--reward-format text | messages`` forces one format for any dataset;
+- ``prompts``: the prompt column as the dataset holds it (a string, or the list of messages; with
+  ``--reward-format messages``, the messages the prompt was rendered from);
 - ``completion_ids``: the completion's token ids (``list[int]``);
 - the reference answer, under the answer column's name (``--answer-column``; also as ``answer``), and
   every other column of the dataset under its own name;
@@ -58,6 +60,8 @@ class Progress:
     epoch: float = 0.0
     answer_column: str = "answer"
     prompt_column: str = "prompt"
+    format: str = "auto"  # --reward-format: auto | text | messages
+    messages: Callable[[Any], list] | None = None  # an example's prompt as chat messages (format "messages")
     metrics: dict[str, list[float]] = field(default_factory=dict)  # log_metric
     extra: dict[str, list[Any]] = field(default_factory=dict)  # log_extra
 
@@ -135,9 +139,9 @@ def conversational(examples) -> bool:
 
 def batched_kwargs(completions: list[str], examples, completion_ids, progress: Progress) -> dict[str, Any]:
     """The keyword arguments of one batched call (module docstring)."""
-    chat = conversational(examples)
+    chat = progress.format == "messages" or (progress.format == "auto" and conversational(examples))
     kwargs: dict[str, Any] = {
-        "prompts": [[dict(m) for m in ex.meta["prompt_messages"]] if chat else ex.question for ex in examples],
+        "prompts": [_messages(ex, progress) if chat else ex.question for ex in examples],
         "completions": [[{"role": "assistant", "content": c}] for c in completions] if chat else list(completions),
         "completion_ids": [list(ids) for ids in completion_ids] if completion_ids is not None else
         [[] for _ in completions],
@@ -152,6 +156,14 @@ def batched_kwargs(completions: list[str], examples, completion_ids, progress: P
     kwargs.update(trainer_state=progress.trainer_state(), log_metric=progress.log_metric,
                   log_extra=progress.log_extra)
     return kwargs
+
+
+def _messages(example, progress: Progress) -> list[dict[str, str]]:
+    if progress.messages is not None:
+        return progress.messages(example)
+    if "prompt_messages" in example.meta:
+        return [dict(m) for m in example.meta["prompt_messages"]]
+    return [{"role": "user", "content": example.question}]
 
 
 def call_batched(spec: str, fn: Callable[..., Any], kwargs: dict[str, Any], n: int) -> Any:
@@ -174,7 +186,11 @@ def call_batched(spec: str, fn: Callable[..., Any], kwargs: dict[str, Any], n: i
                 index, failed = i, e
                 break
     texts = kwargs.get("completions") or []
-    raise RewardError(describe_failure(spec, failed, index if n > 1 else 0, _text(texts, index if n > 1 else 0), n))
+    message = describe_failure(spec, failed, index if n > 1 else 0, _text(texts, index if n > 1 else 0), n)
+    if isinstance(failed, TypeError) and texts and isinstance(texts[0], str) and "indices must be" in str(failed):
+        message += ("; completions are strings here (the dataset's prompts are not conversations): for a function "
+                    "that reads completion[0]['content'], pass --reward-format messages")
+    raise RewardError(message)
 
 
 def call_single(spec: str, fn: Callable[..., Any], text: str, answer: str, index: int, n: int) -> Any:
