@@ -62,8 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--round", type=int, default=None, metavar="N",
                         help="the checkpoint of round N (default: the newest whole checkpoint; a run keeps its "
                              "last --keep-checkpoints of them)")
-    demo = sub.add_parser("demo", help="the minimalist layer on SmolLM2-135M-Instruct, sized for 2 CPU cores (2-3 min "
-                                      "of compute)")
+    demo = sub.add_parser("demo", help="the minimalist layer on SmolLM2-135M-Instruct, sized for 2 CPU cores (under 2 "
+                                      "min of compute on a 2-core Intel Xeon, 2026-12-07; about 3 min from a fresh "
+                                      "clone, install included; slower machines take up to twice that)")
     add_config_flags(demo)
     plot = sub.add_parser("plot", help="redraw a run's curves.png and print its table; with several run "
                                        "directories, overlay them")

@@ -138,10 +138,12 @@ def test_cli_flags_do_what_their_help_says(tiny_llama, tmp_path, capsys):
 
 def test_a_run_that_failed_before_its_first_round_leaves_a_usable_directory(tiny_llama, tmp_path, capsys,
                                                                             monkeypatch):
-    """A response budget beyond the model's context is refused before anything is written; a reward that
-    breaks in the base evaluation leaves a directory that the corrected command takes over."""
-    (tmp_path / "myrewards.py").write_text("def broken(response, answer):\n    return 2.0\n\n"
-                                           "def fine(response, answer):\n    return 1.0\n")
+    """A response budget beyond the model's context is refused before anything is written; so is a reward
+    that breaks on its probe (tests/test_second_day.py). One that passes the probe (the reference answer
+    as the response) and breaks in the base evaluation leaves a directory that the corrected command
+    takes over."""
+    (tmp_path / "myrewards.py").write_text("def broken(response, answer):\n    return 1.0 if response == answer else "
+                                           "2.0\n\ndef fine(response, answer):\n    return 1.0\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     out = tmp_path / "run"
     assert main(_train_args(tiny_llama, out, "--max-new-tokens", "100000000")) == 2

@@ -80,6 +80,8 @@ def curves_figure(records: list[dict[str, Any]], title: str = "") -> Any:
     else:  # kl_coef 0 runs without a reference model, and records 0 or nothing
         ax_kl.text(0.5, 0.5, "KL off: no round recorded a KL", ha="center", va="center", transform=ax_kl.transAxes)
         _finish(ax_kl, "KL to the initial policy per round")
+        ax_kl.set_xticks([])
+        ax_kl.set_yticks([])
     if title:
         fig.suptitle(title)
     fig.tight_layout()
@@ -113,10 +115,12 @@ def _round_panel(ax: Any, rounds: list[dict[str, Any]], series: list[tuple[str, 
         if not pts:
             continue
         xs, ys = zip(*pts)
-        ax.plot(xs, ys, color=color, lw=0.7, alpha=0.4, marker=".", ms=2, label=label)
         w = min(25, len(ys) // 8)
         if w > 1:
+            ax.plot(xs, ys, color=color, lw=0.7, alpha=0.4, marker=".", ms=2, label=label)
             ax.plot(xs, _moving_mean(list(ys), w), color=color, lw=2.0, label=f"{label}, mean of last {w}")
+        else:  # too few rounds for a moving mean: the values themselves, plainly
+            ax.plot(xs, ys, color=color, lw=1.6, marker="o", ms=3, label=label)
     _finish(ax, title)
 
 
