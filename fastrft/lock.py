@@ -49,6 +49,10 @@ def _acquire(path: Path, blocking: bool):
         except BlockingIOError:
             f.close()
             return None
+        except OSError as e:  # a file system without flock (some network mounts): run unlocked, and say so
+            print(f"fastrft: warning: cannot lock {path} ({e.strerror}); a second process on this directory "
+                  "would not be refused", file=sys.stderr)
+            return f
         try:  # the holder before us may have removed the file between our open and our lock: retry
             if os.stat(path).st_ino == os.fstat(f.fileno()).st_ino:
                 return f

@@ -84,7 +84,7 @@ ALIASES: dict[str, str] = {"L0": "L0-minimal", "L1": "L1-advantage", "L2": "L2-r
 
 #: Profiles: machine sizing, never a design choice.
 #: What --profile auto picks (fastrft.cli resolves it: it needs the device and the model).
-AUTO_PROFILE = "cpu-mini on a CPU with the embedded model, else paper (the default of fastrft ladder)"
+AUTO_PROFILE = "cpu-mini on a CPU with the embedded model, else paper; the default of fastrft ladder"
 
 PROFILES: dict[str, tuple[str, dict[str, dict[str, Any]]]] = {
     "paper": ("the paper's setting: lr 1e-6, responses <= 1024 tokens, evaluation every 100 rounds", {}),

@@ -191,6 +191,7 @@ def test_ladder_runs_writes_table_and_figure_and_resumes(tiny_llama, tmp_path, c
     assert [line.split("|")[1].strip() for line in dynamics.splitlines() if line.startswith("| L")] == \
         ["L0-minimal", "L3-negative-reward"]
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert list(out.rglob("*.lock")) == []  # the caches' and the runs' locks leave no file behind
     for p in ("L0-minimal/seed-0", "L0-minimal/seed-1", "L3-negative-reward/seed-1"):
         assert json.loads((out / p / "summary.json").read_text())["complete"]
         assert not (out / p / "checkpoints").exists()  # removed once the run finished
