@@ -208,3 +208,16 @@ def test_reward_format_messages_gives_a_builtin_dataset_the_conversational_forma
     assert SEEN["recipe_question"].startswith("What is 8 + 3?")
     rounds = [r for r in read_metrics(tmp_path / "messages" / "metrics.jsonl") if r["kind"] == "round"]
     assert len(rounds) == 1 and "reward_gsm8k_recipe_correctness_mean" in rounds[0]
+
+
+def test_arrays_tensors_and_booleans_are_returns_as_good_as_a_list_of_floats():
+    import numpy as np
+    import torch
+
+    fs = funcs.resolve(["python:as_array", "python:as_tensors", "python:as_bools"], [],
+                       [lambda completions, **kw: np.array([0.5] * len(completions)),
+                        lambda completions, **kw: [torch.tensor(0.25) for _ in completions],
+                        lambda completions, **kw: [c[0]["content"] == "a" for c in completions]])
+    totals, values = funcs.score(fs, ["a", "b"], _examples()[:2], [[1], [2]])
+    assert values == {"as_array": [0.5, 0.5], "as_tensors": [0.25, 0.25], "as_bools": [1.0, 0.0]}
+    assert totals == [1.75, 0.75]

@@ -10,7 +10,8 @@ function itself, and has one of two signatures:
   for a conversational dataset), ``prompts``, ``completion_ids``, every column of the examples,
   ``trainer_state``, ``log_metric`` and ``log_extra``. ``None`` means "does not apply" and adds nothing.
 
-Any finite float is allowed (not only [0, 1]); a value that is not one, or an exception, stops the
+Any finite number is allowed (not only [0, 1]; True/False count 1/0; a batched function may return a
+numpy array or a tensor, as TRL accepts); a value that is not one, or an exception, stops the
 round with one line naming the function and the completion. Each function's mean over the values it
 gave is logged per round as ``reward_<name>_mean`` (NaN when it gave none, with a warning, as TRL).
 """
@@ -113,16 +114,19 @@ def score(funcs: list[RewardFunc], completions: list[str], examples: list, compl
         if f.batched:
             kwargs = kwargs or calling.batched_kwargs(completions, examples, completion_ids, progress)
             got = calling.call_batched(f.spec, f.fn, dict(kwargs), n)
+            if hasattr(got, "tolist") and not isinstance(got, (list, tuple)):  # a numpy array or a tensor, as TRL takes
+                got = got.tolist()
             if not isinstance(got, (list, tuple)) or len(got) != n:
                 raise calling.RewardError(f"reward function {f.spec!r} returned {reprlib.repr(got)}; a batched reward "
                                           f"must return a list of {n} floats (or None), one per completion")
         else:
             got = [calling.call_single(f.spec, f.fn, c, ex.answer, i, n)
                    for i, (c, ex) in enumerate(zip(completions, examples))]
+        got = [v.item() if hasattr(v, "item") and not isinstance(v, numbers.Real) else v for v in got]  # 0-d tensors
         for i, v in enumerate(got):
             if v is None:
                 continue
-            if not isinstance(v, numbers.Real) or isinstance(v, bool) or not math.isfinite(v):
+            if not isinstance(v, numbers.Real) or not math.isfinite(v):  # True/False count 1/0, as in TRL
                 raise calling.RewardError(f"reward function {f.spec!r} returned {reprlib.repr(v)} for completion "
                                           f"{i + 1} of {n} ({reprlib.repr(completions[i])}); a reward must be a "
                                           "finite float (or None)")
