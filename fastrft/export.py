@@ -35,7 +35,7 @@ def export_checkpoint(run_dir, out, round_: int | None = None) -> tuple[Path, in
                            f"{run_dir}: not a directory; pass a run directory written by fastrft train")
     if not (run_dir / "config.json").exists():
         raise FastRFTError(f"{run_dir}: no config.json; pass a run directory written by fastrft train")
-    with lock.hold(run_dir, lock.command_line(), flag="RUN_DIR"):
+    with lock.hold(run_dir, lock.command_line(), flag="RUN_DIR", read_only=True):
         return _export(run_dir, out, round_)
 
 

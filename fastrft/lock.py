@@ -39,9 +39,12 @@ _HELD: dict[str, list] = {}
 def _acquire(path: Path, blocking: bool):
     """The open lock file at ``path``, locked exclusively; None when another process holds it (and
     ``blocking`` is False)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     while True:
-        f = open(path, "a+", encoding="utf-8")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            f = open(path, "a+", encoding="utf-8")
+        except FileNotFoundError:  # the directory went away between the two (a holder removed it): again
+            continue
         if fcntl is None:
             return f
         try:
@@ -84,6 +87,13 @@ def locked(path: str | Path) -> Iterator[None]:
         _release(lock, f)
 
 
+def _same_file(path: Path, f) -> bool:
+    try:
+        return os.stat(path).st_ino == os.fstat(f.fileno()).st_ino
+    except (OSError, ValueError):
+        return False
+
+
 def holder(run_dir: str | Path) -> str:
     """Who holds ``run_dir``'s lock, as its lock file says (for messages)."""
     try:
@@ -97,16 +107,17 @@ def holder(run_dir: str | Path) -> str:
 class RunLock:
     """The lock of one run directory, held from :func:`hold` until :meth:`release` (or process exit)."""
 
-    def __init__(self, key: str, path: Path, created: bool = False):
+    def __init__(self, key: str, path: Path, created: bool = False, file=None):
         self._key, self.path, self.released = key, path, False
         self._created = created  # the directory was made for this run: removed on release if still empty
+        self._file = file  # the lock file this handle shares (None: unlocked, a read-only directory)
 
     def release(self) -> None:
         if self.released:
             return
         self.released = True
         entry = _HELD.get(self._key)
-        if entry is None:
+        if entry is None or entry[0] is not self._file:  # unlocked, or a lock since replaced: not ours to drop
             return
         entry[1] -= 1
         if entry[1] == 0:
@@ -131,9 +142,10 @@ class RunLock:
             pass
 
 
-def hold(run_dir: str | Path, what: str, flag: str = "out (--out)") -> RunLock:
+def hold(run_dir: str | Path, what: str, flag: str = "out (--out)", read_only: bool = False) -> RunLock:
     """Lock ``run_dir`` (created if missing) for this process, or refuse with one line naming the process
-    that holds it. ``what``: what this process does there, for a later refusal's message."""
+    that holds it. ``what``: what this process does there, for a later refusal's message. ``read_only``:
+    the caller only reads (export), so a directory it cannot write runs unlocked, with a warning."""
     run_dir = Path(run_dir)
     created = not run_dir.exists()
     try:
@@ -141,12 +153,23 @@ def hold(run_dir: str | Path, what: str, flag: str = "out (--out)") -> RunLock:
     except OSError as e:
         raise ConfigError(f"{flag} {run_dir}: cannot create it ({e.strerror}); choose a writable directory") from None
     key = str(run_dir.resolve())
-    path = run_dir / RUN_LOCK
+    path = Path(key) / RUN_LOCK  # absolute: a later chdir must not make release remove another run's lock
     entry = _HELD.get(key)
-    if entry is not None:
+    if entry is not None and _same_file(path, entry[0]):
         entry[1] += 1
+        return RunLock(key, path, file=entry[0])
+    if entry is not None:  # the directory was removed or replaced under a Trainer of this process: lock anew
+        del _HELD[key]
+        entry[0].close()
+    try:
+        f = _acquire(path, blocking=False)
+    except OSError as e:
+        if not read_only:
+            raise ConfigError(f"{flag} {run_dir}: cannot write its lock file ({e.strerror}); choose a writable "
+                              "directory") from None
+        print(f"fastrft: warning: {run_dir} is not writable ({e.strerror}); reading it without its lock",
+              file=sys.stderr)
         return RunLock(key, path)
-    f = _acquire(path, blocking=False)
     if f is None:
         raise ConfigError(f"{flag} {run_dir} is in use by {holder(run_dir)}; two processes writing one run "
                           "directory would corrupt it, so this one wrote nothing. Wait for that one to finish (or "
@@ -157,7 +180,7 @@ def hold(run_dir: str | Path, what: str, flag: str = "out (--out)") -> RunLock:
                         "started": time.strftime("%Y-%m-%d %H:%M:%S")}) + "\n")
     f.flush()
     _HELD[key] = [f, 1]
-    return RunLock(key, path, created)
+    return RunLock(key, path, created, file=f)
 
 
 def command_line() -> str:

@@ -172,8 +172,9 @@ class Trainer:
         if self.world.main:
             try:
                 self._lock = lock.hold(self.out_dir, lock.command_line())
-            except ConfigError as e:
-                refused = str(e)
+            except Exception as e:  # noqa: BLE001 - every rank must raise, not wait in the broadcast
+                refused = str(e) if isinstance(e, ConfigError) else \
+                    f"out (--out) {self.out_dir}: cannot lock it ({type(e).__name__}: {e})"
         refused = self.world.broadcast(refused)
         if refused:
             raise ConfigError(refused)

@@ -89,6 +89,7 @@ def test_a_locked_run_directory_refuses_train_export_and_ladder_and_a_killed_hol
             assert main(["ladder", "--model", str(tiny_llama), "--layers", "L0", "--seeds", "1", "--out", str(study),
                          "--rounds", "1"]) == 2
             assert f"in use by process {study_holder.pid}" in capsys.readouterr().err
+            assert [p.name for p in study.iterdir()] == [lock.RUN_LOCK]  # the holder's; nothing written
         finally:
             study_holder.kill()
             study_holder.wait()
@@ -103,19 +104,66 @@ def test_a_locked_run_directory_refuses_train_export_and_ladder_and_a_killed_hol
 
 
 def test_two_fastrft_processes_on_one_run_directory_one_runs_the_other_refuses(tiny_llama, tmp_path):
+    # The first process holds the directory for as long as the test needs: its reward function waits for
+    # a gate file (it is called first on the probe, after the lock is taken), so no timing is assumed.
+    (tmp_path / "gated.py").write_text(textwrap.dedent("""
+        import os, time
+
+        def gated(completions, **kwargs):
+            while not os.path.exists(os.environ["GATE"]):
+                time.sleep(0.02)
+            return [0.0] * len(completions)
+        """))
+    gate = tmp_path / "gate"
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "fastrft", *_args(tiny_llama, out, rounds=30)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "fastrft", *_args(tiny_llama, out, "--reward-funcs", "gated:gated", rounds=3)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GATE": str(gate),
+           "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
     first = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while not (out / lock.RUN_LOCK).exists() and time.monotonic() < deadline and first.poll() is None:
-        time.sleep(0.01)
-    second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / lock.RUN_LOCK).exists() and time.monotonic() < deadline and first.poll() is None:
+            time.sleep(0.01)
+        second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    finally:
+        gate.touch()
     assert first.wait(timeout=600) == 0, first.stderr.read()
     assert second.returncode == 2 and f"in use by process {first.pid}" in second.stderr, second.stderr
     records = read_metrics(out / "metrics.jsonl")
-    assert [(r["kind"], r["round"]) for r in records] == \
-        [("eval", 0), *(("round", r) for r in range(1, 31)), ("eval", 30)]
+    assert [(r["kind"], r["round"]) for r in records] == [("eval", 0), ("round", 1), ("round", 2), ("round", 3),
+                                                         ("eval", 3)]
+
+
+def test_a_directory_removed_under_a_held_lock_is_locked_anew(tmp_path):
+    run = tmp_path / "run"
+    old = lock.hold(run, "first Trainer")
+    shutil.rmtree(run)  # e.g. a notebook that deletes the run directory and builds the Trainer again
+    new = lock.hold(run, "second Trainer")
+    old.release()  # the first Trainer's handle must not release the second's lock
+    probe = subprocess.run([sys.executable, "-c", "import sys; from fastrft import lock\n"
+                            "try:\n    lock.hold(sys.argv[1], 'other')\nexcept Exception as e:\n    print(e)",
+                            str(run)], capture_output=True, text=True, timeout=120)
+    assert f"in use by process {os.getpid()}" in probe.stdout and "second Trainer" in probe.stdout
+    new.release()
+    assert not (run / lock.RUN_LOCK).exists()
+
+
+def test_an_async_reward_runs_inside_a_running_event_loop():
+    """In a notebook an event loop is running; the coroutine then runs on a loop of its own."""
+    import asyncio
+
+    from fastrft.data import Example
+    from fastrft.rewards import funcs
+
+    async def judge(completions, **kwargs):
+        await asyncio.sleep(0)
+        return [0.5] * len(completions)
+
+    async def inside_a_loop():
+        fs = funcs.resolve(["python:judge"], [], [judge])
+        return funcs.score(fs, ["a", "b"], [Example("x/1", "q", "2", "arithmetic")] * 2)
+
+    assert asyncio.run(inside_a_loop()) == ([0.5, 0.5], {"judge": [0.5, 0.5]})
 
 
 def test_the_lock_of_a_study_cache_leaves_no_file(tmp_path):

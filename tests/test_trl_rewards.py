@@ -13,6 +13,7 @@ import math
 import re
 
 import pytest
+import torch
 
 from fastrft.cli import main
 from fastrft.config import DataConfig
@@ -221,3 +222,29 @@ def test_arrays_tensors_and_booleans_are_returns_as_good_as_a_list_of_floats():
     totals, values = funcs.score(fs, ["a", "b"], _examples()[:2], [[1], [2]])
     assert values == {"as_array": [0.5, 0.5], "as_tensors": [0.25, 0.25], "as_bools": [1.0, 0.0]}
     assert totals == [1.75, 0.75]
+
+
+def test_a_response_no_function_scores_is_left_out_of_its_group_as_trl_leaves_it():
+    """TRL marks a completion that every function returned None for as NaN: out of its group's mean and
+    std, advantage 0. A nansum of 0 would instead pull the baseline down and reward the others."""
+    from fastrft.config import AlgoConfig
+    from fastrft.engine.sequence import Completion
+    from fastrft.loop.scoring import score
+    from fastrft.loop.types import Rollouts, RoundBatch
+
+    def only_some(completions, **kwargs):
+        texts = [c[0]["content"] for c in completions]  # a conversational dataset
+        return [None if t == "skip" else float(t == "good") for t in texts]
+
+    ex = _examples()[0]
+    texts = ["good", "bad", "skip", "good"]
+    rollouts = Rollouts([[Completion([1], [0.0], "stop", t) for t in texts]])
+    fs = funcs.resolve(["python:only_some"], [], [only_some])
+    got = score(RoundBatch(1, [ex], [[1]]), rollouts, AlgoConfig(advantage="grpo"), {}, fs)
+    from fastrft.algo import group_advantages
+
+    expected = group_advantages("grpo", torch.tensor([1.0, 0.0, 1.0])).tolist()
+    assert got.advantages == [[expected[0], expected[1], 0.0, expected[2]]]
+    history = {}
+    score(RoundBatch(1, [ex], [[1]]), rollouts, AlgoConfig(advantage="window", window=8), history, fs)
+    assert history[ex.id] == [1.0, 0.0, 1.0]  # the window baseline leaves it out too

@@ -66,11 +66,11 @@ def check_rewards(funcs: list, config: TrainConfig, examples: list, tokenizer) -
         reward_funcs.check(f.spec, f.fn, config.data, columns | {config.data.answer_column})
     text = probe.answer
     ids = tokenizer.encode(text, add_special_tokens=False) if tokenizer is not None else []
-    from fastrft.loop.round import reward_view
+    from fastrft.loop.round import max_steps, reward_view
 
     try:
         with calling.quiet():
-            reward_funcs.score(funcs, [text], [probe], [ids], calling.Progress(max_steps=config.run.rounds,
+            reward_funcs.score(funcs, [text], [probe], [ids], calling.Progress(max_steps=max_steps(config),
                                                                                **reward_view(config)))
     except calling.RewardError as e:
         raise calling.RewardError(f"{e} [found before the run started, on a probe: example {probe.id}'s reference "

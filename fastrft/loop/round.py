@@ -11,6 +11,7 @@ Evaluation, checkpoints and stop requests happen between rounds (fastrft.loop.ru
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -48,7 +49,6 @@ def train_round(s: Stages, state: RunState, r: int) -> dict[str, Any]:
     t2 = time.monotonic()
     s.recorder.rollouts(batch, rollouts, scores, progress.extra)
     metrics = rollout_metrics(batch, rollouts, scores)
-    metrics.update(logged_metrics(progress, metrics))
     if _carries_gradient(s.cfg, scores):
         stats = s.learner.update(r, TrainBatch.of(batch, rollouts, scores), first_update=state.updates)
         state.updates += stats["optimizer_steps"]
@@ -57,14 +57,19 @@ def train_round(s: Stages, state: RunState, r: int) -> dict[str, Any]:
         state.skipped += 1
         metrics.update(skipped=1, skipped_total=state.skipped, time_fwd_bwd=0.0, time_optim=0.0)
     metrics.update(timings(metrics, t1 - t0, t2 - t1, time.monotonic() - t2))
+    metrics.update(logged_metrics(progress, metrics))  # last: a name the record has is prefixed, not lost
     return metrics
 
 
 def position(cfg: TrainConfig, state: RunState, r: int) -> Progress:
     """Round ``r``'s place in the run, as reward functions see it (their ``trainer_state``)."""
-    a = cfg.algo
-    return Progress(global_step=state.updates, max_steps=cfg.run.rounds * a.ppo_epochs * a.mini_batches,
-                    epoch=(r - 1) / max(cfg.run.rounds, 1), **reward_view(cfg))
+    return Progress(global_step=state.updates, max_steps=max_steps(cfg), epoch=(r - 1) / max(cfg.run.rounds, 1),
+                    **reward_view(cfg))
+
+
+def max_steps(cfg: TrainConfig) -> int:
+    """The optimizer steps of a run without skipped rounds (TRL's ``max_steps``)."""
+    return cfg.run.rounds * cfg.algo.ppo_epochs * cfg.algo.mini_batches
 
 
 def reward_view(cfg: TrainConfig) -> dict[str, Any]:
@@ -77,9 +82,14 @@ def reward_view(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def logged_metrics(progress: Progress, metrics: dict[str, Any]) -> dict[str, float]:
-    """What the reward functions logged with ``log_metric``, averaged over the round; a name that a
-    record field already has is prefixed ``reward_``."""
-    return {(k if k not in metrics else f"reward_{k}"): sum(v) / len(v) for k, v in progress.metrics.items() if v}
+    """What the reward functions logged with ``log_metric``, averaged over the round's finite values (a
+    name with none is left out); a name that a record field already has is prefixed ``reward_``."""
+    out = {}
+    for k, values in progress.metrics.items():
+        finite = [v for v in values if math.isfinite(v)]
+        if finite:
+            out[k if k not in metrics else f"reward_{k}"] = sum(finite) / len(finite)
+    return out
 
 
 def _carries_gradient(cfg: TrainConfig, scores: Scores) -> bool:

@@ -108,9 +108,10 @@ class RunLoop:
         elif self.resumed_from is None:
             if not self._evaluate(0, stop):
                 self._stop(stop, save=False)  # nothing was recorded: the rerun starts afresh
-            # Whether round 0 was measured or read from the shared cache, round 1 starts from the same
-            # engine state (an empty prefix cache), so sharing changes nothing a run computes.
-            self.learner.reset_prefix_cache()
+        # Whether round 0 was measured, read from the shared cache or kept from an earlier attempt, and
+        # whatever generated before (a difficulty estimate), the first round starts from the same engine
+        # state: an empty prefix cache and a fresh pool order.
+        self.learner.reset_prefix_cache()
 
     def _after_round(self, r: int, stop: StopRequest) -> None:
         """Evaluate and checkpoint round ``r`` when due. A stop request during the evaluation abandons

@@ -44,29 +44,39 @@ def score(batch: RoundBatch, rollouts: Rollouts, algo: AlgoConfig, history: dict
     pair = (algo.reward_fail, algo.reward_success)
     scores = [[correct(ex, c, algo.fail_truncated) for c in g] for ex, g in zip(batch.examples, rollouts.groups)]
     by_function: dict[str, list] = {}
+    sizes = [len(g) for g in rollouts.groups]
     if funcs:
         totals, by_function = _weighted(funcs, batch.examples, rollouts.groups, progress)
-        sizes = [len(g) for g in rollouts.groups]
-        rewards_ = [totals[sum(sizes[:i]):sum(sizes[:i + 1])] for i in range(len(sizes))]
+        rewards_ = _split(totals, sizes)
+        scorable = _split(_scorable(funcs, by_function, len(totals)), sizes)
     else:
         rewards_ = [[map_reward(s, pair) for s in g] for g in scores]
+        scorable = [[True] * n for n in sizes]
     kind = ADVANTAGES[algo.advantage].baseline
     advantages, baselines = [], []
     for i, (ex, g) in enumerate(zip(batch.examples, rewards_)):
+        # A response for which every reward function returned None is unscorable (TRL's rule): left out of
+        # its group's statistics and of the baselines, with advantage 0.
+        mine = [x for x, ok in zip(g, scorable[i]) if ok]
         baseline = None
         if kind == "window":
             hist = history.setdefault(ex.id, [])
-            hist.extend(g)
+            hist.extend(mine)
             del hist[:-algo.window]
             baseline = torch.tensor(hist)
         elif kind == "extra" and funcs:
-            baseline = torch.tensor(_weighted(funcs, [ex], [rollouts.extra[i]], Progress(**_position(progress)))[0])
+            extra_totals, extra_values = _weighted(funcs, [ex], [rollouts.extra[i]], Progress(**_position(progress)))
+            keep = _scorable(funcs, extra_values, len(extra_totals))
+            baseline = torch.tensor([x for x, ok in zip(extra_totals, keep) if ok])
         elif kind == "extra":
             baseline = torch.tensor([map_reward(correct(ex, c, algo.fail_truncated), pair)
                                      for c in rollouts.extra[i]])
         if baseline is not None:
             baselines.append(baseline.tolist())
-        advantages.append(group_advantages(algo.advantage, torch.tensor(g), algo.adv_eps, baseline).tolist())
+        usable = mine and (baseline is None or baseline.numel() > 0)  # no scorable extra sample: no baseline
+        adv = iter(group_advantages(algo.advantage, torch.tensor(mine), algo.adv_eps, baseline).tolist()
+                   if usable else [0.0] * len(mine))
+        advantages.append([next(adv) if ok else 0.0 for ok in scorable[i]])
     return Scores(correct=[s for g in scores for s in g], rewards=[x for g in rewards_ for x in g],
                   advantages=advantages, baselines=baselines, by_function=by_function)
 
@@ -76,6 +86,16 @@ def _weighted(funcs: list[RewardFunc], examples, groups, progress: Progress) -> 
     flat = [(ex, c) for ex, g in zip(examples, groups) for c in g]
     return reward_funcs.score(funcs, [c.text for _, c in flat], [ex for ex, _ in flat],
                               [list(c.token_ids) for _, c in flat], progress)
+
+
+def _split(flat: list, sizes: list[int]) -> list[list]:
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    return [flat[a:a + n] for a, n in zip(starts, sizes)]
+
+
+def _scorable(funcs: list[RewardFunc], values: dict[str, list], n: int) -> list[bool]:
+    """Whether at least one function gave response i a value."""
+    return [any(values[f.name][i] is not None for f in funcs) for i in range(n)]
 
 
 def _position(p: Progress) -> dict:

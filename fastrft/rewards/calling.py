@@ -7,8 +7,9 @@ of the completions (as TRL does):
 - ``completions``: plain strings; for a *conversational* dataset (its prompt column holds lists of
   ``{"role", "content"}`` messages), ``[{"role": "assistant", "content": text}]`` per completion, as
   TRL decides; ``--reward-format text | messages`` forces one format for any dataset;
-- ``prompts``: the prompt column as the dataset holds it (a string, or the list of messages; with
-  ``--reward-format messages``, the messages the prompt was rendered from);
+- ``prompts``: the prompt column as the dataset holds it (a string, or the list of messages, with the
+  ``--system-prompt`` turn first when one is given; with ``--reward-format messages``, the messages the
+  prompt was rendered from);
 - ``completion_ids``: the completion's token ids (``list[int]``);
 - the reference answer, under the answer column's name (``--answer-column``; also as ``answer``), and
   every other column of the dataset under its own name;
@@ -22,8 +23,8 @@ run provides is refused before anything loads (:func:`check_arguments`), and one
 the dataset lacks, when the data is loaded. A coroutine function is run to completion.
 
 A function that raises stops the batch with one line (:class:`RewardError`): the function, the
-exception and where it was raised, and the completion it was scoring (found by calling it on each
-completion alone when it was called on a batch), cut short.
+exception and where it was raised, and the completion it was scoring (found by calling it on each of
+the first RETRIES completions alone when it was called on a batch), cut short.
 """
 
 from __future__ import annotations
@@ -39,6 +40,9 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from fastrft.errors import ConfigError, FastRFTError
+
+#: How many completions of a failed batch are tried alone to find the one that fails.
+RETRIES = 16
 
 #: What every run passes to a batched reward function, besides the dataset's columns.
 PROVIDED = ("completions", "prompts", "completion_ids", "trainer_state", "log_metric", "log_extra", "answer")
@@ -85,13 +89,19 @@ BATCHED_NAMES = ("completions", "completion_ids", "prompts", "trainer_state")
 
 
 def is_batched(fn: Callable[..., Any]) -> bool:
-    """TRL's batched form: a function that names one of its arguments, or takes ``**kwargs`` (as TRL's
-    own do, e.g. one that reads only ``completion_ids``). fastrft's ``f(response, answer)`` does neither."""
+    """TRL's batched form: a function that names one of its arguments, or takes only ``**kwargs`` besides
+    optional ones. fastrft's ``f(response, answer)`` (with or without ``**kwargs``) is not."""
     try:
         params = inspect.signature(fn).parameters.values()
     except (TypeError, ValueError):
         return False
-    return any(p.name in BATCHED_NAMES or p.kind is p.VAR_KEYWORD for p in params)
+    params = list(params)
+    if any(p.name in BATCHED_NAMES for p in params):
+        return True
+    # **kwargs and nothing required besides: TRL's form (f(response, answer, **kw) stays fastrft's own)
+    required = [p for p in params if p.default is inspect.Parameter.empty
+                and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return any(p.kind is p.VAR_KEYWORD for p in params) and not required
 
 
 def parameters(fn: Callable[..., Any]) -> tuple[list[str], bool] | None:
@@ -177,8 +187,10 @@ def call_batched(spec: str, fn: Callable[..., Any], kwargs: dict[str, Any], n: i
     except Exception as e:  # noqa: BLE001 - the user's code: any exception becomes one line
         failed = e
     index = None
-    if n > 1:  # which completion: the first that fails alone
-        for i in range(n):
+    # Which completion: the first that fails alone, among the first RETRIES (a judge that timed out would
+    # otherwise time out once per completion before the error is shown); not for coroutines.
+    if n > 1 and not inspect.iscoroutinefunction(fn):
+        for i in range(min(n, RETRIES)):
             one = {k: v[i:i + 1] if isinstance(v, list) and len(v) == n else v for k, v in kwargs.items()}
             try:
                 _run(fn, one)
@@ -186,7 +198,9 @@ def call_batched(spec: str, fn: Callable[..., Any], kwargs: dict[str, Any], n: i
                 index, failed = i, e
                 break
     texts = kwargs.get("completions") or []
-    message = describe_failure(spec, failed, index if n > 1 else 0, _text(texts, index if n > 1 else 0), n)
+    where = index if n > 1 else 0
+    message = describe_failure(spec, failed, where, _text(texts, where), n,
+                               tried=min(n, RETRIES) if n > 1 and not inspect.iscoroutinefunction(fn) else 0)
     if isinstance(failed, TypeError) and texts and isinstance(texts[0], str) and "indices must be" in str(failed):
         message += ("; completions are strings here (the dataset's prompts are not conversations): for a function "
                     "that reads completion[0]['content'], pass --reward-format messages")
@@ -200,15 +214,19 @@ def call_single(spec: str, fn: Callable[..., Any], text: str, answer: str, index
         raise RewardError(describe_failure(spec, e, index, text, n)) from None
 
 
-def describe_failure(spec: str, e: BaseException, index: int | None, text: str | None, n: int) -> str:
-    """One line: the function, the exception and where it was raised, and the completion it scored."""
+def describe_failure(spec: str, e: BaseException, index: int | None, text: str | None, n: int,
+                     tried: int = 0) -> str:
+    """One line: the function, the exception and where it was raised, and the completion it scored
+    (``tried``: how many completions were tried alone to find it)."""
     here = Path(__file__).resolve().parent.parent  # the fastrft package: the call site is not the place
     frames = [f for f in traceback.extract_tb(e.__traceback__) if not Path(f.filename).resolve().is_relative_to(here)]
     at = f" at {Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else ""
     message = (str(e).splitlines() or [""])[0]
     message = message if len(message) <= 160 else message[:157] + "..."
     if text is None:
-        what = f"a batch of {n} completions (each alone scores fine)"
+        alone = ("; each alone scores fine" if tried == n else f"; the first {tried} alone score fine" if tried
+                 else "")
+        what = f"a batch of {n} completions{alone}"
     elif index is None:
         what = f"the response {_short(text)}"
     else:
@@ -219,9 +237,18 @@ def describe_failure(spec: str, e: BaseException, index: int | None, text: str |
 
 def _run(fn: Callable[..., Any], kwargs: dict[str, Any]) -> Any:
     out = fn(**kwargs)
-    if inspect.isawaitable(out):
+    if not inspect.isawaitable(out):
+        return out
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:  # no loop here (the command line): run it on a fresh one
         return asyncio.run(_await(out))
-    return out
+    # Called from inside a running loop (a notebook): that loop cannot be blocked on, so the coroutine
+    # runs to completion on a loop of its own in a worker thread, as TRL runs its async rewards.
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, _await(out)).result()
 
 
 async def _await(awaitable):

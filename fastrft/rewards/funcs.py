@@ -104,7 +104,8 @@ def score(funcs: list[RewardFunc], completions: list[str], examples: list, compl
           progress: calling.Progress | None = None) -> tuple[list[float], dict[str, list]]:
     """(weighted totals per completion, each function's values by name); ``examples[i]`` is completion i's,
     ``completion_ids[i]`` its token ids. ``progress``: the run's position, and what the functions log
-    (fastrft.rewards.calling). A value None adds nothing to the total (nansum, as TRL)."""
+    (fastrft.rewards.calling). A value None adds nothing to the total (nansum, as TRL; a completion that
+    no function scored is then left out of its group by fastrft.loop.scoring, as TRL leaves it out)."""
     progress = progress or calling.Progress()
     n = len(completions)
     totals = [0.0] * n
@@ -122,7 +123,7 @@ def score(funcs: list[RewardFunc], completions: list[str], examples: list, compl
         else:
             got = [calling.call_single(f.spec, f.fn, c, ex.answer, i, n)
                    for i, (c, ex) in enumerate(zip(completions, examples))]
-        got = [v.item() if hasattr(v, "item") and not isinstance(v, numbers.Real) else v for v in got]  # 0-d tensors
+        got = [_scalar(f, v, i, completions) for i, v in enumerate(got)]  # 0-d tensors and the like
         for i, v in enumerate(got):
             if v is None:
                 continue
@@ -140,3 +141,15 @@ def score(funcs: list[RewardFunc], completions: list[str], examples: list, compl
         calling.warn_once("none:all", "every reward function returned None for some completion; it is rewarded 0. "
                           "Make at least one function return a value for every completion")
     return totals, values
+
+
+def _scalar(f: RewardFunc, v: Any, i: int, completions: list[str]) -> Any:
+    """``v``, or the number a one-element array or tensor holds; anything else is refused in one line."""
+    if v is None or isinstance(v, numbers.Real) or not hasattr(v, "item"):
+        return v
+    try:
+        return v.item()
+    except (ValueError, RuntimeError):
+        raise calling.RewardError(f"reward function {f.spec!r} returned {reprlib.repr(v)} for completion {i + 1} of "
+                                  f"{len(completions)} ({reprlib.repr(completions[i])}); a reward must be one number "
+                                  "(or None)") from None
