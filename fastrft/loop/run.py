@@ -104,14 +104,16 @@ class RunLoop:
     def _start(self, stop: StopRequest) -> None:
         """Before the first round of this session: the base model's evaluation, or a pending one."""
         if self.state.pending_eval is not None:  # stopped during this evaluation last time
-            self._after_round(self.state.pending_eval, stop)
-        elif self.resumed_from is None:
+            self._after_round(self.state.pending_eval, stop)  # as the run that was not stopped: no reset
+            return
+        if self.resumed_from is None:
             if not self._evaluate(0, stop):
                 self._stop(stop, save=False)  # nothing was recorded: the rerun starts afresh
-        # Whether round 0 was measured, read from the shared cache or kept from an earlier attempt, and
-        # whatever generated before (a difficulty estimate), the first round starts from the same engine
-        # state: an empty prefix cache and a fresh pool order.
-        self.learner.reset_prefix_cache()
+        if self.resumed_from in (None, 0):
+            # Whether round 0 was measured, read from the shared cache or kept from an earlier attempt
+            # (resumed after round 0), and whatever generated before it (a difficulty estimate), round 1
+            # starts from the same engine state: an empty prefix cache and a fresh pool order.
+            self.learner.reset_prefix_cache()
 
     def _after_round(self, r: int, stop: StopRequest) -> None:
         """Evaluate and checkpoint round ``r`` when due. A stop request during the evaluation abandons
