@@ -42,6 +42,8 @@ class BlockManager {
   bool can_append(int64_t seq_id) const;
   AppendResult append(int64_t seq_id, int64_t token_id);
   void free(int64_t seq_id);
+  // Forget every cached prefix; with no sequence alive, also put the free pool back in a fresh
+  // manager's order (what follows a reset then gets the same blocks in every process).
   void reset_prefix_cache();
 
   // seq_ids: [B]. Width of block_table(): the largest block count among them.
