@@ -6,7 +6,7 @@ host-noise sampler of earlier versions, side by side in one process.
     python bench/bench_sampler.py --device cuda --out DIR   # GPU: random-weight Qwen2.5-1.5B, bf16, batch 256
 
 CPU. An Engine decodes B chat-formatted arithmetic prompts with EOS off, so every step decodes B
-sequences. Every decode step's sampler call is timed (the engine's ``draw``, wrapped with a timer), and
+sequences. Every decode step's sampler call is timed (the engine's ``sample_tokens``, wrapped with a timer), and
 so is the whole step (``Engine.step``: scheduling, the model, the LM head, the sampler, the host-side
 bookkeeping). The share is the sampler's time over the steps' time, over the decode steps after the
 first few. Each repeat runs the current sampler and then the earlier one on the same engine, so the two
@@ -60,7 +60,7 @@ def host_noise_draw(logits, params, seeds, positions, **_):
 
 
 class Timed:
-    """Wraps the engine's draw (decode steps: fastrft.engine.model_runner.draw) with a timer."""
+    """Wraps the engine's sampler call (decode steps: fastrft.engine.heads.sample_tokens) with a timer."""
 
     def __init__(self, fn, sync):
         self.fn, self.sync, self.seconds, self.calls = fn, sync, 0.0, 0
@@ -76,9 +76,13 @@ class Timed:
 
 
 def cpu_case(model, prompts, batch: int, steps: int, warmup: int, impl: str) -> dict:
-    import fastrft.engine.model_runner as model_runner
+    import fastrft.engine.heads as heads
     from fastrft.engine import Engine, EngineConfig
-    from fastrft.engine.sampler import draw
+    from fastrft.engine.sampler import SamplingParams
+    from fastrft.kernels.sampling import sample_tokens
+
+    def host(logits, seeds, positions, inv_temperature, **_):  # the engine's call, in the old sampler
+        return host_noise_draw(logits, SamplingParams(temperature=1 / float(inv_temperature)), seeds, positions)
 
     engine = Engine(model, config=EngineConfig(kv_cache_memory=2**30, max_num_seqs=max(batch, 1)))
     engine.submit(prompts[:batch], n=1, max_new_tokens=steps + warmup + 2, temperature=1.0, top_p=1.0, top_k=0,
@@ -86,16 +90,16 @@ def cpu_case(model, prompts, batch: int, steps: int, warmup: int, impl: str) -> 
     engine.step()  # the prefill
     for _ in range(warmup):
         engine.step()
-    timer = Timed(draw if impl == "fastrft" else host_noise_draw, lambda: None)
-    old = model_runner.draw
-    model_runner.draw = timer
+    timer = Timed(sample_tokens if impl == "fastrft" else host, lambda: None)
+    old = heads.sample_tokens
+    heads.sample_tokens = timer
     try:
         t = time.perf_counter()
         for _ in range(steps):
             engine.step()
         wall = time.perf_counter() - t
     finally:
-        model_runner.draw = old
+        heads.sample_tokens = old
         engine.abort()
     assert timer.calls == steps, (timer.calls, steps)
     return {"step": wall / steps, "sampler": timer.seconds / steps}

@@ -114,20 +114,11 @@ class Trainer:
                           else Precision(model, precision))
         if config.model.activation_checkpointing:
             _enable_checkpointing(self.precision.train_model)
-        # Exact mode: batch-invariant ops in every module that samples or trains (fastrft.models.exact).
-        self.exact_logprobs = exact.resolve(config, self.device, precision)
-        if self.exact_logprobs:
-            p = self.precision
-            try:
-                exact.enable([p.master, p.train_model, p.rollout_model], p.compute_dtype, self.device,
-                             self.exact_logprobs)
-            except exact.ExactModeError as err:  # `on` refuses; `auto` never stops a run
-                if config.model.exact_logprobs == "on":
-                    raise
-                self.exact_logprobs = None
-                if self.world.main:
-                    print(f"fastrft: --exact-logprobs auto: off on this machine ({exact.reason(err)})",
-                          file=sys.stderr)
+        # The backend every module that samples or trains computes with (fastrft.models.ops): the exact
+        # mode's batch-invariant ops where --exact-logprobs asks for them and this machine honours them.
+        p = self.precision
+        self.ops = exact.choose(config, self.device, precision, [p.master, p.train_model, p.rollout_model],
+                                p.compute_dtype, notify=self.world.main)
         warn_unabsorbed_updates(self.precision, config.optim.lr)
         # 4. The learner's parts, then the engine, which holds the rollout model itself (rollouts always
         # see the current weights) and packs its prefill steps within the step's token budget. Every
@@ -140,7 +131,7 @@ class Trainer:
             max_num_batched_tokens=budget))
         self._gen = SplitEngine(self.engine, self.world)
         self.learner = Learner(config, self.precision, ref=ref, engine=self.engine, token_budget=budget,
-                               world=self.world, device=self.device, exact_logprobs=self.exact_logprobs)
+                               world=self.world, device=self.device, ops=self.ops)
         self.state = RunState()
         self.complete = existing == "complete"
         # 5. The data; selecting by difficulty generates, and its cache is the only file written before the

@@ -25,10 +25,11 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import fastrft.engine.heads as heads
 import fastrft.engine.model_runner as model_runner
 import fastrft.kernels.paged_attention as paged_attention
 import fastrft.kernels.sampling as sampling
-import fastrft.models.attention as attention
+import fastrft.models.ops as ops
 from fastrft.engine import Engine, EngineConfig
 from fastrft.models.config import ArchConfig
 from fastrft.models.decoder import CausalLM
@@ -85,7 +86,7 @@ def meta_accelerator(monkeypatch):
     monkeypatch.setattr(model_runner, "cuda_graph_capture", eager_capture)
     monkeypatch.setattr(sampling, "ACCELERATORS", ("cuda", "meta"))
     monkeypatch.setattr(paged_attention, "store_kv", lambda *a, **k: None)
-    monkeypatch.setattr(attention, "varlen_attention", lambda q, *a, **k: torch.empty_like(q))
+    monkeypatch.setattr(ops, "varlen_attention", lambda q, *a, **k: torch.empty_like(q))
 
 
 def _decode_steps(vocab: int, graphs: bool, top_k: int = 0, steps: int = 3) -> tuple[Recorder, list]:
@@ -131,13 +132,13 @@ def test_decode_host_work_and_traffic_do_not_grow_with_the_vocabulary(meta_accel
 def test_the_check_fails_for_host_side_noise(meta_accelerator, monkeypatch):
     """The sampler of earlier versions, in the same harness: its B x V host uniforms and their copy to
     the device grow with V, and the comparison above catches them."""
-    def host_noise_draw(logits, params, seeds, positions, **kwargs):
+    def host_noise_draw(logits, seeds, positions, inv_temperature, **kwargs):
         gens = [torch.Generator().manual_seed(int(s)) for s in range(logits.shape[0])]
         uniform = torch.stack([torch.rand(logits.shape[-1], generator=g) for g in gens]).to(logits.device)
         tokens = (logits.float().softmax(-1) / uniform.log().neg()).argmax(-1)
         return torch.stack([tokens.int(), tokens.float().view(torch.int32)])
 
-    monkeypatch.setattr(model_runner, "draw", host_noise_draw)  # prefill and decode both sample through the runner
+    monkeypatch.setattr(heads, "sample_tokens", host_noise_draw)  # prefill and decode both sample through the head
     small = _decode_steps(1_000, graphs=False)[0]
     large = _decode_steps(64_000, graphs=False)[0]
     assert large.host != small.host

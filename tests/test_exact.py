@@ -18,7 +18,7 @@ import torch
 from fastrft.config import (AlgoConfig, DataConfig, EvalConfig, ModelConfig, OptimConfig, RolloutConfig, RunConfig,
                             TrainConfig)
 from fastrft.errors import ConfigError
-from fastrft.models import exact, row_rules
+from fastrft.models import exact, ops, row_rules
 from fastrft.report import read_metrics
 from fastrft.trainer import Trainer
 
@@ -72,7 +72,7 @@ def run(cfg, count_preemptions: bool = False):
 def test_sampler_and_trainer_logprobs_agree_bit_for_bit(tiny_llama, tmp_path, precision):
     cfg = exact_config(tiny_llama, tmp_path / "on", precision=precision, ppo_epochs=2, mini_batches=2)
     trainer, rounds, preempted = run(cfg, count_preemptions=True)
-    assert trainer.exact_logprobs
+    assert trainer.ops.exact
     assert preempted > 0  # the small cache forced recomputation
     assert max(r["micro_batches"] for r in rounds) > 1  # the budget cut the steps
     trained = [r for r in rounds if not r["skipped"]]
@@ -101,8 +101,8 @@ def test_the_cuda_path_is_exact_too(tiny_llama, tmp_path, precision="bf16-mixed"
                       eval=EvalConfig(eval_every=0, train_samples=1, test_size=1, greedy=False, eval_max_new_tokens=2,
                                       train_eval_size=1))
     trainer, rounds, preempted = run(cfg, count_preemptions=True)
-    assert trainer.exact_logprobs == "triton"
-    assert trainer.engine.runner.exact_head
+    assert trainer.ops.name == "exact-triton"
+    assert type(trainer.engine.runner.head).__name__ == "FusedHead"  # the trainer's LM-head kernel samples
     assert preempted > 0 and max(r["micro_batches"] for r in rounds) > 1
     trained = [r for r in rounds if not r["skipped"]]
     assert trained
@@ -118,10 +118,10 @@ def test_skipping_the_old_logprob_pass_changes_nothing(tiny_llama, tmp_path, mon
     def refuse(self, train):
         raise AssertionError("exact mode recomputed the old log-probs")
 
-    monkeypatch.setattr(Learner, "current_logprobs", refuse)
+    monkeypatch.setattr(Learner, "recompute_old_logprobs", refuse)
     skip_trainer, skipped, _ = run(cfg)
     monkeypatch.undo()
-    monkeypatch.setattr(Learner, "rollout_logprobs", lambda self, train: Learner.current_logprobs(self, train))
+    monkeypatch.setattr(Learner, "rollout_logprobs", lambda self, train: Learner.recompute_old_logprobs(self, train))
     recompute_trainer, recomputed, _ = run(dataclasses.replace(cfg, run=dataclasses.replace(cfg.run,
                                                                                           out=str(tmp_path / "re"))))
 
@@ -146,26 +146,26 @@ def test_options_that_cannot_be_exact_are_refused_with_the_reason(tiny_llama, tm
     with pytest.raises(ConfigError, match="top-p"):
         exact.resolve(topp, torch.device("cpu"))
     # CUDA runs the Triton kernels (fastrft.kernels.exact_triton); cuBLAS's log-probs cannot be exact.
-    assert exact.resolve(cfg, torch.device("cuda")) == "triton"
-    assert exact.resolve(cfg, torch.device("cpu")) == "torch"
+    assert exact.resolve(cfg, torch.device("cuda")) == "exact-triton"
+    assert exact.resolve(cfg, torch.device("cpu")) == "exact-torch"
     reference = cfg.replace(model=dataclasses.replace(cfg.model, kernels="reference"))
     with pytest.raises(ConfigError, match="cuBLAS"):
         exact.resolve(reference, torch.device("cuda"))
     # A head dim past the CUDA kernels' tile table is refused when the mode is switched on, before a run.
-    wide = type("Wide", (), {"config": type("C", (), {"head_dim": 320})(), "set_exact": lambda *a: None})()
+    wide = type("Wide", (), {"config": type("C", (), {"head_dim": 320})(), "set_ops": lambda *a: None})()
     with pytest.raises(exact.ExactModeError, match="head_dim <= 256"):
-        exact.enable([wide], torch.bfloat16, torch.device("cuda"), "triton")
+        exact.enable([wide], torch.bfloat16, torch.device("cuda"), "exact-triton")
     with pytest.raises(ConfigError, match="TRITON_INTERPRET"):
         with pytest.MonkeyPatch.context() as mp:
             mp.delenv("TRITON_INTERPRET", raising=False)
             exact.resolve(cfg.replace(model=dataclasses.replace(cfg.model, kernels="triton")), torch.device("cpu"))
     auto = cfg.replace(model=dataclasses.replace(cfg.model, exact_logprobs="auto"))
     ppo = auto.replace(algo=dataclasses.replace(auto.algo, ppo_epochs=2))
-    assert exact.resolve(ppo, torch.device("cpu"), "fp32")  # where it costs <= 5%
-    assert not exact.resolve(auto, torch.device("cpu"), "fp32")  # one step per round: 1.10x
-    assert not exact.resolve(ppo, torch.device("cpu"), "bf16-mixed")
-    assert not exact.resolve(ppo.replace(rollout=topp.rollout), torch.device("cpu"), "fp32")
-    assert not exact.resolve(ppo, torch.device("cuda"), "fp32")  # its GPU cost is not measured yet
+    assert exact.resolve(ppo, torch.device("cpu"), "fp32") == "exact-torch"  # where it costs <= 5%
+    assert exact.resolve(auto, torch.device("cpu"), "fp32") == "plain"  # one step per round: 1.10x
+    assert exact.resolve(ppo, torch.device("cpu"), "bf16-mixed") == "plain"
+    assert exact.resolve(ppo.replace(rollout=topp.rollout), torch.device("cpu"), "fp32") == "plain"
+    assert exact.resolve(ppo, torch.device("cuda"), "fp32") == "plain"  # its GPU cost is not measured yet
     with pytest.raises(ConfigError, match="exact-logprobs"):
         ModelConfig(exact_logprobs="yes")
 
@@ -275,10 +275,10 @@ def test_micro_batches_of_one_give_the_same_gradient_in_exact_mode(tiny_llama):
         return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
 
     model = load_model(str(tiny_llama), dtype=torch.float32)
-    model.set_exact(True)
+    model.set_ops(ops.get("exact-torch"))
     whole, ones = grads(model, [[0, 1, 2, 3]]), grads(model, [[0], [1], [2], [3]])
     torch.testing.assert_close(whole, ones)  # same gradient up to the order the micro-batches add up
-    model.set_exact(False)
+    model.set_ops(ops.PLAIN)
     d_whole, d_ones = grads(model, [[0, 1, 2, 3]]), grads(model, [[0], [1], [2], [3]])
     torch.testing.assert_close(d_whole, d_ones, atol=1e-5, rtol=1e-4)
 

@@ -22,7 +22,10 @@ pytest.importorskip("triton")
 
 from fastrft.kernels import exact_triton as et  # noqa: E402
 from fastrft.kernels import lm_head_triton as head  # noqa: E402
+from fastrft.models import ops  # noqa: E402
 from fastrft.models.paged import PagedMeta  # noqa: E402
+
+TRITON = ops.get("exact-triton")
 
 if not et.available(torch.device("cpu")):
     pytest.skip("needs TRITON_INTERPRET=1 (conftest sets it without a GPU)", allow_module_level=True)
@@ -178,7 +181,7 @@ def test_packed_prefill_chunks_and_decode_give_a_query_the_same_bits(tiles, dtyp
                      context_lens=torch.tensor(LENS, dtype=torch.int32),
                      cu_seqlens_q=torch.tensor([0, *torch.tensor(new).cumsum(0).tolist()], dtype=torch.int32),
                      has_prefix=True)
-    prefill = et.paged_attention(q[rows], kc, vc, meta, scale)
+    prefill = TRITON.paged_attention(q[rows], None, None, kc, vc, meta, scale)
     assert torch.equal(prefill, packed[rows])
     # (3) decode: a batch of one query per sequence at assorted positions, in a shuffled order
     for pick in (0, 3, 64, 69, 129):
@@ -188,7 +191,7 @@ def test_packed_prefill_chunks_and_decode_give_a_query_the_same_bits(tiles, dtyp
         rows = torch.tensor([starts[b] + pick for b in seqs])
         meta = PagedMeta(is_prefill=False, slot_mapping=torch.zeros(0, dtype=torch.long),
                          block_tables=tables[seqs], context_lens=torch.full((len(seqs),), pick + 1, dtype=torch.int32))
-        assert torch.equal(et.paged_attention(q[rows], kc, vc, meta, scale), packed[rows]), pick
+        assert torch.equal(TRITON.paged_attention(q[rows], None, None, kc, vc, meta, scale), packed[rows]), pick
     # a sequence packed alone, or with others, gives the same bits
     alone = et.packed_attention(q[starts[3]:], k[starts[3]:], v[starts[3]:], torch.tensor([0, 130], dtype=torch.int32),
                                 scale)
@@ -261,7 +264,7 @@ def test_the_decode_graph_samples_the_trainers_logprobs(tiny_llama, monkeypatch)
         return Replay(), out
 
     model = load_model(tiny_llama, dtype=torch.bfloat16)
-    model.set_exact(True, "triton")
+    model.set_ops(ops.get("exact-triton"))
     prompts, temperature = [[2, 5, 6, 7], [2, 9, 9, 4, 4, 8, 3]], 0.8
     results = {}
     for graphs in (True, False):
@@ -291,7 +294,7 @@ def test_the_decode_graph_samples_the_trainers_logprobs(tiny_llama, monkeypatch)
     trainer, sampled = trainer_logprobs(results[True])
     assert torch.equal(trainer, sampled)
     # The mode off (the default ops, the same trainer kernel): the log-probs differ, so the check can fail.
-    model.set_exact(False)
+    model.set_ops(ops.PLAIN)
     engine = Engine(model, config=EngineConfig(kv_cache_memory=2**20, max_num_seqs=4, max_model_len=64,
                                                cuda_graphs=False))
     out = engine.generate(prompts, n=2, max_new_tokens=6, temperature=temperature, seed=3, eos_token_ids=[])

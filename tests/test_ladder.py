@@ -170,9 +170,9 @@ def test_l3_negative_reward_behaves_as_the_loss_predicts(tiny_llama, tmp_path):
     scores = score(batch, rollouts, t.cfg.algo, history={})
     assert scores.rewards == [-1.0]  # the random model fails
     train = TrainBatch.of(batch, rollouts, scores)
-    before = float(t.learner.current_logprobs(train)[0].sum())
+    before = float(t.learner.recompute_old_logprobs(train)[0].sum())
     t.learner.update(1, train, first_update=0)
-    after = float(t.learner.current_logprobs(train)[0].sum())
+    after = float(t.learner.recompute_old_logprobs(train)[0].sum())
     assert after < before
 
 

@@ -100,7 +100,7 @@ def test_logprobs_stay_exact_under_a_blas_that_rounds_by_row_count(tiny_llama, t
     blas(amd_like)
     cfg = exact_config(tiny_llama, tmp_path / "ruled", precision=precision, rounds=2, ppo_epochs=2, mini_batches=2)
     trainer, rounds, preempted = run(cfg, count_preemptions=True)
-    assert trainer.exact_logprobs == "torch" and preempted > 0
+    assert trainer.ops.name == "exact-torch" and preempted > 0
     chosen = {s.kind: c.rule for s, c in row_rules._CHOSEN.items() if s.dtype == torch.float32}
     assert chosen == {"linear": RowRule(0, 4), "head": RowRule(0, 4), "attention": RowRule(0, 4)} or \
         precision == "bf16-mixed" and chosen == {"head": RowRule(0, 4), "attention": RowRule(0, 4)}
@@ -123,7 +123,7 @@ def test_auto_runs_with_the_mode_off_where_nothing_can_make_it_exact(tiny_llama,
     lines = [line for line in err.splitlines() if "exact-logprobs" in line]
     assert len(lines) == 1 and "--exact-logprobs auto: off on this machine" in lines[0], err
     assert "rules tried" in lines[0]
-    assert trainer.exact_logprobs is None and not trainer.precision.train_model.exact
+    assert trainer.ops.name == "plain" and not trainer.precision.train_model.exact
     assert trainer.run()["complete"]
 
 

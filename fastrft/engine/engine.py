@@ -186,8 +186,8 @@ class Engine:
 
     def step(self) -> None:
         batch = self.scheduler.schedule()
-        rows, draws = self._run(batch)
-        self._postprocess(rows, draws.cpu())  # the step's one device-to-host copy
+        rows, draws, forks = self._run(batch)
+        self._postprocess(rows, draws.cpu(), forks)  # the step's one device-to-host copy
 
     # ----------------------------------------------------------------------------------- internals
     def check_fits(self, prompt_ids, max_new_tokens: int, n: int = 1) -> None:
@@ -213,33 +213,35 @@ class Engine:
     def _unfinished(self, groups) -> bool:
         return any(s.finish_reason is None for g in groups for s in g)
 
-    def _run(self, batch) -> tuple[list[Sequence], torch.Tensor]:
-        """Run the model on the batch and sample: (the sequences sampled for, in order; their (2, n) draws)."""
+    def _run(self, batch) -> tuple[list[Sequence], torch.Tensor, list[tuple[Sequence, Sequence]]]:
+        """Run the model on the batch and sample: (the sequences sampled for, in order; their (2, n) draws;
+        the (parent, child) forks a prefill made, for :meth:`_postprocess` to register)."""
         seqs = [self.seqs[int(i)] for i in batch.seq_ids]
         if batch.kind == "prefill":
-            logits = self.runner.prefill(seqs, batch.starts, batch.lens, batch.slot_mapping,
+            hidden = self.runner.prefill(seqs, batch.starts, batch.lens, batch.slot_mapping,
                                          self.block_manager.block_table(batch.seq_ids))
-            rows, index = [], []
+            # A prompt's other samples share its prefill: each draws from its last hidden state. They are
+            # registered and forked after the step (_postprocess), so this phase only computes.
+            rows, index, forks = [], [], []
             for i, seq in enumerate(seqs):
-                for child in self._forks.pop(seq.seq_id, []):  # the prompt's other samples share its prefill
-                    self._register(child)
-                    self.scheduler.fork(seq.seq_id, child.seq_id)
+                for child in self._forks.get(seq.seq_id, []):
+                    forks.append((seq, child))
                     rows.append(child)
                     index.append(i)
                 rows.append(seq)
                 index.append(i)
             if index != list(range(len(seqs))):
-                logits = logits.index_select(0, torch.tensor(index, device=logits.device))
+                hidden = hidden.index_select(0, torch.tensor(index, device=hidden.device))
             seeds, positions = self._stream(rows)
-            dev = logits.device
-            return rows, self.runner.draw(logits, self._params, torch.as_tensor(seeds).to(dev),
-                                          torch.as_tensor(positions).to(dev))  # the runner's scratch logits
+            dev = hidden.device
+            return rows, self.runner.draw(hidden, self._params, torch.as_tensor(seeds).to(dev),
+                                          torch.as_tensor(positions).to(dev)), forks
         if batch.kind == "decode":
             self.runner.copy_blocks(batch.copies)
             seeds, positions = self._stream(seqs)
             return seqs, self.runner.decode(seqs, batch.slots, self.block_manager.block_table(batch.seq_ids),
                                             self.block_manager.context_lens(batch.seq_ids), self._params, seeds,
-                                            positions)
+                                            positions), []
         raise RuntimeError("the engine stalled with unfinished sequences and nothing schedulable; this is a bug")
 
     @staticmethod
@@ -248,7 +250,11 @@ class Engine:
         return (np.fromiter((s.seed for s in seqs), dtype=np.int64, count=len(seqs)),
                 np.fromiter((len(s.output) for s in seqs), dtype=np.int64, count=len(seqs)))
 
-    def _postprocess(self, rows: list[Sequence], draws: torch.Tensor) -> None:
+    def _postprocess(self, rows: list[Sequence], draws: torch.Tensor, forks=()) -> None:
+        for parent, child in forks:  # in the order the sequential registration had: ids are unchanged
+            self._forks.pop(parent.seq_id, None)
+            self._register(child)
+            self.scheduler.fork(parent.seq_id, child.seq_id)
         tokens, logps = unpack(draws)
         broken = [s.seq_id for s, t in zip(rows, tokens) if t < 0]
         if broken:  # their K/V may hold NaN: zero it before the abort frees it, so no later call reads it

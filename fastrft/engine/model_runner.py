@@ -1,5 +1,6 @@
 """Runs the model over the paged KV cache: builds a step's inputs, calls the model; prefill returns the
-last tokens' logits, decode returns the sampled tokens.
+last tokens' hidden states, decode returns the sampled tokens. Both sample through the runner's one head
+(:mod:`fastrft.engine.heads`).
 
 The cache is one (k, v) pair of (num_blocks, block_size, Hkv, D) tensors per layer, zero-filled (see
 :func:`zeroed`: on CPU untouched pages cost nothing). On CUDA, decode steps replay CUDA graphs captured once per
@@ -14,9 +15,8 @@ import bisect
 import numpy as np
 import torch
 
-from fastrft.engine.sampler import SamplingParams, draw
-from fastrft.kernels.sampling import sample_tokens
-from fastrft.models import exact
+from fastrft.engine.heads import make_head
+from fastrft.engine.sampler import SamplingParams
 from fastrft.models.paged import PagedMeta
 
 
@@ -59,8 +59,7 @@ class ModelRunner:
         shape = (num_blocks, block_size, c.num_kv_heads, c.head_dim)
         self.kv = [(zeroed(shape, model.dtype, model.device), zeroed(shape, model.dtype, model.device))
                    for _ in range(c.num_layers)]
-        self._logits_out: torch.Tensor | None = None  # CPU: reused across steps (see _logits)
-        self._head32, self._head_key = None, None  # fp32 copy of a low-precision LM head (see _head)
+        self.head = make_head(model, max_num_seqs)  # the LM head + sampler of every step (engine.heads)
         self.block_size = block_size
         self.vocab_size = c.vocab_size
         self.max_blocks_per_seq = -(-max_model_len // block_size)
@@ -89,55 +88,16 @@ class ModelRunner:
                 k.index_fill_(0, index, 0)
                 v.index_fill_(0, index, 0)
 
-    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """(n, V) fp32 logits of n hidden states, multiplied in fp32 as the trainer's LM-head loss does
-        (fastrft.kernels.linear_logprob): a bf16 head is widened once per weight version (:meth:`_head`),
-        never multiplied in bf16, whose rounded logits would put the sampler's log-probs a few percent
-        off the trainer's. On CPU they go into one buffer kept across steps: a fresh B x V result would
-        fault in its pages at every step (12 MiB at B = 64 for SmolLM2, ~15 ms)."""
-        w = self._head()
-        n = hidden.shape[0]
-        hidden = hidden.float()
-        if hidden.device.type != "cpu":
-            return hidden @ w.T
-        if self._logits_out is None or self._logits_out.shape[0] < n:
-            self._logits_out = torch.empty((max(n, self.max_num_seqs), w.shape[0]), dtype=torch.float32)
-        if getattr(self.model, "exact_backend", None) == "torch":  # the trainer's row rule (fastrft.models.exact)
-            return exact.head_logits(hidden, w.T, out=self._logits_out[:n])
-        return torch.mm(hidden, w.T, out=self._logits_out[:n])
-
-    def _head(self) -> torch.Tensor:
-        """The LM-head weight in fp32: the model's own when fp32, else a copy refreshed whenever the
-        weight changes (an optimizer step's in-place refresh bumps its version counter)."""
-        w = self.model.lm_head_weight
-        if w.dtype == torch.float32:
-            return w
-        key = (w.data_ptr(), w._version)
-        if self._head_key != key:
-            self._head32 = w.detach().float()
-            self._head_key = key
-        return self._head32
-
-    @property
-    def exact_head(self) -> bool:
-        """The exact mode's Triton path: the sampler draws from the trainer's own LM-head kernel
-        (:func:`fastrft.kernels.exact_triton.sample_head`), so prefill hands back hidden states."""
-        return getattr(self.model, "exact_backend", None) == "triton"
-
-    def draw(self, x: torch.Tensor, params: SamplingParams, seeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Sample from what :meth:`prefill` returned (rows may be reordered or repeated): (2, n) draws."""
-        if self.exact_head:
-            if not params.filters(self.vocab_size):
-                from fastrft.kernels.exact_triton import sample_head
-
-                return sample_head(x, self.model.lm_head_weight, seeds, positions, params.inv_temperature)
-            x = self._logits(x)  # top-k / top-p (evaluation only: training refuses them in this mode)
-        return draw(x, params, seeds, positions, consume=True)
+    def draw(self, hidden: torch.Tensor, params: SamplingParams, seeds: torch.Tensor,
+             positions: torch.Tensor) -> torch.Tensor:
+        """Sample from hidden states that :meth:`prefill` returned (rows may be reordered or repeated):
+        the (2, n) draws of the runner's head (:mod:`fastrft.engine.heads`)."""
+        return self.head.draw(hidden, params, seeds, positions)
 
     @torch.no_grad()
     def prefill(self, seqs, starts, lens, slot_mapping, block_tables) -> torch.Tensor:
-        """Compute KV for tokens [start, len) of each sequence; return (B, V) logits of each last token
-        (its (B, H) hidden state in the exact mode's Triton path; :meth:`draw` takes either)."""
+        """Compute KV for tokens [start, len) of each sequence; return the (B, H) hidden state of each last
+        token, which :meth:`draw` samples from."""
         ids, pos = [], []
         for seq, s, n in zip(seqs, starts.tolist(), lens.tolist()):
             ids.extend(seq.tokens()[s:n])
@@ -149,8 +109,7 @@ class ModelRunner:
                          context_lens=self._tensor(lens, torch.int32), cu_seqlens_q=self._tensor(cu, torch.int32),
                          has_prefix=bool((starts > 0).any()), trusted=True)
         hidden = self.model.forward_paged(self._tensor(ids, torch.long), self._tensor(pos, torch.long), self.kv, meta)
-        last = hidden.index_select(0, self._tensor(cu[1:] - 1, torch.long))
-        return last if self.exact_head else self._logits(last)
+        return hidden.index_select(0, self._tensor(cu[1:] - 1, torch.long))
 
     @torch.no_grad()
     def decode(self, seqs, slots, block_tables, context_lens, params: SamplingParams, seeds, positions) -> torch.Tensor:
@@ -166,8 +125,7 @@ class ModelRunner:
                          block_tables=self._tensor(block_tables, torch.int32),
                          context_lens=self._tensor(context_lens, torch.int32), trusted=True)
         hidden = self.model.forward_paged(self._tensor(ids, torch.long), self._tensor(pos, torch.long), self.kv, meta)
-        return self.draw(hidden if self.exact_head else self._logits(hidden), params, self._tensor(seeds, torch.long),
-                         self._tensor(positions, torch.long))
+        return self.head.draw(hidden, params, self._tensor(seeds, torch.long), self._tensor(positions, torch.long))
 
 
 def cuda_graph_capture(fn, pool):
@@ -225,14 +183,9 @@ class CudaGraphDecoder:
         ids, pos, slots, ctx, seeds, positions = self.inputs[:, :b]
         meta = PagedMeta(is_prefill=False, slot_mapping=slots, block_tables=self.block_tables[:b],
                          context_lens=ctx.to(torch.int32), trusted=True)
-        model = self.runner.model
-        hidden = model.forward_paged(ids, pos, self.runner.kv, meta)
-        if self.runner.exact_head:  # the trainer's LM-head kernel, 1/T read from the static scalar
-            from fastrft.kernels.exact_triton import sample_head
-
-            return sample_head(hidden, model.lm_head_weight, seeds, positions, self.inv_temperature)
-        logits = hidden @ model.lm_head_weight.T  # in the model dtype: the sampler reads bf16 directly
-        return sample_tokens(logits, seeds, positions, self.inv_temperature)
+        hidden = self.runner.model.forward_paged(ids, pos, self.runner.kv, meta)
+        # The eager path's head, 1/T read from the static scalar.
+        return self.runner.head.sample(hidden, seeds, positions, self.inv_temperature)
 
     def run(self, ids, pos, slots, block_tables, context_lens, seeds, positions, inv_temperature: float):
         n = len(ids)
@@ -250,5 +203,6 @@ class CudaGraphDecoder:
         self.block_tables[:n, : bt.shape[1]].copy_(bt.to(dev, non_blocking=True))
         self.block_tables[n:b] = 0
         self.inv_temperature.fill_(inv_temperature)
+        self.runner.head.weight()  # a changed LM head is widened in place, where the graph reads it
         self.graphs[b].replay()
         return self.outputs[b][:, :n]

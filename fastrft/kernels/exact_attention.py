@@ -154,22 +154,13 @@ def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     return _packed_forward(q, k, v, cu_seqlens, scale)
 
 
-def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta, scale: float) -> torch.Tensor:
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, context_lens: torch.Tensor,
+                    block_tables: torch.Tensor, cu: torch.Tensor, max_new: int, scale: float) -> torch.Tensor:
     """Attention of a step's new tokens over the paged cache (decode or prefill, the new K/V already
-    stored), batch-invariant and equal bit for bit to :func:`packed_attention` for the same token.
-    Decode launches depend on shapes only (CUDA graphs); a prefill reads its longest new run once and
-    keeps it on ``meta``."""
-    if meta.is_prefill:
-        cached = getattr(meta, "tile_plan", None)
-        if not isinstance(cached, tuple):
-            cu = meta.cu_seqlens_q
-            cached = meta.tile_plan = (cu, int((cu[1:] - cu[:-1]).max()))
-    else:
-        cached = getattr(meta, "tile_plan", None)
-        if not isinstance(cached, tuple) or cached[0].shape[0] != q.shape[0] + 1:
-            cached = meta.tile_plan = (torch.arange(q.shape[0] + 1, dtype=torch.int32, device=q.device), 1)
-    cu, max_new = cached
-    return _attention(q, k_cache, v_cache, cu, meta.context_lens, meta.block_tables, scale, max_new, k_cache.shape[1])
+    stored), batch-invariant and equal bit for bit to :func:`packed_attention` for the same token. cu (B + 1,)
+    int32 bounds each sequence's new tokens in q, max_new the longest such run (decode: arange(B + 1) and 1,
+    so its launches depend on shapes only, as CUDA graphs need)."""
+    return _attention(q, k_cache, v_cache, cu, context_lens, block_tables, scale, max_new, k_cache.shape[1])
 
 
 # ----------------------------------------------------------------------------------------- compile gate

@@ -9,6 +9,8 @@ import os
 
 import torch
 
+from fastrft.numerics import TILE as KEY_TILE  # keys per attention tile, as in the CPU path
+
 try:
     import triton
 
@@ -17,7 +19,6 @@ except ImportError:  # CPU-only installs: the exact mode runs its PyTorch ops (f
     HAVE_TRITON = False
 
 LOG2E = 1.4426950408889634
-KEY_TILE = 64  # keys per attention tile, as in the CPU path (fastrft.models.tiled_attention.TILE)
 DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 # ----------------------------------------------------------------------------------------- tiles

@@ -45,10 +45,12 @@ from __future__ import annotations
 
 import torch
 
+from fastrft import numerics
 from fastrft.kernels.exact_attention import packed_attention, paged_attention
 from fastrft.kernels.exact_common import (ATTENTION_DIMS, HAVE_TRITON, INTERPRETER_TILES, KEY_TILE, TILES,
                                           _cuda_launch, _differentiable, _flags, _Recomputed, _tile, available,
                                           check_launch, check_model, cuda_tiles, interpreting)
+from fastrft.numerics import linear_backward
 
 # The mode's API in one place: its attention and shared helpers live in the two modules above.
 __all__ = ["ATTENTION_DIMS", "HAVE_TRITON", "INTERPRETER_TILES", "KEY_TILE", "TILES", "available", "check_launch",
@@ -130,18 +132,6 @@ def linear_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     return y.view(*x.shape[:-1], n)
 
 
-def linear_backward(ctx, g):
-    """The plain backward of y = x W^T + b for an autograd Function whose forward saved (x, weight) and set
-    ``ctx.has_bias`` (this module's exact linear and the CPU one of fastrft.models.exact): PyTorch's GEMMs,
-    since only the forward has to be batch-invariant."""
-    x, weight = ctx.saved_tensors
-    g2 = g.reshape(-1, g.shape[-1])
-    gx = (g2 @ weight.to(g2.dtype)).view(x.shape).to(x.dtype) if ctx.needs_input_grad[0] else None
-    gw = (g2.T @ x.reshape(-1, x.shape[-1]).to(g2.dtype)).to(weight.dtype) if ctx.needs_input_grad[1] else None
-    gb = g2.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-    return gx, gw, gb
-
-
 class _Linear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias):
@@ -178,11 +168,7 @@ def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch
     return out.view(*x.shape[:-1], d)
 
 
-def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """fastrft.models.layers.RMSNorm's formula (the backward differentiates this)."""
-    h = x.float()
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * h.to(x.dtype)
+rms_norm_reference = numerics.rms_norm  # fastrft.models.layers.RMSNorm's formula (the backward differentiates it)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -30,7 +30,7 @@ from fastrft.loop.logprobs import old_logprobs, packed, reference_logprobs, resp
 from fastrft.loop.plan import split_parts, step_plan
 from fastrft.loop.types import TrainBatch
 from fastrft.microbatch import default_token_budget, merge_micro_stats
-from fastrft.models import exact
+from fastrft.models.ops import PLAIN, Ops
 from fastrft.precision import make_adamw
 
 
@@ -52,11 +52,13 @@ def reference_model(precision, cfg: TrainConfig):
 
 class Learner:
     def __init__(self, cfg: TrainConfig, precision, *, ref, engine, token_budget: int | None, world: World,
-                 device: torch.device, exact_logprobs: bool = False):
+                 device: torch.device, ops: Ops = PLAIN):
         self.cfg, self.precision, self.ref, self.engine = cfg, precision, ref, engine
-        self.exact_logprobs = exact_logprobs
-        # The exact CPU ops take the LM head's logits under its row rule, as the engine does.
-        self.logits_mm = exact.head_logits if exact_logprobs == "torch" else None
+        # The backend's LM-head GEMM, the engine's (the exact CPU ops take it under its row rule). With a
+        # batch-invariant backend the sampler's log-probs are the pre-update policy's bit for bit, so they
+        # serve as the old log-probs; otherwise a pass recomputes them. Both chosen once, here.
+        self.logits_mm = ops.head_gemm
+        self.old_logprobs = self.rollout_logprobs if ops.exact else self.recompute_old_logprobs
         self.token_budget, self.world, self.device = token_budget, world, device
         self.spec = cfg.loss_spec
         o = cfg.optim
@@ -77,7 +79,7 @@ class Learner:
         before (the lr schedule's position). Returns the update's metrics (``optimizer_steps`` taken)."""
         cfg, a = self.cfg, self.cfg.algo
         multi = a.ppo_epochs * a.mini_batches > 1
-        old = (self.rollout_logprobs(train) if self.exact_logprobs else self.current_logprobs(train)) if multi else None
+        old = self.old_logprobs(train) if multi else None
         total_steps = cfg.run.rounds * a.ppo_epochs * a.mini_batches
         steps, t_fb, t_opt, n_tokens, lr = [], 0.0, 0.0, 0, cfg.optim.lr
         self.precision.train_model.train()
@@ -153,12 +155,13 @@ class Learner:
 
     @staticmethod
     def rollout_logprobs(train: TrainBatch) -> list[torch.Tensor]:
-        """The old log-probs in exact mode: the sampler's, which are the pre-update policy's bit for bit
-        (fastrft.models.exact), so the recomputing pass (:meth:`current_logprobs`) is skipped."""
+        """The old log-probs with a batch-invariant backend: the sampler's, which are the pre-update policy's
+        bit for bit (fastrft.models.exact), so the recomputing pass (:meth:`recompute_old_logprobs`) is skipped."""
         return [torch.tensor(c.logprobs, dtype=torch.float32) for c in train.completions]
 
-    def current_logprobs(self, train: TrainBatch) -> list[torch.Tensor]:
-        """Per sequence of ``train``, the current policy's log-probs of its response tokens (CPU, fp32)."""
+    def recompute_old_logprobs(self, train: TrainBatch) -> list[torch.Tensor]:
+        """The old log-probs recomputed: per sequence of ``train``, the policy's log-probs of its response
+        tokens before the round's first step (CPU, fp32)."""
         return old_logprobs(self.precision.rollout_model, train, budget=self.token_budget, world=self.world,
                             device=self.device, temperature=self.cfg.rollout.temperature,
                             backend=self.cfg.model.kernels, logits_mm=self.logits_mm)

@@ -1,10 +1,9 @@
-"""Self-attention for the two entry points: packed varlen training and KV-cached inference.
+"""Self-attention for the three entry points: packed varlen training, the engine's paged steps, and
+KV-cached inference.
 
 Packed layout: the tokens of several sequences are concatenated into (T, heads, head_dim) with
-``cu_seqlens`` (B + 1,) int32 cumulative lengths; each sequence attends causally to itself only. With
-flash-attn importable and half-precision CUDA tensors the whole batch is one ``flash_attn_varlen_func``
-call; otherwise PyTorch SDPA runs once per distinct sequence length (sequences of equal length are
-stacked into one batched call, which covers the common G-samples-of-one-prompt case well).
+``cu_seqlens`` (B + 1,) int32 cumulative lengths; each sequence attends causally to itself only. The
+attention itself is the model's backend's (fastrft.models.ops: SDPA or flash-attn in the plain one).
 """
 
 from __future__ import annotations
@@ -14,72 +13,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastrft.models.config import ArchConfig
-from fastrft.models import exact
 from fastrft.models.layers import Linear, RMSNorm, apply_rope
-
-try:  # optional: only used on CUDA with fp16/bf16
-    from flash_attn import flash_attn_varlen_func as _flash_varlen
-except Exception:  # noqa: BLE001 - any import failure means "not available"
-    _flash_varlen = None
-
-
-def varlen_attention(q, k, v, cu_seqlens: torch.Tensor, scale: float) -> torch.Tensor:
-    """Causal attention within each packed sequence.
-
-    q (T, Hq, D), k/v (T, Hkv, D) with Hq a multiple of Hkv; cu_seqlens (B+1,) int32 on q's device.
-    Returns (T, Hq, D) in q's dtype.
-    """
-    if _flash_varlen is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
-        lens = cu_seqlens[1:] - cu_seqlens[:-1]
-        max_len = int(lens.max()) if lens.numel() else 0
-        return _flash_varlen(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, softmax_scale=scale, causal=True)
-    out = torch.empty_like(q)
-    bounds = cu_seqlens.tolist()
-    groups: dict[int, list[int]] = {}
-    for i in range(len(bounds) - 1):
-        groups.setdefault(bounds[i + 1] - bounds[i], []).append(bounds[i])
-    for length, starts in groups.items():
-        if length == 0:
-            continue
-        idx = (torch.tensor(starts, device=q.device)[:, None] + torch.arange(length, device=q.device)).reshape(-1)
-        # (n, L, H, D) -> (n, H, L, D) for SDPA; GQA is expanded by SDPA itself.
-        qs, ks, vs = (x.index_select(0, idx).view(len(starts), length, x.shape[1], x.shape[2]).transpose(1, 2)
-                      for x in (q, k, v))
-        o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale,
-                                           enable_gqa=qs.shape[1] != ks.shape[1])
-        out.index_copy_(0, idx, o.transpose(1, 2).reshape(-1, q.shape[1], q.shape[2]))
-    return out
-
-
-def prefix_prefill_attention(q, k_cache, v_cache, meta, scale: float) -> torch.Tensor:
-    """Prefill whose sequences start with prefix-cached tokens: each sequence's queries (its new tokens)
-    attend to its whole context gathered from the pages, with the causal diagonal shifted by the number
-    of cached tokens. q (T, Hq, D) packed by meta.cu_seqlens_q; returns (T, Hq, D).
-
-    Prefix hits are rare (a repeated prompt between two optimizer steps), so this gathers into a
-    contiguous K/V per sequence rather than running a paged prefill kernel."""
-    out = torch.empty_like(q)
-    bs = k_cache.shape[1]
-    cu = meta.cu_seqlens_q.tolist()
-    ctx = meta.context_lens.tolist()
-    for i, (start, end) in enumerate(zip(cu[:-1], cu[1:])):
-        n_ctx, n_new = ctx[i], end - start
-        blocks = meta.block_tables[i, : -(-n_ctx // bs)].long()
-        keys = k_cache.index_select(0, blocks).flatten(0, 1)[:n_ctx]
-        values = v_cache.index_select(0, blocks).flatten(0, 1)[:n_ctx]
-        offset = n_ctx - n_new
-        allowed = torch.ones(n_new, n_ctx, dtype=torch.bool, device=q.device).tril(offset)
-        o = F.scaled_dot_product_attention(q[start:end].transpose(0, 1), keys.transpose(0, 1),
-                                           values.transpose(0, 1), attn_mask=allowed, scale=scale,
-                                           enable_gqa=q.shape[1] != keys.shape[1])
-        out[start:end] = o.transpose(0, 1)
-    return out
+from fastrft.models.ops import PLAIN
 
 
 class Attention(nn.Module):
-    #: batch-invariant attention on every path (CausalLM.set_exact): "torch" fastrft.models.tiled_attention,
-    #: "triton" fastrft.kernels.exact_triton
-    exact = False
+    ops = PLAIN  # the model's backend (fastrft.models.ops; CausalLM.set_ops)
 
     def __init__(self, cfg: ArchConfig, layer_idx: int):
         super().__init__()
@@ -114,13 +53,7 @@ class Attention(nn.Module):
     def forward_packed(self, x, cos, sin, cu_seqlens):
         """x (T, hidden) packed; cos/sin (T, D); returns (T, hidden)."""
         q, k, v = self._qkv(x, cos, sin)
-        if self.exact == "triton":
-            o = exact.triton_kernels().packed_attention(q, k, v, cu_seqlens, self.scale)
-        elif self.exact:
-            o = exact.packed_attention(q, k, v, cu_seqlens, self.scale)
-        else:
-            o = varlen_attention(q, k, v, cu_seqlens, self.scale)
-        return self.o_proj(o.flatten(-2))
+        return self.o_proj(self.ops.packed_attention(q, k, v, cu_seqlens, self.scale).flatten(-2))
 
     def forward_paged(self, x, cos, sin, k_cache, v_cache, meta):
         """x (T, hidden): the batch's new tokens, packed; k_cache/v_cache (num_blocks, block_size, Hkv, D)
@@ -129,28 +62,12 @@ class Attention(nn.Module):
         from fastrft.kernels import paged_attention as pa
 
         q, k, v = self._qkv(x, cos, sin)
-        # The engine's own CPU steps go straight to the PyTorch path: its inputs need no checks, and at
-        # batch 1 the checks cost a tenth of attention itself.
-        direct = meta.trusted and q.device.type == "cpu"
-        if direct:
+        # The engine's own CPU steps store directly: its slots need no checks.
+        if meta.trusted and q.device.type == "cpu":
             pa.store_kv_reference(k, v, k_cache, v_cache, meta.slot_mapping)
         else:
             pa.store_kv(k, v, k_cache, v_cache, meta.slot_mapping, validate=False if meta.trusted else None)
-        if self.exact == "triton":
-            o = exact.triton_kernels().paged_attention(q, k_cache, v_cache, meta, self.scale)
-        elif self.exact:
-            o = exact.paged_attention(q, k_cache, v_cache, meta, self.scale)
-        elif not meta.is_prefill and direct:
-            o = pa.paged_attention_decode_torch(q, k_cache, v_cache, meta.block_tables, meta.context_lens, self.scale,
-                                                finite_pages=True)
-        elif not meta.is_prefill:
-            o = pa.paged_attention_decode(q, k_cache, v_cache, meta.block_tables, meta.context_lens, self.scale,
-                                          validate=False if meta.trusted else None, finite_pages=meta.trusted)
-        elif not meta.has_prefix:
-            o = varlen_attention(q, k, v, meta.cu_seqlens_q, self.scale)
-        else:
-            o = prefix_prefill_attention(q, k_cache, v_cache, meta, self.scale)
-        return self.o_proj(o.flatten(-2))
+        return self.o_proj(self.ops.paged_attention(q, k, v, k_cache, v_cache, meta, self.scale).flatten(-2))
 
     def forward_cached(self, x, cos, sin, cache, mask):
         """x (B, t, hidden) new tokens; cache: a KVCache positioned at these tokens; mask (B, 1, t, S)

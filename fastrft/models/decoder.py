@@ -18,6 +18,7 @@ from fastrft.models.attention import Attention
 from fastrft.models.config import ArchConfig
 from fastrft.models.kv_cache import KVCache
 from fastrft.models.layers import MLP, Linear, RMSNorm, rope_cos_sin, rope_inv_freq
+from fastrft.models.ops import Ops
 
 
 class DecoderLayer(nn.Module):
@@ -67,26 +68,21 @@ class CausalLM(nn.Module):
         self.activation_checkpointing = False  # forward_packed recomputes each layer in the backward when set
 
     @property
-    def exact(self) -> bool:
-        """Batch-invariant forward (fastrft.models.exact): decode, prefill and forward_packed give a
-        token the same bits whatever shares its batch."""
-        return bool(getattr(self, "_exact", False))
+    def ops(self) -> Ops:
+        """The backend every layer computes with (:mod:`fastrft.models.ops`; plain until :meth:`set_ops`)."""
+        return self.model.norm.ops
 
     @property
-    def exact_backend(self) -> str | None:
-        """"torch" (the CPU ops of fastrft.models.exact), "triton" (fastrft.kernels.exact_triton: CUDA, or
-        the interpreter in tests) or None (the mode is off)."""
-        return getattr(self, "_exact", None) or None
+    def exact(self) -> bool:
+        """Whether the backend is batch-invariant: decode, prefill and forward_packed give a token the same
+        bits whatever shares its batch."""
+        return self.ops.exact
 
-    def set_exact(self, on: bool = True, backend: str = "torch") -> None:
-        """Switch every layer to (or from) the batch-invariant ops of :mod:`fastrft.models.exact`, computed
-        by ``backend``: "torch" (CPU) or "triton"."""
-        if backend not in ("torch", "triton"):
-            raise ValueError(f"exact backend must be 'torch' or 'triton'; got {backend!r}")
-        self._exact = backend if on else None
+    def set_ops(self, ops: Ops) -> None:
+        """Compute every layer with ``ops`` (a :class:`fastrft.models.ops.Ops`; see :func:`fastrft.models.ops.get`)."""
         for m in self.modules():
-            if hasattr(type(m), "exact") and m is not self:
-                m.exact = backend if on else False
+            if isinstance(m, (Linear, RMSNorm, Attention)):
+                m.ops = ops
 
     def linear_shapes(self) -> list[tuple[int, int, bool]]:
         """(in_features, out_features, has a bias) of every linear layer the forward runs."""
@@ -157,6 +153,7 @@ class CausalLM(nn.Module):
         of shape (num_blocks, block_size, Hkv, D); meta: :class:`fastrft.models.PagedMeta`.
         Returns hidden states (T, hidden).
         """
+        meta.plan = self.ops.plan_step(meta, input_ids.shape[0], input_ids.device)
         x = self.model.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)
         for layer, (k_cache, v_cache) in zip(self.model.layers, kv_caches):

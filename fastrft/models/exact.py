@@ -40,13 +40,16 @@ of :mod:`fastrft.kernels.exact_triton`, and the engine samples from the trainer'
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 import torch.nn.functional as F
 
+from fastrft import numerics
 from fastrft.errors import ConfigError
 from fastrft.models import row_rules
-from fastrft.models.tiled_attention import TILE, packed_attention, paged_attention, tiled_attention  # noqa: F401
+from fastrft.models.ops import Ops, get
+from fastrft.models.tiled_attention import TILE, packed_attention, paged_attention, step_plan, tiled_attention  # noqa: F401
 
 
 class ExactModeError(ConfigError):
@@ -64,9 +67,7 @@ class _RuledLinear(torch.autograd.Function):
         ctx.has_bias = bias is not None
         return ruled_linear(x, weight, bias, packed=False)
 
-    @staticmethod
-    def backward(ctx, g):
-        return triton_kernels().linear_backward(ctx, g)  # plain PyTorch GEMMs (triton itself is not needed)
+    backward = staticmethod(numerics.linear_backward)
 
 
 def ruled_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -107,23 +108,39 @@ def head_logits(hidden: torch.Tensor, weight_t: torch.Tensor, out: torch.Tensor 
     return choice.rule.run(lambda piece, dest: row_rules.gemm(piece, weight_t, out=dest), hidden, out=out)
 
 
-def triton_kernels():
-    """fastrft.kernels.exact_triton (imported on first use: CPU-only runs never need triton)."""
-    from fastrft.kernels import exact_triton
-
-    return exact_triton
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, backend: str = "torch") -> torch.Tensor:
-    """The exact mode's linear layer. "torch" (CPU): under its shape's row rule (:func:`ruled_linear`).
-    "triton": fixed-tile GEMMs without split-K (fastrft.kernels.exact_triton)."""
-    if backend == "triton":
-        return triton_kernels().linear(x, weight, bias)
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The exact mode's linear layer on CPU: under its shape's row rule (:func:`ruled_linear`)."""
     if x.device.type != "cpu":
         return F.linear(x, weight, bias)
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         return _RuledLinear.apply(x, weight, bias)
     return ruled_linear(x, weight, bias)
+
+
+class ExactTorchOps(Ops):
+    """The exact mode on CPU: row-ruled GEMMs, tiled attention, the row-ruled LM-head GEMM on both sides
+    (the engine's head and the trainer's loss). RMSNorm's plain formula is already batch-invariant here."""
+
+    name = "exact-torch"
+    exact = True
+    head_gemm = staticmethod(head_logits)
+
+    def linear(self, x, weight, bias):
+        return linear(x, weight, bias)
+
+    def packed_attention(self, q, k, v, cu_seqlens, scale):
+        return packed_attention(q, k, v, cu_seqlens, scale)
+
+    def plan_step(self, meta, rows, device):
+        return step_plan(meta, device)
+
+    def paged_attention(self, q, k, v, k_cache, v_cache, meta, scale):
+        return paged_attention(q, k_cache, v_cache, meta, scale)
+
+    def check(self, models, dtype: torch.dtype, device: torch.device) -> None:
+        """Raise :class:`ExactModeError` unless this process's BLAS honours a row rule at every GEMM site of
+        ``models`` (:func:`check_invariance`)."""
+        check_invariance(sites([m for m in models if _computes_in(m, dtype)], dtype), device)
 
 
 # ----------------------------------------------------------------------------------------- the process
@@ -176,19 +193,19 @@ def describe(chosen: dict[row_rules.Site, row_rules.Choice]) -> str:
     return "; ".join(f"{k}: {', '.join(sorted(v))}" for k, v in sorted(by_kind.items()))
 
 
-def resolve(cfg, device: torch.device, precision: str = "fp32") -> str | None:
-    """Whether and how a run computes exactly: ``--exact-logprobs`` (cfg.model.exact_logprobs) against what
-    can honour it. Returns None (off), "torch" (the CPU ops of this module) or "triton" (the Triton kernels
-    of fastrft.kernels.exact_triton: CUDA, or CPU under TRITON_INTERPRET=1 with ``--kernels triton``, which
-    is how the tests run the CUDA path). ``on`` with something that cannot honour it raises
+def resolve(cfg, device: torch.device, precision: str = "fp32") -> str:
+    """Which backend a run computes with: ``--exact-logprobs`` (cfg.model.exact_logprobs) against what can
+    honour it. Returns "plain" (off), "exact-torch" (the CPU ops of this module) or "exact-triton" (the
+    Triton kernels of fastrft.kernels.exact_triton: CUDA, or CPU under TRITON_INTERPRET=1 with ``--kernels
+    triton``, which is how the tests run the CUDA path). ``on`` with something that cannot honour it raises
     :class:`fastrft.errors.ConfigError` with the reason. ``auto`` is on where the mode costs at most 5%
     (bench/RESULTS.md, "Exact log-probs"): fp32 on CPU with more than one optimizer step per round, where
-    the skipped old-log-prob pass pays for it (0.92-1.06x over runs; one step per round costs 1.05-1.09x,
-    bf16-mixed 1.10-1.14x). Its CUDA cost has not been measured on a GPU, so ``auto`` leaves it off there."""
+    the skipped old-log-prob pass pays for it. Its CUDA cost has not been measured on a GPU, so ``auto``
+    leaves it off there."""
     setting, ro = cfg.model.exact_logprobs, cfg.rollout
     reasons = []
-    backend = "triton" if device.type != "cpu" or cfg.model.kernels == "triton" else "torch"
-    if backend == "triton":
+    triton = device.type != "cpu" or cfg.model.kernels == "triton"
+    if triton:
         from fastrft.kernels.linear_logprob import HAVE_TRITON
 
         interpreting = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -207,26 +224,36 @@ def resolve(cfg, device: torch.device, precision: str = "fp32") -> str | None:
     if setting == "on" and reasons:
         raise ConfigError(f"exact_logprobs (--exact-logprobs) on cannot be honoured: {reasons[0]}; use "
                           "--exact-logprobs off (or auto)")
-    cheap = backend == "torch" and precision == "fp32" and cfg.algo.ppo_epochs * cfg.algo.mini_batches > 1
-    return backend if setting == "on" or (setting == "auto" and not reasons and cheap) else None
+    cheap = not triton and precision == "fp32" and cfg.algo.ppo_epochs * cfg.algo.mini_batches > 1
+    on = setting == "on" or (setting == "auto" and not reasons and cheap)
+    return ("exact-triton" if triton else "exact-torch") if on else "plain"
 
 
-def enable(models, dtype: torch.dtype, device: torch.device, backend: str = "torch") -> None:
-    """Switch ``models`` (the master, training and rollout modules; repeats are fine) to the exact ops of
-    ``backend``, after checking that this process's BLAS honours them (:func:`check_invariance`; the
-    "triton" kernels fix their own order)."""
+def enable(models, dtype: torch.dtype, device: torch.device, backend: str = "exact-torch") -> Ops:
+    """Give ``models`` (the master, training and rollout modules; repeats are fine) the backend named
+    ``backend``, after it has checked that this process can honour it (the CPU ops: this BLAS's row
+    rules, :func:`check_invariance`; the Triton kernels: the head dim and device). Returns the backend."""
     models = list({id(m): m for m in models}.values())
-    if backend == "torch":
-        check_invariance(sites([m for m in models if _computes_in(m, dtype)], dtype), device)
-    else:
-        for m in models:
-            if hasattr(m, "config"):
-                try:
-                    triton_kernels().check_model(m.config.head_dim, dtype, device)
-                except (RuntimeError, ValueError) as err:
-                    raise ExactModeError(f"exact log-probs: {err}") from None
+    ops = get(backend)
+    ops.check(models, dtype, device)
     for m in models:
-        m.set_exact(True, backend)
+        m.set_ops(ops)
+    return ops
+
+
+def choose(cfg, device: torch.device, precision: str, models, dtype: torch.dtype, notify: bool = True) -> Ops:
+    """The run's backend, given to ``models``: :func:`resolve`, then :func:`enable`. Where the exact mode is
+    ``auto`` and this machine cannot honour it, the plain backend, with a one-line notice (``notify``);
+    with ``on`` the :class:`ExactModeError`."""
+    name = resolve(cfg, device, precision)
+    try:
+        return enable(models, dtype, device, name)
+    except ExactModeError as err:  # `on` refuses; `auto` never stops a run
+        if cfg.model.exact_logprobs == "on":
+            raise
+        if notify:
+            print(f"fastrft: --exact-logprobs auto: off on this machine ({reason(err)})", file=sys.stderr)
+        return enable(models, dtype, device, "plain")
 
 
 def _computes_in(model, dtype: torch.dtype) -> bool:

@@ -1,8 +1,9 @@
 """Building blocks of the decoder: RMSNorm, rotary embeddings, the SwiGLU MLP.
 
 Numerics follow the reference implementations bit for bit where it matters for parity: RMSNorm
-normalises in fp32 and casts back before the weight multiply's result is cast; RoPE angles are computed
-in fp32 from integer positions.
+normalises in fp32 and casts back before the weight multiply (fastrft.numerics.rms_norm); RoPE angles are
+computed in fp32 from integer positions. The linear layers and norms compute through the model's backend
+(fastrft.models.ops).
 """
 
 from __future__ import annotations
@@ -14,12 +15,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastrft.models.config import ArchConfig, RopeConfig
+from fastrft.models.ops import PLAIN
 
 
 class RMSNorm(nn.Module):
-    #: "triton": the batch-invariant Triton kernel (fastrft.kernels.exact_triton; CausalLM.set_exact). The
-    #: PyTorch formula below is already batch-invariant on CPU (a row is reduced by one thread).
-    exact = False
+    ops = PLAIN  # the model's backend (fastrft.models.ops; CausalLM.set_ops)
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -27,14 +27,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.exact == "triton":
-            from fastrft.kernels import exact_triton
-
-            return exact_triton.rms_norm(x, self.weight, self.eps)
-        dtype = x.dtype
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(dtype)
+        return self.ops.rms_norm(x, self.weight, self.eps)
 
 
 def rope_inv_freq(rope: RopeConfig, head_dim: int, device=None) -> torch.Tensor:
@@ -93,17 +86,13 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class Linear(nn.Linear):
-    """nn.Linear (same parameters, same names) whose forward is batch-invariant when ``exact`` names a
-    backend, "torch" or "triton" (:func:`fastrft.models.exact.linear`; :meth:`fastrft.models.CausalLM.set_exact`)."""
+    """nn.Linear (same parameters, same names) whose forward is the model's backend's
+    (:meth:`fastrft.models.ops.Ops.linear`; :meth:`fastrft.models.CausalLM.set_ops`)."""
 
-    exact = False
+    ops = PLAIN
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.exact:
-            from fastrft.models import exact
-
-            return exact.linear(x, self.weight, self.bias, self.exact)
-        return F.linear(x, self.weight, self.bias)
+        return self.ops.linear(x, self.weight, self.bias)
 
 
 class MLP(nn.Module):

@@ -7,6 +7,12 @@ from dataclasses import dataclass
 import torch
 
 
+class StepPlan:
+    """What a backend derives from a paged step's metadata once, for every layer of the step to read
+    (:meth:`fastrft.models.ops.Ops.plan_step`): e.g. how the exact CPU attention batches its query rows
+    (:class:`fastrft.models.tiled_attention.TilePlan`)."""
+
+
 @dataclass
 class PagedMeta:
     """What the attention layers need to read and write a paged KV cache for one step.
@@ -27,5 +33,5 @@ class PagedMeta:
     # The engine's own steps: its caches start zeroed (every slot finite) and it computes slots and tables
     # itself, so the kernels skip the value checks and the zeroing of unused slots.
     trusted: bool = False
-    # Exact mode: how fastrft.models.exact batches this step's query rows (made by its first layer).
-    tile_plan: object = None
+    # The model's backend's plan for this step (CausalLM.forward_paged sets it; None: the backend needs none).
+    plan: StepPlan | None = None

@@ -14,11 +14,11 @@ import torch
 import torch.nn.functional as F
 
 from fastrft.models import row_rules
+from fastrft.models.paged import StepPlan
+from fastrft.numerics import TILE  # keys per attention tile: a query's context is padded to a multiple of this
 
-TILE = 64  # keys per attention tile: a query's context is padded to a multiple of this
 
-
-class TilePlan:
+class TilePlan(StepPlan):
     """How :func:`tiled_attention` batches a set of query rows; it depends on the rows' sequences and
     positions only, so one plan serves every layer of a forward.
 
@@ -182,17 +182,8 @@ def packed_attention(q, k, v, cu_seqlens: torch.Tensor, scale: float) -> torch.T
 def paged_attention(q, k_cache, v_cache, meta, scale: float) -> torch.Tensor:
     """:func:`tiled_attention` over the paged cache (decode: one query per sequence; prefill: each
     sequence's new tokens, the last ones of its context). The step's new K/V are already in the cache.
-    The plan is made once per step and kept on ``meta``."""
-    plan = getattr(meta, "tile_plan", None)
-    if plan is None:
-        ctx = meta.context_lens.cpu().numpy().astype(np.int64)
-        if meta.is_prefill:
-            new = np.diff(meta.cu_seqlens_q.cpu().numpy().astype(np.int64))
-        else:
-            new = np.ones_like(ctx)
-        seq = np.repeat(np.arange(len(ctx)), new)
-        pos = np.repeat(ctx, new) - np.repeat(new, new) + (np.arange(new.sum()) - np.repeat(np.cumsum(new) - new, new))
-        plan = meta.tile_plan = TilePlan(seq, pos, q.device)
+    The plan is the step's (``meta.plan``, made once for every layer by :func:`step_plan`)."""
+    plan = meta.plan if isinstance(meta.plan, TilePlan) else step_plan(meta, q.device)
     page, hkv, d = k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
     tables = meta.block_tables
 
@@ -208,3 +199,16 @@ def paged_attention(q, k_cache, v_cache, meta, scale: float) -> torch.Tensor:
         return k_cache.index_select(0, flat).view(shape)[:, :n], v_cache.index_select(0, flat).view(shape)[:, :n]
 
     return tiled_attention(q, plan, gather, scale)
+
+
+def step_plan(meta, device: torch.device) -> TilePlan:
+    """The :class:`TilePlan` of a paged step's query rows (decode: one per sequence; prefill: each
+    sequence's new tokens, the last ones of its context)."""
+    ctx = meta.context_lens.cpu().numpy().astype(np.int64)
+    if meta.is_prefill:
+        new = np.diff(meta.cu_seqlens_q.cpu().numpy().astype(np.int64))
+    else:
+        new = np.ones_like(ctx)
+    seq = np.repeat(np.arange(len(ctx)), new)
+    pos = np.repeat(ctx, new) - np.repeat(new, new) + (np.arange(new.sum()) - np.repeat(np.cumsum(new) - new, new))
+    return TilePlan(seq, pos, device)
