@@ -4,7 +4,7 @@
 # (metrics.jsonl record by record but the wall-clock fields, rollouts.jsonl byte for byte, the exported
 # weights bit for bit, the checkpoints kept, config.json).
 #
-#   bench/refactor_check.sh BEFORE [CONFIGS]      e.g. bench/refactor_check.sh c9361b7 "A B D E F G H X"
+#   bench/refactor_check.sh BEFORE [CONFIGS]      e.g. bench/refactor_check.sh c9361b7 "A B D E F G H X M L"
 #
 # Each run has one torch thread (--threads 1, OMP_NUM_THREADS=1), so two run side by side on 2 cores and
 # bits do not depend on the thread count. SmolLM2-135M-Instruct (the embedded model); about 3 minutes per
@@ -71,6 +71,13 @@ run() {  # run SRC OUT CONFIG
       --examples-per-round 2 --train-pool 8 --group-size 4 --max-new-tokens 40 --kv-cache-memory 6000000 \
       --advantage grpo --kl-coef 0.02 --ppo-epochs 2 --mini-batches 2 --max-tokens-per-step 300 --rounds 3 \
       --eval-every 3 --test-size 3 --train-eval-size 2 --save-every 3 --lr 2e-5 --log-samples 8 --out "$out/X" ;;
+  M) # the defaults in bf16-mixed (the exact mode auto: off), one example, small sizes
+    "$PY" -m fastrft train "${common[@]}" --precision bf16-mixed --dataset gsm8k --example-index 1 --group-size 4 \
+      --max-new-tokens 32 --rounds 3 --eval-every 3 --test-size 3 --save-every 3 --log-samples 8 --out "$out/M" ;;
+  L) # a two-layer ladder (L0 and L3 of the paper's ladder, the cpu-mini profile, one seed)
+    "$PY" -m fastrft ladder --layers L0,L3 --seeds 1 --profile cpu-mini --model smollm2-135m-instruct \
+      --threads 1 --seed 11 --rounds 3 --eval-every 3 --test-size 3 --max-new-tokens 24 --out "$out/L" \
+      > /dev/null ;;
   *) echo "unknown configuration $c" >&2; return 2 ;;
   esac
 }
@@ -81,6 +88,14 @@ for c in $CONFIGS; do
   if [ "$c" = D ]; then wait; fi  # two processes already: the sides of D run one after the other
   ( run "$PWD" "$WORK/runs-after" "$c" > "$WORK/runs-after/$c.log" 2>&1 ) &
   wait
+  if [ "$c" = L ]; then  # a study: every run directory in it
+    for run_dir in "$WORK/runs-before/L"/*/seed-*; do
+      rel=${run_dir#"$WORK/runs-before/L/"}
+      printf '%s %s: ' "$c" "$rel"
+      "$PY" bench/same_run.py "$run_dir" "$WORK/runs-after/L/$rel" 2>/dev/null | grep -v '^exported' || status=1
+    done
+    continue
+  fi
   printf '%s: ' "$c"
   "$PY" bench/same_run.py "$WORK/runs-before/$c" "$WORK/runs-after/$c" 2>/dev/null | grep -v '^exported' || status=1
 done
