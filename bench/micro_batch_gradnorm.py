@@ -37,8 +37,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         first = Trainer(config(f"{tmp}/sample", "off", None))
         _, prompts = first.examples_for_round(1)
-        groups = first.rollout(1, prompts)
-        lengths = sorted(len(prompts[0]) + len(c.token_ids) for c in groups[0])
+        rollouts = first.sampler(1, prompts)
+        lengths = sorted(len(prompts[0]) + len(c.token_ids) for c in rollouts.groups[0])
         print(f"packed lengths {lengths}")
         del first
         for mode in ("off", "on"):
@@ -46,11 +46,11 @@ def main() -> None:
             for per in (len(lengths), 4, 2, 1):
                 budget = sum(lengths[-per:])  # room for the `per` longest sequences
                 try:
-                    trainer = Trainer(config(f"{tmp}/{mode}-{per}", mode, budget))
+                    trainer = Trainer(config(f"{tmp}/{mode}-{per}", mode, budget),
+                                      sampler=lambda default: lambda r, p: rollouts)
                 except ExactModeError as e:  # no row rule makes this BLAS batch-invariant
                     print(f"exact {mode}: refused: {e}")
                     break
-                trainer.rollout = lambda r, p: groups
                 rec = trainer.round(1)
                 norms[per] = (rec["grad_norm"], rec["micro_batches"])
                 del trainer

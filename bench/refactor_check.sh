@@ -75,7 +75,7 @@ run() {  # run SRC OUT CONFIG
     "$PY" -m fastrft train "${common[@]}" --precision bf16-mixed --dataset gsm8k --example-index 1 --group-size 4 \
       --max-new-tokens 32 --rounds 3 --eval-every 3 --test-size 3 --save-every 3 --log-samples 8 --out "$out/M" ;;
   L) # a two-layer ladder (L0 and L3 of the paper's ladder, the cpu-mini profile, one seed)
-    "$PY" -m fastrft ladder --layers L0,L3 --seeds 1 --profile cpu-mini --model smollm2-135m-instruct \
+    "$PY" -m fastrft ladder --layers L0,L3 --seeds 1 --profile cpu-mini --keep-models --model smollm2-135m-instruct \
       --threads 1 --seed 11 --rounds 3 --eval-every 3 --test-size 3 --max-new-tokens 24 --out "$out/L" \
       > /dev/null ;;
   *) echo "unknown configuration $c" >&2; return 2 ;;

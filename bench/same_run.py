@@ -28,8 +28,15 @@ def _records(path: Path) -> list[dict]:
 
 
 def _config(run: Path) -> dict:
+    """config.json without the session settings (fastrft.config.opt): config.json leaves them out since
+    2026-12-07, so a run written before holds them and one written after does not; they are not the run's
+    identity either way."""
+    from fastrft.config import canonical, session_fields
+
     cfg = json.loads((run / "config.json").read_text())
-    cfg["run"].pop("out", None)  # where each run was written
+    cfg = {section: canonical(section, values) for section, values in cfg.items()}  # renamed fields
+    for section, name in session_fields():
+        cfg.get(section, {}).pop(name, None)
     return cfg
 
 

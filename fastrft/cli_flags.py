@@ -10,7 +10,7 @@ import dataclasses
 import typing
 from typing import Any
 
-from fastrft.config import GROUPS, LEGACY_DTYPES, PRECISIONS, ModelConfig, TrainConfig, build_group, flag
+from fastrft.config import ALIASES, GROUPS, LEGACY_DTYPES, PRECISIONS, ModelConfig, TrainConfig, build_group, flag
 from fastrft.errors import ConfigError, read_json_object
 
 _UNSET = object()
@@ -89,6 +89,10 @@ def add_config_flags(parser: argparse.ArgumentParser, ladder: bool = False) -> N
                 kwargs["type"] = _converter(hints[f.name])
                 kwargs["metavar"] = f.name.upper()
             group.add_argument(flag(f.name), **kwargs)
+        for (section, old), new in ALIASES.items():
+            if section == group_name:
+                group.add_argument(flag(old), dest=f"{group_name}.{new}", default=_UNSET, type=int, metavar=new.upper(),
+                                   help=f"the old name of {flag(new)}")
         if cls is ModelConfig:
             group.add_argument("--dtype", dest="model.precision", default=_UNSET, type=_legacy_dtype,
                                metavar="DTYPE", help="older spelling of --precision: float32 | bfloat16 | float16 "

@@ -56,6 +56,9 @@ def parse_difficulty(text: str) -> tuple[float, float]:
 
 
 def opt(default: Any, help: str, **extra: Any):
+    """A config field. ``session=True``: a setting of this invocation that cannot change the run's numbers
+    (where it is written, how it is displayed, how many threads): never written to config.json, never
+    compared on resume. ``resumable=True``: recorded, but a resume may change it (a memory budget)."""
     return field(default=default, metadata={"help": help, **extra})
 
 
@@ -296,12 +299,13 @@ class AlgoConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    lr: float = opt(1e-6, "AdamW learning rate (constant after warm-up)")
+    lr: float = opt(1e-6, "AdamW peak learning rate: reached after the warm-up, then held (constant) or "
+                          "decayed (--schedule linear, cosine)")
     weight_decay: float = opt(0.01, "AdamW weight decay")
     beta1: float = opt(0.9, "AdamW beta1")
     beta2: float = opt(0.999, "AdamW beta2")
     grad_clip: float = opt(1.0, "max global gradient norm (0 = off)")
-    warmup_rounds: int = opt(0, "linear learning-rate warm-up, in optimizer steps")
+    warmup_steps: int = opt(0, "linear learning-rate warm-up, in optimizer steps (--warmup-rounds: its old name)")
     schedule: str = opt("constant", "learning-rate schedule after warm-up: constant | linear | cosine")
     min_lr_ratio: float = opt(0.0, "final lr / lr of the linear and cosine schedules")
     max_tokens_per_step: int | None = opt(None, "token budget of one forward + backward: each optimizer step's "
@@ -309,7 +313,7 @@ class OptimConfig:
                                                 "packed tokens (no sequence is split; one longer than the budget "
                                                 "gets a micro-batch of its own) and their gradients accumulate, "
                                                 "normalised over the whole step. none = automatic: 2048 on CPU; "
-                                                "on CUDA derived from free memory and printed")
+                                                "on CUDA derived from free memory and printed", resumable=True)
 
     def __post_init__(self):
         _require(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
@@ -317,7 +321,7 @@ class OptimConfig:
         _require(0 <= self.beta1 < 1, "beta1", f"must be in [0, 1), got {self.beta1}")
         _require(0 <= self.beta2 < 1, "beta2", f"must be in [0, 1), got {self.beta2}")
         _require(self.grad_clip >= 0, "grad_clip", "must be >= 0 (0 = off)")
-        _require(self.warmup_rounds >= 0, "warmup_rounds", "must be >= 0")
+        _require(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
         _require(self.schedule in LR_SCHEDULES, "schedule", f"must be one of {', '.join(LR_SCHEDULES)}, "
                  f"got {self.schedule!r}")
         _require(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
@@ -327,14 +331,14 @@ class OptimConfig:
     def lr_at(self, step: int, total_steps: int) -> float:
         """Learning rate of optimizer step ``step`` (0-based) out of ``total_steps``.
 
-        >>> o = OptimConfig(lr=1.0, warmup_rounds=2, schedule="linear")
+        >>> o = OptimConfig(lr=1.0, warmup_steps=2, schedule="linear")
         >>> [round(o.lr_at(s, 6), 3) for s in range(6)]
         [0.5, 1.0, 1.0, 0.75, 0.5, 0.25]
         """
-        if step < self.warmup_rounds:
-            return self.lr * (step + 1) / self.warmup_rounds
-        span = max(1, total_steps - self.warmup_rounds)
-        frac = min(1.0, (step - self.warmup_rounds) / span)
+        if step < self.warmup_steps:
+            return self.lr * (step + 1) / self.warmup_steps
+        span = max(1, total_steps - self.warmup_steps)
+        frac = min(1.0, (step - self.warmup_steps) / span)
         if self.schedule == "constant":
             scale = 1.0
         elif self.schedule == "linear":
@@ -373,22 +377,25 @@ class EvalConfig:
 
 @dataclass(frozen=True)
 class RunConfig:
-    rounds: int = opt(200, "training rounds (one optimizer step each, unless skipped)")
+    rounds: int = opt(200, "training rounds; each samples once, then takes one optimizer step per PPO epoch "
+                           "and mini-batch (none when skipped)")
     seed: int = opt(0, "seed of sampling, data subsets and initialisation")
-    out: str | None = opt(None, "run directory", shown="runs/<name>-<timestamp>")
+    out: str | None = opt(None, "run directory", session=True, shown="runs/<name>-<timestamp>")
     name: str = opt("train", "run name, used in the default run directory")
-    progress: bool = opt(True, "show a progress bar")
+    progress: bool = opt(True, "show a progress bar", session=True)
     log_samples: int = opt(1, "responses per round written to rollouts.jsonl with their rewards (0 = none)")
     save_every: int = opt(50, "write a checkpoint every N rounds, and at the end (0 = only at the end)")
-    keep_checkpoints: int = opt(2, "how many of the latest checkpoints are kept")
+    keep_checkpoints: int = opt(2, "how many of the latest checkpoints are kept", session=True)
     tensorboard: bool = opt(False, "also write TensorBoard event files under <run dir>/tb (needs the "
-                                   "tensorboard package); the same as --report-to tensorboard")
+                                   "tensorboard package); the same as --report-to tensorboard", session=True)
     report_to: tuple[str, ...] = opt((), "where the metrics also go, as TRL's report_to: tensorboard, wandb (the "
-                                         "wandb package; WANDB_PROJECT, WANDB_MODE=offline), none; comma-separated")
+                                         "wandb package; WANDB_PROJECT, WANDB_MODE=offline), none; comma-separated",
+                                      session=True)
     threads: int = opt(0, "torch CPU threads for this run; 0 = torch's default (one per core). On a machine "
-                          "shared with other work, or for each of several jobs side by side, 1 is often faster")
+                          "shared with other work, or for each of several jobs side by side, 1 is often faster",
+                          session=True)
     dist_timeout: float = opt(600.0, "seconds a rank of a torchrun job waits for the others (at the rendezvous "
-                                     "and in each collective) before failing with a message")
+                                     "and in each collective) before failing with a message", session=True)
 
     def __post_init__(self):
         _require(self.dist_timeout > 0, "dist_timeout", f"must be > 0 seconds, got {self.dist_timeout}")
@@ -431,12 +438,7 @@ class TrainConfig:
                 "extra_samples), or --advantage none."
             )
 
-        if self.algo.advantage == "window" and self.algo.window < self.rollout.group_size:
-            raise ConfigError(f"window (--window) {self.algo.window} is smaller than group_size (--group-size) "
-                              f"{self.rollout.group_size}: the window must hold at least one round's rewards")
-        if self.algo.advantage == "extra_samples" and self.algo.extra_samples > self.rollout.max_batch_size:
-            raise ConfigError(f"extra_samples (--extra-samples) {self.algo.extra_samples} exceeds max_batch_size "
-                              f"(--max-batch-size) {self.rollout.max_batch_size}")
+        est.baseline.check(self)
         if self.data.examples_per_round and self.data.train_pool is not None \
                 and self.data.examples_per_round > self.data.train_pool:
             raise ConfigError(f"examples_per_round (--examples-per-round) {self.data.examples_per_round} exceeds "
@@ -460,6 +462,14 @@ class TrainConfig:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
 
+    def record(self) -> dict[str, Any]:
+        """What config.json holds: every field but the session settings (:func:`opt`)."""
+        session = session_fields()
+        return {k: {n: v for n, v in sub.items() if (k, n) not in session} for k, sub in self.to_dict().items()}
+
+    def record_json(self) -> str:
+        return json.dumps(self.record(), indent=2)
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
         unknown = sorted(set(data) - set(GROUPS))
@@ -478,11 +488,39 @@ class TrainConfig:
         return dataclasses.replace(self, **groups)
 
 
+def session_fields() -> set[tuple[str, str]]:
+    """(section, field) of every session setting: not the run's identity (:func:`opt`)."""
+    return {(g, f.name) for g, cls in GROUPS.items() for f in dataclasses.fields(cls) if f.metadata.get("session")}
+
+
+def resumable_fields() -> set[tuple[str, str]]:
+    """(section, field) of the recorded settings a resume may change (:func:`opt`)."""
+    return {(g, f.name) for g, cls in GROUPS.items() for f in dataclasses.fields(cls) if f.metadata.get("resumable")}
+
+
+#: (section, old name) -> new name of renamed fields: config files and flags may still use the old name.
+ALIASES = {("optim", "warmup_rounds"): "warmup_steps"}
+
+
+def canonical(section: str, values: dict[str, Any]) -> dict[str, Any]:
+    """A config section's values with renamed fields under their current names (:data:`ALIASES`)."""
+    out = dict(values)
+    for (sec, old), new in ALIASES.items():
+        if sec == section and old in out:
+            value = out.pop(old)
+            if new in out and out[new] != value:
+                raise ConfigError(f"{section}: {old} (the old name of {new}) is {value!r} but {new} is {out[new]!r}; "
+                                  f"keep only {new}")
+            out[new] = value
+    return out
+
+
 GROUPS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "rollout": RolloutConfig, "algo": AlgoConfig,
                            "optim": OptimConfig, "eval": EvalConfig, "run": RunConfig}
 
 
 def build_group(cls: type, values: dict[str, Any], section: str = "") -> Any:
+    values = canonical(section, values)
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known - ({"dtype"} if cls is ModelConfig else set()))
     if unknown:

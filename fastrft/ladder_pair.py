@@ -50,23 +50,10 @@ def run_pair(config, base_eval_cache: Path, *, force: bool = False) -> dict[str,
     if threads and threads.isdigit() and not config.run.threads:
         torch.set_num_threads(int(threads))
     # The bars are switched off through the config (tqdm's TQDM_DISABLE does not override the trainer's
-    # explicit disable=False). run.progress is a display switch that a resume ignores; config.json is then
-    # given back the pair's own value, so it is byte for byte the sequential ladder's.
+    # explicit disable=False). run.progress is a session setting: config.json is the sequential ladder's.
     trainer = Trainer(config.replace(run=dataclasses.replace(config.run, progress=False)), force=force,
                       base_eval_cache=base_eval_cache)
-    _restore_progress_field(trainer, config.run.progress)
     return trainer.run()
-
-
-def _restore_progress_field(trainer, progress: bool) -> None:
-    cfg_file = trainer.out_dir / "config.json"
-    ran = trainer.cfg.to_json()
-    if trainer.cfg.run.progress == progress or not cfg_file.exists() or cfg_file.read_text() != ran:
-        return  # nothing to give back, or config.json was written by another session (it has its own value)
-    wanted = trainer.cfg.replace(run=dataclasses.replace(trainer.cfg.run, progress=progress)).to_json()
-    tmp = cfg_file.with_name(f".config.json.tmp{os.getpid()}")
-    tmp.write_text(wanted)
-    os.replace(tmp, cfg_file)
 
 
 if __name__ == "__main__":

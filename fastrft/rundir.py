@@ -20,11 +20,9 @@ from fastrft.errors import ConfigError
 #: Config fields that change nothing a run computes; a resume may differ in them freely. The token budget
 #: only changes memory (up to rounding: it cuts a step into micro-batches whose gradients add up), so a
 #: run that ran out of memory can resume with a smaller one.
-#: Where the run lives is not part of what it computes: a run started without --out resumes with --out
-#: runs/train-<stamp>, and a run directory spelled another way (./r, r/, /abs/r) or moved resumes as is.
-RESUME_IGNORED = {("run", "out"), ("run", "progress"), ("run", "tensorboard"), ("run", "report_to"),
-                  ("run", "keep_checkpoints"), ("run", "threads"), ("run", "dist_timeout"),
-                  ("optim", "max_tokens_per_step")}
+# What a resume compares is the run's identity: config.json, which holds no session setting (fastrft.config.opt:
+# where the run lives, its display, threads, report sinks). So a run started without --out resumes with --out
+# runs/train-<stamp>, and a run directory spelled another way (./r, r/, /abs/r) or moved resumes as is.
 
 
 def check_writable(out: Path) -> None:
@@ -112,19 +110,23 @@ def _unstarted(out_dir: Path) -> bool:
 
 
 def config_diff(stored: dict[str, Any], requested: dict[str, Any]) -> str:
-    """The fields that differ between two config dicts (RESUME_IGNORED left out), one per line."""
+    """The fields that differ between two config dicts, one per line: the session settings (which a
+    config.json written before they were left out of it still holds) and the fields a resume may change are
+    not compared."""
     lines = []
-    from fastrft.config import LEGACY_DTYPES, TrainConfig
+    from fastrft.config import LEGACY_DTYPES, TrainConfig, canonical, resumable_fields, session_fields
+
+    skip = session_fields() | resumable_fields()
 
     # A field added after a run was written is absent from its config.json: it ran with the default.
     defaults = TrainConfig().to_dict()
     for section in sorted(set(stored) | set(requested)):
-        a, b = stored.get(section, {}), requested.get(section, {})
+        a, b = canonical(section, stored.get(section, {})), requested.get(section, {})
         if section == "model" and "dtype" in a:  # written before --precision replaced --dtype
             a = {**{k: v for k, v in a.items() if k != "dtype"},
                  "precision": a.get("precision", LEGACY_DTYPES.get(a["dtype"], a["dtype"]))}
         for name in sorted(set(a) | set(b)):
-            if (section, name) in RESUME_IGNORED:
+            if (section, name) in skip:
                 continue
             default = defaults.get(section, {}).get(name, "<absent>")
             va, vb = a.get(name, default), b.get(name, default)

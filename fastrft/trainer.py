@@ -41,10 +41,10 @@ from fastrft.loop.data import TrainingData
 from fastrft.loop.evaluator import Evaluator
 from fastrft.loop.learner import Learner, reference_model, token_budget
 from fastrft.loop.recorder import NullRecorder, Recorder, check_sinks
-from fastrft.loop.rollout import sample_extra, sample_groups
+from fastrft.loop.rollout import Sampler
 from fastrft.loop.round import Stages, train_round
 from fastrft.loop.run import RunLoop, WallClock
-from fastrft.loop.types import Rollouts, RunState
+from fastrft.loop.types import RunState
 from fastrft.models import exact, load_model, load_tokenizer
 from fastrft.precision import DTYPES, Precision, resolve_precision, warn_unabsorbed_updates
 from fastrft.rewards.funcs import resolve as resolve_rewards
@@ -55,20 +55,24 @@ __all__ = ["RunState", "Trainer"]
 class Trainer:
     def __init__(self, config: TrainConfig, *, force: bool = False, base_eval_cache: str | Path | None = None,
                  reward_funcs: list | None = None, reward_weights: list[float] | None = None,
-                 train_dataset=None, eval_dataset=None):
+                 train_dataset=None, eval_dataset=None, sampler=None):
         """``base_eval_cache``: a JSON file of round-0 evaluations shared with other runs of the same base
         model (see :class:`fastrft.evaluate.BaseEvalCache`); ``fastrft ladder`` passes one per study.
         ``reward_funcs``, ``reward_weights``: TRL-style reward functions (callables or names) whose weighted
         sum is the training reward; they replace ``config.data.reward_funcs`` (and its weights) and are
         recorded there by name (fastrft.rewards.funcs). ``train_dataset``, ``eval_dataset``: rows of your
         own (a ``datasets.Dataset``, a list of dicts) with the columns ``config.data.prompt_column`` and
-        ``answer_column`` (fastrft.data.custom); the run's dataset is then "custom".
+        ``answer_column`` (fastrft.data.custom); the run's dataset is then "custom". ``sampler``: a function
+        given the run's :class:`fastrft.loop.rollout.Sampler` that returns what the rounds sample through, a
+        callable ``(round, prompt ids) -> Rollouts`` (the sampler itself, a wrapper that records or replays
+        rollouts, or your own).
 
         The run directory is locked (fastrft.lock) from here until :meth:`run` returns, or :meth:`close`:
         a second process on it is refused with the name of this one, and writes nothing."""
         self._lock = None
         try:
-            self._build(config, force, base_eval_cache, reward_funcs, reward_weights, train_dataset, eval_dataset)
+            self._build(config, force, base_eval_cache, reward_funcs, reward_weights, train_dataset, eval_dataset,
+                        sampler)
         except BaseException:
             self.close()
             raise
@@ -79,7 +83,8 @@ class Trainer:
             self._lock.release()
             self._lock = None
 
-    def _build(self, config, force, base_eval_cache, reward_funcs, reward_weights, train_dataset, eval_dataset):
+    def _build(self, config, force, base_eval_cache, reward_funcs, reward_weights, train_dataset, eval_dataset,
+               sampler):
         # 0. What only Python can pass (functions, rows) is folded into the config, which records it.
         config, given = inputs.with_reward_funcs(config, reward_funcs, reward_weights)
         config, rows = inputs.with_rows(config, train_dataset, eval_dataset)
@@ -136,9 +141,11 @@ class Trainer:
         self.complete = existing == "complete"
         # 5. The data; selecting by difficulty generates, and its cache is the only file written before the
         # run directory is created (a run that fails to start leaves nothing else behind).
-        self.data = TrainingData(config, self.tokenizer, lambda cands, encode: difficulty.pass_counts(
-            cands, cfg=config, gen=self._gen, model=self.precision.rollout_model, encode=encode,
-            out_dir=self.out_dir, world=self.world, progress=self._progress), rows)
+        self.data = TrainingData(config, self.tokenizer, rows)
+        if self.data.candidates is not None:  # --difficulty: the base model's pass counts choose the pool
+            self.data.select(difficulty.pass_counts(
+                self.data.candidates, cfg=config, gen=self._gen, model=self.precision.rollout_model,
+                encode=self.data.encode, out_dir=self.out_dir, world=self.world, progress=self._progress))
         self.data.check_lengths(self.engine.check_fits)
         # Reward functions that cannot run fail here, on one probe completion, before anything costly.
         inputs.check_rewards(self.reward_funcs, config, self.data.train_set.examples, self.tokenizer)
@@ -155,7 +162,13 @@ class Trainer:
             if restored is not None:
                 self.resumed_from, self.state = restored
         self._clock = WallClock(self.state.wall)
-        self._recorder: Recorder | NullRecorder = NullRecorder()
+        # 8. The round's stages and the run loop, built once: the loop calls the stages, never this facade.
+        default = Sampler(self._gen, self.precision.rollout_model, config)
+        self.sampler = default if sampler is None else sampler(default)
+        self.stages = Stages(config, self.data, self.sampler, self.learner, self.reward_funcs)
+        self.loop = RunLoop(config, self.out_dir, self.state, stages=self.stages, evaluator=self.evaluator,
+                            checkpoints=self.checkpoints, learner=self.learner, world=self.world, clock=self._clock,
+                            resumed_from=self.resumed_from)
 
     def _take_lock(self) -> None:
         """Rank 0 locks the run directory; every rank raises the same one line when another process has it."""
@@ -176,7 +189,7 @@ class Trainer:
             if existing in (None, "forced", "unstarted") and self.world.main:
                 if existing in ("forced", "unstarted"):
                     (self.out_dir / "config.json").rename(self.out_dir / f"config.before-{rundir.stamp()}.json")
-                (self.out_dir / "config.json").write_text(self.cfg.to_json())
+                (self.out_dir / "config.json").write_text(self.cfg.record_json())
         except OSError as e:
             raise ConfigError(f"out (--out) {self.out_dir}: cannot write there ({e.strerror}); choose a writable "
                               "directory") from None
@@ -190,28 +203,21 @@ class Trainer:
             self.close()
             return json.loads((self.out_dir / "summary.json").read_text())
         self._clock.start(self.state.wall)
-        self._recorder = (Recorder(self.cfg, self.out_dir, done=self.state.round, progress=self._progress)
-                          if self.world.main else NullRecorder())
+        recorder = (Recorder(self.cfg, self.out_dir, done=self.state.round, progress=self._progress)
+                    if self.world.main else NullRecorder())
         try:
-            return self._loop().run(self.data.train_example_ids)
+            return self.loop.run(self.data.train_example_ids, recorder)
         finally:
-            self._recorder = NullRecorder()
             self.close()
 
     def round(self, r: int) -> dict[str, Any]:
-        """Run round ``r`` (rollouts, scores, update) and return its metrics record; the run loop records it."""
-        return train_round(Stages(self.cfg, self.data, self._sample, self.learner, self._recorder,
-                                  self.reward_funcs), self.state, r)
+        """Run round ``r`` (rollouts, scores, update) outside the run loop and return its metrics record,
+        unrecorded (benchmarks, tests)."""
+        return train_round(self.stages, self.state, r, NullRecorder())
 
     def save(self) -> Path:
         """Checkpoint the end of round ``state.round``."""
-        return self._loop().save()
-
-    def _loop(self) -> RunLoop:
-        # self.round is looked up here, so a round replaced on the instance or the class is the one run.
-        return RunLoop(self.cfg, self.out_dir, self.state, round_fn=self.round, evaluator=self.evaluator,
-                       checkpoints=self.checkpoints, recorder=self._recorder, learner=self.learner,
-                       world=self.world, clock=self._clock, resumed_from=self.resumed_from)
+        return self.loop.save()
 
     # ------------------------------------------------------------------ single stages (benchmarks, tests)
     def examples_for_round(self, r: int) -> tuple[list, list[list[int]]]:
@@ -220,13 +226,9 @@ class Trainer:
         return batch.examples, batch.prompt_ids
 
     def rollout(self, r: int, prompts: list[list[int]]):
-        """Round ``r``'s G responses to each of ``prompts``, grouped per prompt. Every round samples through
-        this method, so replacing it (a subclass, a test that replays recorded rollouts) changes what the
-        rounds train on."""
-        return sample_groups(self._gen, self.precision.rollout_model, self.cfg, r, prompts)
-
-    def _sample(self, r: int, prompts: list[list[int]]) -> Rollouts:
-        return Rollouts(self.rollout(r, prompts), extra=sample_extra(self._gen, self.cfg, r, prompts))
+        """Round ``r``'s G responses to each of ``prompts``, grouped per prompt, from the run's sampler (to
+        change what the rounds train on, pass ``Trainer(..., sampler=...)``)."""
+        return self.sampler(r, prompts).groups
 
     # ------------------------------------------------------------------ what the README documents
     @property

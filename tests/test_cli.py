@@ -130,8 +130,8 @@ def test_cli_flags_do_what_their_help_says(tiny_llama, tmp_path, capsys):
     out_help = " ".join(train_help.split("--out OUT")[2].split("--name")[0].split())
     assert out_help == "run directory (default: runs/<name>-<timestamp>)"
     ladder_help = " ".join(build_parser()._subparsers._group_actions[0].choices["ladder"].format_help().split())
-    assert "--rounds ROUNDS training rounds (one optimizer step each, unless skipped) (default: set by " \
-           "--profile and the preset)" in ladder_help
+    assert "--rounds ROUNDS training rounds; each samples once, then takes one optimizer step per PPO epoch and " \
+           "mini-batch (none when skipped) (default: set by --profile and the preset)" in ladder_help
     assert "--out OUT the study's directory (default: runs/ladder-<profile>)" in ladder_help
     assert "(default: 200)" not in ladder_help
 
@@ -161,18 +161,18 @@ def test_a_run_that_failed_before_its_first_round_leaves_a_usable_directory(tiny
 def test_fp16_is_refused_and_a_diverged_round_is_reported(tiny_llama, tmp_path, capsys, monkeypatch):
     """fp16 cannot train (its AdamW state underflows): one line naming the alternatives, nothing written.
     A round whose update produced NaN stops the run with what happened, its record never written."""
-    import fastrft.trainer as trainer_mod
+    import fastrft.loop.run as run_mod
 
     assert main(_train_args(tiny_llama, tmp_path / "fp16", "--precision", "fp16")) == 2
     err = capsys.readouterr().err
     assert "fp16 cannot train" in err and "bf16-mixed" in err and not (tmp_path / "fp16").exists()
-    real = trainer_mod.Trainer.round
+    real = run_mod.train_round
 
-    def diverging(self, r):
-        metrics = real(self, r)
+    def diverging(stages, state, r, recorder):
+        metrics = real(stages, state, r, recorder)
         return {**metrics, "loss": float("nan")} if r == 2 else metrics
 
-    monkeypatch.setattr(trainer_mod.Trainer, "round", diverging)
+    monkeypatch.setattr(run_mod, "train_round", diverging)
     out = tmp_path / "run"
     assert main(_train_args(tiny_llama, out, "--save-every", "1")) == 2
     err = capsys.readouterr().err

@@ -46,7 +46,7 @@ INVALID = [
     (AlgoConfig, "reward_success", 0.0),  # equal to the default reward_fail
     (OptimConfig, "lr", 0.0), (OptimConfig, "lr", -1e-6), (OptimConfig, "weight_decay", -0.1),
     (OptimConfig, "beta1", 1.0), (OptimConfig, "beta1", -0.1), (OptimConfig, "beta2", 1.0),
-    (OptimConfig, "beta2", -0.5), (OptimConfig, "grad_clip", -1.0), (OptimConfig, "warmup_rounds", -1),
+    (OptimConfig, "beta2", -0.5), (OptimConfig, "grad_clip", -1.0), (OptimConfig, "warmup_steps", -1),
     (EvalConfig, "eval_every", -1), (EvalConfig, "train_samples", 0), (EvalConfig, "test_size", 0),
     (EvalConfig, "eval_temperature", 0.0), (EvalConfig, "eval_max_new_tokens", 0),
     (EvalConfig, "extra_rewards", ("no_such_reward",)),
@@ -74,7 +74,7 @@ def test_invalid_table_covers_every_validated_field():
                  (AlgoConfig, "clip_high"), (AlgoConfig, "dual_clip"), (AlgoConfig, "kl_coef"),
                  (AlgoConfig, "kl_estimator"), (AlgoConfig, "aggregation"), (AlgoConfig, "reward_success"),
                  (OptimConfig, "lr"), (OptimConfig, "weight_decay"), (OptimConfig, "beta1"), (OptimConfig, "beta2"),
-                 (OptimConfig, "grad_clip"), (OptimConfig, "warmup_rounds"), (EvalConfig, "eval_every"),
+                 (OptimConfig, "grad_clip"), (OptimConfig, "warmup_steps"), (EvalConfig, "eval_every"),
                  (EvalConfig, "train_samples"), (EvalConfig, "test_size"), (EvalConfig, "eval_temperature"),
                  (EvalConfig, "eval_max_new_tokens"), (EvalConfig, "extra_rewards"), (RunConfig, "rounds"),
                  (RunConfig, "threads")}
@@ -154,7 +154,7 @@ def _non_default() -> TrainConfig:
         rollout=RolloutConfig(group_size=4, temperature=0.8, top_k=20, max_new_tokens=256),
         algo=AlgoConfig(advantage="grpo", dual_clip=3.0, kl_coef=0.0, kl_estimator="k2", entropy_coef=0.01,
                         aggregation="seq-mean-token-sum-norm", reward_fail=-1.0, skip_zero_signal=False),
-        optim=OptimConfig(lr=3e-6, beta2=0.95, warmup_rounds=10),
+        optim=OptimConfig(lr=3e-6, beta2=0.95, warmup_steps=10),
         eval=EvalConfig(extra_rewards=("gsm8k",), test_size=50, greedy=False, eval_max_new_tokens=128),
         run=RunConfig(rounds=7, seed=3, out="runs/x", name="t", progress=False),
     )
@@ -224,8 +224,11 @@ def test_every_field_has_exactly_one_flag():
     train = _train_parser()
     by_dest: dict[str, list[argparse.Action]] = {}
     for action in train._actions:
-        if action.option_strings == ["--dtype"]:  # the one documented alias: the older spelling of --precision
+        if action.option_strings == ["--dtype"]:  # a documented alias: the older spelling of --precision
             assert action.dest == "model.precision"
+            continue
+        if action.option_strings == ["--warmup-rounds"]:  # the old name of --warmup-steps (config.ALIASES)
+            assert action.dest == "optim.warmup_steps"
             continue
         by_dest.setdefault(action.dest, []).append(action)
     expected_dests = set()
@@ -424,3 +427,32 @@ def test_main_bad_reward_is_one_line(capsys, no_training, value, must_mention):
     line = _one_line_error(capsys)
     assert "reward (--reward)" in line and must_mention in line
     assert no_training == []
+
+
+def test_the_old_name_of_a_renamed_field_still_works(tmp_path):
+    """warmup_rounds counted optimizer steps and is now warmup_steps: a config file or a flag with the old name
+    sets the new field, and a run directory whose config.json has the old name compares equal."""
+    from fastrft.rundir import config_diff
+
+    assert TrainConfig.from_dict({"optim": {"warmup_rounds": 3}}).optim.warmup_steps == 3
+    args = _train_parser().parse_args(["--warmup-rounds", "4"])
+    assert getattr(args, "optim.warmup_steps") == 4
+    new = TrainConfig(optim=OptimConfig(warmup_steps=3)).record()
+    old = {**new, "optim": {("warmup_rounds" if k == "warmup_steps" else k): v for k, v in new["optim"].items()}}
+    assert config_diff(old, new) == ""
+    assert "warmup_steps: 3 -> 0" in config_diff(old, TrainConfig().record())
+    with pytest.raises(ConfigError, match="keep only warmup_steps"):
+        TrainConfig.from_dict({"optim": {"warmup_rounds": 3, "warmup_steps": 2}})
+
+
+def test_session_settings_are_not_the_runs_identity():
+    """config.json holds no session setting; an old config.json that does still resumes."""
+    from fastrft.config import session_fields
+    from fastrft.rundir import config_diff
+
+    cfg = TrainConfig(run=RunConfig(out="a", progress=False, threads=1, keep_checkpoints=5, report_to=("none",)))
+    record = cfg.record()
+    assert not any(name in record[section] for section, name in session_fields())
+    assert {("run", "out"), ("run", "progress"), ("run", "threads")} <= session_fields()
+    old = {**record, "run": {**record["run"], "out": "elsewhere", "progress": True, "threads": 2}}
+    assert config_diff(old, TrainConfig().record()) == "" == config_diff(old, cfg.to_dict())

@@ -123,16 +123,16 @@ def test_without_out_the_message_names_the_directory(tiny_llama, tmp_path, monke
     """The default run directory carries a timestamp: the message must say which --out continues it."""
     monkeypatch.chdir(tmp_path)
     args = [a for a in _args(tiny_llama, "unused") if a not in ("--out", "unused")]
-    import fastrft.trainer as trainer_mod
+    import fastrft.loop.run as run_mod
 
-    real = trainer_mod.Trainer.round
+    real = run_mod.train_round
 
-    def round_then_stop(self, r):
+    def round_then_stop(stages, state, r, recorder):
         if r == 2:
             os.kill(os.getpid(), signal.SIGINT)
-        return real(self, r)
+        return real(stages, state, r, recorder)
 
-    monkeypatch.setattr(trainer_mod.Trainer, "round", round_then_stop)
+    monkeypatch.setattr(run_mod, "train_round", round_then_stop)
     assert main(args) == 128 + signal.SIGINT
     err = capsys.readouterr().err
     assert "finishing round 2, then checkpointing it" in err and "stopped by SIGINT after round 2" in err

@@ -45,9 +45,9 @@ def test_jobs_give_the_sequential_ladder(tiny_llama, tmp_path, capsys):
         a, b = read_metrics(seq / run / "metrics.jsonl"), read_metrics(par / run / "metrics.jsonl")
         assert len(a) == len(b) == 7  # evaluations after rounds 0-3, and 3 rounds
         assert [_untimed(r) for r in a] == [_untimed(r) for r in b], run
-        # config.json as the sequential ladder writes it (its progress bar setting included), but the paths
+        # config.json as the sequential ladder writes it, but the paths; no session setting (the bars) in it
         cfg_a, cfg_b = ((d / run / "config.json").read_text().replace(str(d), "STUDY") for d in (seq, par))
-        assert cfg_a == cfg_b and json.loads(cfg_b)["run"]["progress"] is True
+        assert cfg_a == cfg_b and "progress" not in json.loads(cfg_b)["run"]
         assert not (par / run / "checkpoints").exists()
         log = (par / run / "job.log").read_text()
         assert f"[eval] {run} round 3" in log and "\r" not in log and "round/s" not in log  # no bars

@@ -108,16 +108,16 @@ def _replayed_run(model_dir, out, precision, recorded, rounds):
     train on the same tokens, so their losses and log-probs can be compared round by round."""
     from fastrft.trainer import Trainer
 
+    def replay(sample):
+        def rollouts(r, prompts):
+            if r not in recorded:
+                recorded[r] = sample(r, prompts)
+            return recorded[r]
+
+        return rollouts
+
     t = Trainer(_config(model_dir, out, precision, rounds=rounds, advantage="grpo", reward_fail=0.0, kl_coef=0.05,
-                        entropy_coef=0.01))
-    sample = t.rollout
-
-    def rollout(r, prompts):
-        if r not in recorded:
-            recorded[r] = sample(r, prompts)
-        return recorded[r]
-
-    t.rollout = rollout
+                        entropy_coef=0.01), sampler=replay)
     before = _state(t.policy)
     t.run()
     rounds_ = [r for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "round"]

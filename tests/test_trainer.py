@@ -94,15 +94,15 @@ def test_test_set_excludes_training_example(tiny_llama, tmp_path):
 
 def test_interrupted_run_keeps_its_metrics_and_refuses_another_config(tiny_llama, tmp_path, monkeypatch):
     out = tmp_path / "run"
-    trainer = Trainer(tiny_config(tiny_llama, out, rounds=10, eval_every=0))
-    real_round = trainer.round
+    def crash_at_4(sample):
+        def rollouts(r, prompts):
+            if r == 4:
+                raise KeyboardInterrupt
+            return sample(r, prompts)
 
-    def crash_at_4(r):
-        if r == 4:
-            raise KeyboardInterrupt
-        return real_round(r)
+        return rollouts
 
-    monkeypatch.setattr(trainer, "round", crash_at_4)
+    trainer = Trainer(tiny_config(tiny_llama, out, rounds=10, eval_every=0), sampler=crash_at_4)
     with pytest.raises(KeyboardInterrupt):
         trainer.run()
     before = (out / "metrics.jsonl").read_text()

@@ -21,6 +21,7 @@ from typing import Callable
 
 import torch
 
+from fastrft.algo.baselines import EXTRA, GROUP, WINDOW, Baseline
 from fastrft.algo.choices import ADVANTAGE_NAMES
 from fastrft.errors import ConfigError
 
@@ -56,7 +57,7 @@ class Estimator:
     fn: Callable[..., torch.Tensor]
     needs_group: bool  # with G = 1 and no other baseline source it is identically zero
     description: str
-    baseline: str | None = None  # "window" / "extra": rewards from outside the group set the baseline
+    baseline: Baseline = GROUP  # where the reference rewards come from (fastrft.algo.baselines)
 
 
 ADVANTAGES: dict[str, Estimator] = {
@@ -64,9 +65,9 @@ ADVANTAGES: dict[str, Estimator] = {
     "grpo": Estimator(_grpo, True, "group mean/std normalised (GRPO)"),
     "dr_grpo": Estimator(_dr_grpo, True, "group mean subtracted, no std (Dr. GRPO)"),
     "rloo": Estimator(_rloo, True, "leave-one-out mean subtracted (RLOO)"),
-    "window": Estimator(_external, False, "mean/std of the example's last W rewards (works with G = 1)", "window"),
+    "window": Estimator(_external, False, "mean/std of the example's last W rewards (works with G = 1)", WINDOW),
     "extra_samples": Estimator(_external, False, "mean/std of M extra samples not trained on (works with G = 1)",
-                               "extra"),
+                               EXTRA),
 }
 assert tuple(ADVANTAGES) == ADVANTAGE_NAMES, "fastrft.algo.choices lists the estimators the config accepts"
 
@@ -91,7 +92,7 @@ def group_advantages(name: str, rewards: torch.Tensor, eps: float = 1e-6,
     """
     r = rewards if rewards.is_floating_point() else rewards.float()
     est = check_advantage(name)
-    if est.baseline is None:
+    if est.baseline is GROUP:
         return est.fn(r, eps)
     if baseline is None or baseline.numel() == 0:
         raise ValueError(f"advantage {name!r} needs baseline rewards")

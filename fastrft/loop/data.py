@@ -2,7 +2,8 @@
 
 At construction the splits are loaded and the examples fixed: the configured example(s), or a pool for
 the batch mode (--examples-per-round), optionally narrowed to a band of the base model's pass rate
-(--difficulty; the estimate is a generation, passed in as ``pass_counts``). The test set never holds a
+(--difficulty: the data offers its ``candidates``, the caller estimates their pass counts, a generation,
+and hands them to :meth:`TrainingData.select`). The test set never holds a
 problem that may be trained on. Prompts are encoded once: the evaluation sets hold theirs, and the batch
 mode caches those of the pool examples it has drawn.
 """
@@ -23,18 +24,30 @@ from fastrft.loop.types import RoundBatch
 class TrainingData:
     """Owner of the pool, the evaluation sets (``train_set``, ``test_set``) and the prompt cache."""
 
-    def __init__(self, cfg: TrainConfig, tokenizer,
-                 pass_counts: Callable[[list[Example], Callable], dict[str, int]] | None = None,
-                 rows: dict[str, Iterable] | None = None):
-        """``pass_counts(candidates, encode)``: the base model's correct-of-k counts on the candidates,
-        whose prompts ``encode`` renders (needed with --difficulty). ``rows``: {"train": ..., "test": ...}
-        of a dataset passed from Python (fastrft.data.custom)."""
+    def __init__(self, cfg: TrainConfig, tokenizer, rows: dict[str, Iterable] | None = None):
+        """``rows``: {"train": ..., "test": ...} of a dataset passed from Python (fastrft.data.custom). With
+        --difficulty the data is not ready until :meth:`select` has the candidates' pass counts."""
         self.cfg, self.tokenizer, self._rows = cfg, tokenizer, rows or {}
         self._prompt_cache: dict[int, list[int]] = {}
-        self.pool, test = self._load()
-        if cfg.data.difficulty is not None:
-            self.pool = self._by_difficulty(pass_counts)
-        self.train_set, self.test_set = self._eval_sets(test)
+        self.pool, self._test_split = self._load()
+        d = cfg.data
+        #: with --difficulty: the examples whose base-model pass counts :meth:`select` needs; else None
+        self.candidates: list[Example] | None = None if d.difficulty is None else [
+            self.pool[i] for i in selection.candidate_order(len(self.pool), d.difficulty_candidates, d.data_seed)]
+        if self.candidates is None:
+            self.train_set, self.test_set = self._eval_sets(self._test_split)
+
+    def select(self, counts: dict[str, int]) -> None:
+        """Narrow the pool to the --difficulty band, given the base model's correct-of-k ``counts`` on the
+        :attr:`candidates` (fastrft.loop.difficulty.pass_counts), and make the evaluation sets."""
+        d = self.cfg.data
+        chosen = selection.select_by_difficulty(self.candidates, counts, d.difficulty_samples, d.difficulty,
+                                                None if d.examples_per_round else d.difficulty_count)
+        if d.examples_per_round > len(chosen):
+            raise ConfigError(f"examples_per_round (--examples-per-round) {d.examples_per_round} exceeds the "
+                              f"{len(chosen)} examples in the difficulty band {d.difficulty}")
+        self.pool, self.candidates = chosen, None
+        self.train_set, self.test_set = self._eval_sets(self._test_split)
 
     def encode(self, example: Example) -> list[int]:
         d = self.cfg.data
@@ -101,17 +114,6 @@ class TrainingData:
             return None
         return examples_from_rows(rows, source=source, split=split, prompt_column=d.prompt_column,
                                   answer_column=d.answer_column, reward=d.reward)
-
-    def _by_difficulty(self, pass_counts) -> list[Example]:
-        d = self.cfg.data
-        cands = [self.pool[i] for i in selection.candidate_order(len(self.pool), d.difficulty_candidates, d.data_seed)]
-        counts = pass_counts(cands, self.encode)
-        chosen = selection.select_by_difficulty(cands, counts, d.difficulty_samples, d.difficulty,
-                                                None if d.examples_per_round else d.difficulty_count)
-        if d.examples_per_round > len(chosen):
-            raise ConfigError(f"examples_per_round (--examples-per-round) {d.examples_per_round} exceeds the "
-                              f"{len(chosen)} examples in the difficulty band {d.difficulty}")
-        return chosen
 
     def _eval_sets(self, test_split: list[Example]) -> tuple[EvalSet, EvalSet]:
         d, e = self.cfg.data, self.cfg.eval

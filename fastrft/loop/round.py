@@ -26,20 +26,20 @@ from fastrft.rewards.calling import Progress
 from fastrft.rewards.funcs import RewardFunc
 
 
-@dataclass
+@dataclass(frozen=True)
 class Stages:
-    """What a round calls into (fastrft.trainer.Trainer builds it)."""
+    """What a round calls into (fastrft.trainer.Trainer builds it once)."""
 
     cfg: TrainConfig
     data: TrainingData
-    sample: Callable[[int, list[list[int]]], Rollouts]  # (round, prompt ids) -> rollouts (fastrft.loop.rollout)
+    sample: Callable[[int, list[list[int]]], Rollouts]  # (round, prompt ids) -> rollouts (loop.rollout.Sampler)
     learner: Learner
-    recorder: Any  # fastrft.loop.recorder.Recorder, or NullRecorder
     reward_funcs: list[RewardFunc] = field(default_factory=list)  # --reward-funcs (fastrft.rewards.funcs)
 
 
-def train_round(s: Stages, state: RunState, r: int) -> dict[str, Any]:
-    """Run round ``r``; return its metrics record (the caller writes it)."""
+def train_round(s: Stages, state: RunState, r: int, recorder) -> dict[str, Any]:
+    """Run round ``r``; return its metrics record (the caller writes it). ``recorder``: where the round's
+    sample records go (fastrft.loop.recorder.Recorder, or NullRecorder)."""
     t0 = time.monotonic()
     batch = s.data.for_round(r)
     rollouts = s.sample(r, batch.prompt_ids)
@@ -47,7 +47,7 @@ def train_round(s: Stages, state: RunState, r: int) -> dict[str, Any]:
     progress = position(s.cfg, state, r)
     scores = score(batch, rollouts, s.cfg.algo, state.history, s.reward_funcs, progress)
     t2 = time.monotonic()
-    s.recorder.rollouts(batch, rollouts, scores, progress.extra)
+    recorder.rollouts(batch, rollouts, scores, progress.extra)
     metrics = rollout_metrics(batch, rollouts, scores)
     if _carries_gradient(s.cfg, scores):
         stats = s.learner.update(r, TrainBatch.of(batch, rollouts, scores), first_update=state.updates)

@@ -17,7 +17,7 @@ import math
 import signal
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from fastrft.config import TrainConfig
 from fastrft.errors import FastRFTError
@@ -25,6 +25,7 @@ from fastrft.interrupt import RunInterrupted, StopRequest
 from fastrft.loop.checkpointing import Checkpoints
 from fastrft.loop.evaluator import Evaluator
 from fastrft.loop.metrics import postfix
+from fastrft.loop.round import Stages, train_round
 from fastrft.loop.types import RunState
 from fastrft.report import before_after_table, plot_curves, read_metrics
 
@@ -43,37 +44,37 @@ class WallClock:
 
 
 class RunLoop:
-    def __init__(self, cfg: TrainConfig, out_dir: Path, state: RunState, *, round_fn: Callable[[int], dict],
-                 evaluator: Evaluator, checkpoints: Checkpoints, recorder, learner, world, clock: WallClock,
-                 resumed_from: int | None):
-        self.cfg, self.out_dir, self.state, self.round_fn = cfg, out_dir, state, round_fn
-        self.evaluator, self.checkpoints, self.recorder = evaluator, checkpoints, recorder
+    def __init__(self, cfg: TrainConfig, out_dir: Path, state: RunState, *, stages: Stages, evaluator: Evaluator,
+                 checkpoints: Checkpoints, learner, world, clock: WallClock, resumed_from: int | None):
+        self.cfg, self.out_dir, self.state, self.stages = cfg, out_dir, state, stages
+        self.evaluator, self.checkpoints = evaluator, checkpoints
         self.learner, self.world, self.clock, self.resumed_from = learner, world, clock, resumed_from
-        self._in_round = False  # between round_fn's start and the round's record (what a stop finishes)
+        self._in_round = False  # between a round's start and its record (what a stop finishes)
 
-    def run(self, train_example_ids: list[str]) -> dict[str, Any]:
-        """Train until round ``run.rounds``; return the run's summary (rank 0 writes summary.json)."""
+    def run(self, train_example_ids: list[str], recorder) -> dict[str, Any]:
+        """Train until round ``run.rounds``, recording through ``recorder`` (which it closes); return the
+        run's summary (rank 0 writes summary.json)."""
         stop = StopRequest(describe=self._next_step)
         if self.resumed_from is not None:
-            self.recorder.note(f"[resume] {self.out_dir}: continuing after round {self.resumed_from}")
+            recorder.note(f"[resume] {self.out_dir}: continuing after round {self.resumed_from}")
         try:
             with stop:
-                self._start(stop)
+                self._start(stop, recorder)
                 for r in range(self.state.round + 1, self.cfg.run.rounds + 1):
                     if self.world.any(stop.requested is not None):  # agreed: a signal may reach ranks apart
                         self._stop(stop)
                     self._in_round = True
-                    metrics = self.round_fn(r)
+                    metrics = train_round(self.stages, self.state, r, recorder)
                     _check_finite(metrics, self.checkpoints.saved(), self.resume_hint())
                     self.state.round, self._in_round = r, False
-                    self.recorder.round(metrics, postfix(metrics, kl=self.cfg.loss_spec.needs_ref))
-                    self._after_round(r, stop)
+                    recorder.round(metrics, postfix(metrics, kl=self.cfg.loss_spec.needs_ref))
+                    self._after_round(r, stop, recorder)
         except KeyboardInterrupt as e:
             if isinstance(e, RunInterrupted):
                 raise
             raise KeyboardInterrupt(f"aborted; {self.resume_hint()} to continue from the last checkpoint") from None
         finally:
-            self.recorder.close()
+            recorder.close()
         if not self.world.main:  # rank 0 writes the summary; the others return it once it is there
             self.world.barrier()
             return json.loads((self.out_dir / "summary.json").read_text())
@@ -101,13 +102,13 @@ class RunLoop:
         # Without --out the run directory has a timestamp, so the same command would start a new run.
         return "rerun the same command" if self.cfg.run.out else f"rerun the same command with --out {self.out_dir}"
 
-    def _start(self, stop: StopRequest) -> None:
+    def _start(self, stop: StopRequest, recorder) -> None:
         """Before the first round of this session: the base model's evaluation, or a pending one."""
         if self.state.pending_eval is not None:  # stopped during this evaluation last time
-            self._after_round(self.state.pending_eval, stop)  # as the run that was not stopped: no reset
+            self._after_round(self.state.pending_eval, stop, recorder)  # as the run that was not stopped: no reset
             return
         if self.resumed_from is None:
-            if not self._evaluate(0, stop):
+            if not self._evaluate(0, stop, recorder):
                 self._stop(stop, save=False)  # nothing was recorded: the rerun starts afresh
         if self.resumed_from in (None, 0):
             # Whether round 0 was measured, read from the shared cache or kept from an earlier attempt
@@ -115,23 +116,23 @@ class RunLoop:
             # starts from the same engine state: an empty prefix cache and a fresh pool order.
             self.learner.reset_prefix_cache()
 
-    def _after_round(self, r: int, stop: StopRequest) -> None:
+    def _after_round(self, r: int, stop: StopRequest, recorder) -> None:
         """Evaluate and checkpoint round ``r`` when due. A stop request during the evaluation abandons
         it and checkpoints round ``r`` with the evaluation pending (the resumed run measures it first)."""
         run = self.cfg.run
         self.state.pending_eval = None
         if r == run.rounds or (self.cfg.eval.eval_every and r % self.cfg.eval.eval_every == 0):
-            if not self._evaluate(r, stop):
+            if not self._evaluate(r, stop, recorder):
                 self.state.pending_eval = r
                 self._stop(stop)
         if r == run.rounds or (run.save_every and r % run.save_every == 0):
             self.save()
 
-    def _evaluate(self, r: int, stop: StopRequest) -> bool:
+    def _evaluate(self, r: int, stop: StopRequest, recorder) -> bool:
         """Evaluate after round ``r`` and record it; False if a stop request abandoned it."""
         done = self.evaluator(r, base=r == 0 and self.state.updates == 0, stop=stop)
         if done is not None:
-            self.recorder.evaluation(done.record, done.line(self.cfg.run.name))
+            recorder.evaluation(done.record, done.line(self.cfg.run.name))
         return done is not None
 
     def _stop(self, stop: StopRequest, save: bool = True) -> None:

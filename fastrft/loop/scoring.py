@@ -9,6 +9,8 @@ rewards into per-response advantages, against a baseline when the estimator has 
   checkpoint saves it;
 - ``extra``: the rewards of the round's extra samples of the example (never trained on).
 
+Each is an object of :mod:`fastrft.algo.baselines`, which computes its reference rewards.
+
 With --reward-funcs (fastrft.rewards.funcs) the reward is the weighted sum of those functions; the
 correctness score is still measured, for the logs and Pass@1.
 """
@@ -52,25 +54,14 @@ def score(batch: RoundBatch, rollouts: Rollouts, algo: AlgoConfig, history: dict
     else:
         rewards_ = [[map_reward(s, pair) for s in g] for g in scores]
         scorable = [[True] * n for n in sizes]
-    kind = ADVANTAGES[algo.advantage].baseline
+    source = ADVANTAGES[algo.advantage].baseline
+    extra = None if rollouts.extra is None else _extra_rewards(batch, rollouts, algo, funcs, progress)
     advantages, baselines = [], []
     for i, (ex, g) in enumerate(zip(batch.examples, rewards_)):
         # A response for which every reward function returned None is unscorable (TRL's rule): left out of
         # its group's statistics and of the baselines, with advantage 0.
         mine = [x for x, ok in zip(g, scorable[i]) if ok]
-        baseline = None
-        if kind == "window":
-            hist = history.setdefault(ex.id, [])
-            hist.extend(mine)
-            del hist[:-algo.window]
-            baseline = torch.tensor(hist)
-        elif kind == "extra" and funcs:
-            extra_totals, extra_values = _weighted(funcs, [ex], [rollouts.extra[i]], Progress(**_position(progress)))
-            keep = _scorable(funcs, extra_values, len(extra_totals))
-            baseline = torch.tensor([x for x, ok in zip(extra_totals, keep) if ok])
-        elif kind == "extra":
-            baseline = torch.tensor([map_reward(correct(ex, c, algo.fail_truncated), pair)
-                                     for c in rollouts.extra[i]])
+        baseline = source.reference(ex.id, mine, None if extra is None else extra[i], history, algo)
         if baseline is not None:
             baselines.append(baseline.tolist())
         usable = mine and (baseline is None or baseline.numel() > 0)  # no scorable extra sample: no baseline
@@ -79,6 +70,19 @@ def score(batch: RoundBatch, rollouts: Rollouts, algo: AlgoConfig, history: dict
         advantages.append([next(adv) if ok else 0.0 for ok in scorable[i]])
     return Scores(correct=[s for g in scores for s in g], rewards=[x for g in rewards_ for x in g],
                   advantages=advantages, baselines=baselines, by_function=by_function)
+
+
+def _extra_rewards(batch: RoundBatch, rollouts: Rollouts, algo: AlgoConfig, funcs, progress: Progress):
+    """Per example, the scorable rewards of its extra samples (drawn for the baseline alone)."""
+    out = []
+    for ex, group in zip(batch.examples, rollouts.extra):
+        if funcs:
+            totals, values = _weighted(funcs, [ex], [group], Progress(**_position(progress)))
+            out.append([x for x, ok in zip(totals, _scorable(funcs, values, len(totals))) if ok])
+        else:
+            pair = (algo.reward_fail, algo.reward_success)
+            out.append([map_reward(correct(ex, c, algo.fail_truncated), pair) for c in group])
+    return out
 
 
 def _weighted(funcs: list[RewardFunc], examples, groups, progress: Progress) -> tuple[list[float], dict[str, list]]:
