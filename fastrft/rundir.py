@@ -8,6 +8,7 @@ anything, and refuse with one line whenever the alternative would overwrite or d
 
 from __future__ import annotations
 
+import enum
 import json
 import sys
 import tempfile
@@ -43,17 +44,35 @@ def check_writable(out: Path) -> None:
                           "directory") from None
 
 
-def existing_run(out_dir: Path, requested: dict[str, Any], force: bool) -> str | None:
-    """None: a new run. "resume": the directory holds this run, unfinished. "complete": finished.
-    "forced": it holds another config and --force was given. "unstarted": it holds another config of a
-    run that failed before its first round, which this one replaces. A differing config is refused with
-    its diff otherwise."""
+class RunDir(enum.Enum):
+    """What a run directory holds for the requested config (:func:`existing_run`)."""
+
+    NEW = "new"  # nothing: a new run
+    RESUME = "resume"  # this run, unfinished
+    COMPLETE = "complete"  # this run, finished
+    FORCED = "forced"  # another config, and --force was given
+    UNSTARTED = "unstarted"  # another config of a run that failed before its first round, which this one replaces
+
+    @property
+    def has_run(self) -> bool:
+        """Whether a run there is continued (restored from a checkpoint)."""
+        return self in (RunDir.RESUME, RunDir.FORCED, RunDir.UNSTARTED)
+
+    @property
+    def writes_config(self) -> bool:
+        """Whether this run writes config.json (the old one, if any, is kept beside it)."""
+        return self in (RunDir.NEW, RunDir.FORCED, RunDir.UNSTARTED)
+
+
+def existing_run(out_dir: Path, requested: dict[str, Any], force: bool) -> RunDir:
+    """What ``out_dir`` holds (:class:`RunDir`). A differing config is refused with its diff unless --force
+    is given or the run there never started."""
     cfg_file = out_dir / "config.json"
     if not cfg_file.exists():
         if (out_dir / "metrics.jsonl").exists():
             raise ConfigError(f"out (--out) {out_dir} holds a metrics.jsonl but no config.json; choose a new "
                               "directory so nothing recorded there is overwritten")
-        return None
+        return RunDir.NEW
     try:
         stored = json.loads(cfg_file.read_text())
     except json.JSONDecodeError as e:
@@ -64,20 +83,20 @@ def existing_run(out_dir: Path, requested: dict[str, Any], force: bool) -> str |
             print(f"fastrft: {out_dir} holds a run that stopped before its first round (nothing but a base "
                   "evaluation recorded, no checkpoint); starting it over with the requested config, keeping the "
                   "old config.json and records beside the new ones", file=sys.stderr)
-            return "unstarted"
+            return RunDir.UNSTARTED
         if not force:
             raise ConfigError(f"out (--out) {out_dir} holds a run with another config; refusing to resume "
                               f"into it. Differences (stored -> requested):\n{diff}\nUse a new --out, or pass "
                               "--force to resume it with the requested config (the old config.json is kept).")
-        return "forced"
+        return RunDir.FORCED
     summary = out_dir / "summary.json"
     if summary.exists():
         try:
             if json.loads(summary.read_text()).get("complete"):
-                return "complete"
+                return RunDir.COMPLETE
         except json.JSONDecodeError:
             pass
-    return "resume"
+    return RunDir.RESUME
 
 
 def base_eval_only(out_dir: Path) -> bool:

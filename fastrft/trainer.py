@@ -138,7 +138,7 @@ class Trainer:
         self.learner = Learner(config, self.precision, ref=ref, engine=self.engine, token_budget=budget,
                                world=self.world, device=self.device, ops=self.ops)
         self.state = RunState()
-        self.complete = existing == "complete"
+        self.complete = existing is rundir.RunDir.COMPLETE
         # 5. The data; selecting by difficulty generates, and its cache is the only file written before the
         # run directory is created (a run that fails to start leaves nothing else behind).
         self.data = TrainingData(config, self.tokenizer, rows)
@@ -157,10 +157,11 @@ class Trainer:
                                    base_eval_cache=base_eval_cache)
         self.checkpoints = Checkpoints(config, self.out_dir, self.learner, self.data.train_example_ids, self.world)
         self.resumed_from: int | None = None
-        if existing in ("resume", "forced", "unstarted") and not self.complete:
-            restored = self.checkpoints.restore(force or existing == "unstarted", keep_base_eval=existing == "resume")
+        if existing.has_run:
+            restored = self.checkpoints.restore(force or existing is rundir.RunDir.UNSTARTED,
+                                                keep_base_eval=existing is rundir.RunDir.RESUME)
             if restored is not None:
-                self.resumed_from, self.state = restored
+                self.resumed_from, self.state = restored.round, restored
         self._clock = WallClock(self.state.wall)
         # 8. The round's stages and the run loop, built once: the loop calls the stages, never this facade.
         default = Sampler(self._gen, self.precision.rollout_model, config)
@@ -183,11 +184,11 @@ class Trainer:
         if refused:
             raise ConfigError(refused)
 
-    def _create_run_dir(self, existing: str | None) -> None:
+    def _create_run_dir(self, existing: rundir.RunDir) -> None:
         try:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            if existing in (None, "forced", "unstarted") and self.world.main:
-                if existing in ("forced", "unstarted"):
+            if existing.writes_config and self.world.main:
+                if existing is not rundir.RunDir.NEW:
                     (self.out_dir / "config.json").rename(self.out_dir / f"config.before-{rundir.stamp()}.json")
                 (self.out_dir / "config.json").write_text(self.cfg.record_json())
         except OSError as e:

@@ -144,7 +144,7 @@ def test_a_steps_logged_means_do_not_depend_on_the_budget(tiny_llama, tmp_path):
                           algo=AlgoConfig(advantage="grpo", kl_coef=0.1, entropy_coef=0.01),
                           optim=OptimConfig(lr=1e-3, max_tokens_per_step=budget),
                           run=RunConfig(rounds=1, out=str(tmp_path / str(budget)), progress=False))
-        stats[budget] = Trainer(cfg).learner.update(1, train, first_update=0)
+        stats[budget] = Trainer(cfg).learner.update(1, train, first_update=0).record
     assert stats[None]["micro_batches"] == 1 and stats[12]["micro_batches"] == 4
     for key in ("loss", "logp_mean", "entropy_mean", "kl_mean", "logp_gap_mean", "clip_frac_low", "clip_frac_high"):
         assert stats[12][key] == pytest.approx(stats[None][key], rel=1e-5, abs=1e-7), key

@@ -12,12 +12,13 @@ On per-token tensors of shape (N,) (the response tokens of a packed batch), with
              seq-mean-token-sum: mean over sequences of the per-sequence sum;
              seq-mean-token-sum-norm: sum(t) / (num_sequences * max_len)  (Dr. GRPO).
 
-Every variant is a row of a table (KL_ESTIMATORS, AGGREGATIONS), never a string branch elsewhere.
+Every variant is a row of a table (KL_ESTIMATORS, AGGREGATION_TABLE), never a string branch elsewhere.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -69,8 +70,8 @@ class PGLossSpec:
                               f"{', '.join(KL_ESTIMATORS)}")
         if self.aggregation not in AGGREGATIONS:
             raise ConfigError(f"aggregation {self.aggregation!r} is unknown; choose one of: {', '.join(AGGREGATIONS)}")
-        if self.aggregation == "seq-mean-token-sum-norm" and (self.max_len is None or self.max_len < 1):
-            raise ConfigError("aggregation 'seq-mean-token-sum-norm' needs max_len >= 1 "
+        if AGGREGATION_TABLE[self.aggregation].needs_max_len and (self.max_len is None or self.max_len < 1):
+            raise ConfigError(f"aggregation {self.aggregation!r} needs max_len >= 1 "
                               "(the response-length budget, e.g. max_new_tokens)")
 
     @property
@@ -82,21 +83,56 @@ class PGLossSpec:
         return self.entropy_coef != 0
 
 
+class _Layout:
+    """Which sequence each of N tokens belongs to, derived once: num_seqs, dense labels 0..S-1, and the
+    tokens per sequence."""
+
+    def __init__(self, seq_ids: torch.Tensor):
+        labels, self.dense = torch.unique(seq_ids, return_inverse=True)
+        self.num_seqs = labels.numel()
+
+    def counts(self, dtype: torch.dtype) -> torch.Tensor:
+        return torch.bincount(self.dense, minlength=self.num_seqs).to(dtype)
+
+
+def _full(n: int, value: float, dtype, device) -> torch.Tensor:
+    return torch.full((n,), value, dtype=dtype, device=device)
+
+
+@dataclass(frozen=True)
+class Aggregation:
+    """One row of :data:`AGGREGATION_TABLE`: the reduction of per-token values to the loss, and the equal
+    per-token weights w with sum(w * t) == reduce(t) (what the fused kernels take). ``layout``: whether it
+    needs the tokens' sequences; ``needs_max_len``: whether it divides by the response-length budget."""
+
+    reduce: Callable  # (t (N,), layout or None, spec) -> scalar
+    weights: Callable  # (n, layout or None, spec, dtype, device) -> (N,)
+    layout: bool = True
+    needs_max_len: bool = False
+
+
+AGGREGATION_TABLE: dict[str, Aggregation] = {
+    "token-mean": Aggregation(lambda t, lay, spec: t.sum() / t.numel(),
+                              lambda n, lay, spec, dt, dev: _full(n, 1.0 / n, dt, dev), layout=False),
+    "seq-mean-token-mean": Aggregation(
+        lambda t, lay, spec: (t.new_zeros(lay.num_seqs).index_add(0, lay.dense, t) / lay.counts(t.dtype)).mean(),
+        lambda n, lay, spec, dt, dev: 1.0 / (lay.num_seqs * lay.counts(dt)[lay.dense])),
+    "seq-mean-token-sum": Aggregation(
+        lambda t, lay, spec: t.new_zeros(lay.num_seqs).index_add(0, lay.dense, t).mean(),
+        lambda n, lay, spec, dt, dev: _full(n, 1.0 / lay.num_seqs, dt, dev)),
+    "seq-mean-token-sum-norm": Aggregation(
+        lambda t, lay, spec: t.sum() / (lay.num_seqs * spec.max_len),
+        lambda n, lay, spec, dt, dev: _full(n, 1.0 / (lay.num_seqs * spec.max_len), dt, dev), needs_max_len=True),
+}
+assert tuple(AGGREGATION_TABLE) == AGGREGATIONS, "fastrft.algo.choices lists the aggregations the config accepts"
+
+
 def aggregate(per_token: torch.Tensor, seq_ids: torch.Tensor, spec: PGLossSpec) -> torch.Tensor:
     """Reduce per-token values (N,) to a scalar by ``spec.aggregation``; seq_ids (N,) int, any labels."""
     if per_token.numel() == 0:
         return per_token.sum()  # zero, and still connected to the graph
-    if spec.aggregation == "token-mean":
-        return per_token.sum() / per_token.numel()
-    labels, dense = torch.unique(seq_ids, return_inverse=True)
-    num_seqs = labels.numel()
-    if spec.aggregation == "seq-mean-token-sum-norm":
-        return per_token.sum() / (num_seqs * spec.max_len)
-    sums = per_token.new_zeros(num_seqs).index_add(0, dense, per_token)
-    if spec.aggregation == "seq-mean-token-sum":
-        return sums.mean()
-    counts = torch.bincount(dense, minlength=num_seqs).to(per_token.dtype)
-    return (sums / counts).mean()  # seq-mean-token-mean
+    row = AGGREGATION_TABLE[spec.aggregation]
+    return row.reduce(per_token, _Layout(seq_ids) if row.layout else None, spec)
 
 
 def aggregation_weights(seq_ids: torch.Tensor, spec: PGLossSpec, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -109,16 +145,8 @@ def aggregation_weights(seq_ids: torch.Tensor, spec: PGLossSpec, dtype: torch.dt
     n = seq_ids.shape[0]
     if n == 0:
         return torch.zeros(0, dtype=dtype, device=seq_ids.device)
-    if spec.aggregation == "token-mean":
-        return torch.full((n,), 1.0 / n, dtype=dtype, device=seq_ids.device)
-    labels, dense = torch.unique(seq_ids, return_inverse=True)
-    num_seqs = labels.numel()
-    if spec.aggregation == "seq-mean-token-sum-norm":
-        return torch.full((n,), 1.0 / (num_seqs * spec.max_len), dtype=dtype, device=seq_ids.device)
-    if spec.aggregation == "seq-mean-token-sum":
-        return torch.full((n,), 1.0 / num_seqs, dtype=dtype, device=seq_ids.device)
-    counts = torch.bincount(dense, minlength=num_seqs).to(dtype)
-    return 1.0 / (num_seqs * counts[dense])  # seq-mean-token-mean
+    row = AGGREGATION_TABLE[spec.aggregation]
+    return row.weights(n, _Layout(seq_ids) if row.layout else None, spec, dtype, seq_ids.device)
 
 
 def token_terms(logp: torch.Tensor, advantages: torch.Tensor, *, old_logp: torch.Tensor | None = None,

@@ -50,12 +50,12 @@ class Checkpoints:
         """The finished checkpoints by round."""
         return dict(ckpt.checkpoint_dirs(self.out_dir))
 
-    def restore(self, force: bool, keep_base_eval: bool = False) -> tuple[int, RunState] | None:
-        """Continue from the newest whole checkpoint: (its round, the run state). With none, start over
+    def restore(self, force: bool, keep_base_eval: bool = False) -> RunState | None:
+        """Continue from the newest whole checkpoint: the run state it holds (``.round``: its round). With none, start over
         (None) only if nothing was recorded yet, or with ``force``, which keeps the old records beside the
         new ones: records are never dropped without the user asking. ``keep_base_eval``: a run that stopped
         in round 1 (a reward function that raised, a crash) with only the base model's evaluation recorded
-        keeps it and continues with round 1: (0, a fresh run state), as after an interrupt."""
+        keeps it and continues with round 1: a fresh run state (round 0), as after an interrupt."""
         main = self.world.main
         if main:
             ckpt.clean_partial(self.out_dir)
@@ -74,7 +74,7 @@ class Checkpoints:
                     print(f"fastrft: {self.out_dir} holds the base model's evaluation and no checkpoint (the run "
                           "stopped in round 1); keeping the evaluation and starting round 1", file=sys.stderr)
                 self.world.barrier()
-                return 0, RunState()
+                return RunState()
             if main:
                 rundir.start_over(self.out_dir, damaged, force)
             self.world.barrier()
@@ -94,7 +94,8 @@ class Checkpoints:
                 ckpt.truncate(self.out_dir / name, payload[f"{name.split('.')[0]}_bytes"])
         ckpt.set_rng_state(payload["rng"])  # 5. the RNG streams, last
         self.world.barrier()
-        return round_, state
+        assert state.round == round_, (state.round, round_)
+        return state
 
     def _load_weights(self, round_: int, payload: dict) -> None:
         policy, optimizer = self.learner.precision.master, self.learner.optimizer

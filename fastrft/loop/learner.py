@@ -18,7 +18,6 @@ from __future__ import annotations
 import copy
 import sys
 import time
-from typing import Any
 
 import torch
 
@@ -28,7 +27,7 @@ from fastrft.kernels import fused_linear_pg_loss
 from fastrft.loop import seeds
 from fastrft.loop.logprobs import old_logprobs, packed, reference_logprobs, response_hidden
 from fastrft.loop.plan import split_parts, step_plan
-from fastrft.loop.types import TrainBatch
+from fastrft.loop.types import MicroResult, TrainBatch, UpdateResult
 from fastrft.microbatch import default_token_budget, merge_micro_stats
 from fastrft.models.ops import PLAIN, Ops
 from fastrft.precision import make_adamw
@@ -74,9 +73,9 @@ class Learner:
         """Give the compute copy the masters' values (after a step or a restore)."""
         self.precision.after_step()
 
-    def update(self, r: int, train: TrainBatch, first_update: int) -> dict[str, Any]:
+    def update(self, r: int, train: TrainBatch, first_update: int) -> UpdateResult:
         """Round ``r``'s optimizer steps over ``train``; ``first_update`` is the number of steps taken
-        before (the lr schedule's position). Returns the update's metrics (``optimizer_steps`` taken)."""
+        before (the lr schedule's position)."""
         cfg, a = self.cfg, self.cfg.algo
         multi = a.ppo_epochs * a.mini_batches > 1
         old = self.old_logprobs(train) if multi else None
@@ -89,31 +88,31 @@ class Learner:
             for part in split_parts(order, a.mini_batches):
                 t0 = time.monotonic()
                 lr = cfg.optim.lr_at(first_update + len(steps), total_steps)
-                micro_stats, micro_tokens, micro_targets = self._accumulate(train, part, old, lr)
+                micros = self._accumulate(train, part, old, lr)
                 t1 = time.monotonic()
                 grad_norm = self._step()
                 t_fb, t_opt = t_fb + t1 - t0, t_opt + time.monotonic() - t1
-                n_tokens += sum(micro_tokens)
+                n_tokens += sum(m.tokens for m in micros)
                 # Each micro-batch's stats are means over its response tokens: merged, they weigh by those.
-                stats = micro_stats[0] if len(micro_stats) == 1 else merge_micro_stats(micro_stats, micro_targets)
+                stats = (dict(micros[0].stats) if len(micros) == 1 else
+                         merge_micro_stats([m.stats for m in micros], [m.targets for m in micros]))
                 loss_value = stats.pop("loss")
-                steps.append({"loss": loss_value, "grad_norm": grad_norm, **stats, "micro_batches": len(micro_stats)})
+                steps.append({"loss": loss_value, "grad_norm": grad_norm, **stats, "micro_batches": len(micros)})
         for later in steps[1:]:  # the gap compares the sampler and trainer under the same weights: step 1's
             for key in ("logp_gap_mean", "logp_gap_max"):
                 later.pop(key, None)
-        return {**_merge_steps(steps), "lr": lr, "train_tokens": n_tokens, "optimizer_steps": len(steps),
-                "time_fwd_bwd": t_fb, "time_optim": t_opt}
+        return UpdateResult(steps, {**_merge_steps(steps), "lr": lr, "train_tokens": n_tokens,
+                                    "optimizer_steps": len(steps), "time_fwd_bwd": t_fb, "time_optim": t_opt})
 
-    def _accumulate(self, train: TrainBatch, part: list[int], old, lr: float):
-        """Forward and backward of one optimizer step's micro-batches; (their stats, their packed tokens,
-        their response tokens)."""
+    def _accumulate(self, train: TrainBatch, part: list[int], old, lr: float) -> list[MicroResult]:
+        """Forward and backward of one optimizer step's micro-batches (every rank's, under torchrun)."""
         cfg = self.cfg
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         # On CPU, freeing the gradients makes every backward fault in fresh pages for all of them
         # (about a third of a SmolLM2 step, measured); CUDA's caching allocator makes freeing cheap.
         self.optimizer.zero_grad(set_to_none=self.device.type == "cuda")
-        micro_stats, micro_tokens, micro_targets = [], [], []
+        micros: list[MicroResult] = []
         kw = dict(temperature=cfg.rollout.temperature, backend=cfg.model.kernels, logits_mm=self.logits_mm)
         for micro, real in step_plan(train.select(part), self.token_budget, self.spec, self.world):
             ids = [part[j] for j in micro.members]
@@ -130,16 +129,12 @@ class Learner:
             # FSDP averages the ranks' gradients; each rank's loss is its slice of one global sum.
             (loss * self.world.size if self.world.distributed else loss).backward()
             if real:  # (a zero-weight stand-in keeps this rank in step with the others' collectives)
-                micro_stats.append({"loss": float(loss.detach()), **stats})
-                micro_tokens.append(batch.num_tokens)
-                micro_targets.append(int(batch.targets.numel()))
+                micros.append(MicroResult({"loss": float(loss.detach()), **stats}, batch.num_tokens,
+                                          int(batch.targets.numel())))
             del hidden, weight, loss
         if self.world.distributed:  # the step's stats over every rank's micro-batches
-            parts = self.world.gather((micro_stats, micro_tokens, micro_targets))
-            micro_stats = [x for st, _, _ in parts for x in st]
-            micro_tokens = [x for _, nt, _ in parts for x in nt]
-            micro_targets = [x for _, _, nt in parts for x in nt]
-        return micro_stats, micro_tokens, micro_targets
+            micros = [m for part_ in self.world.gather(micros) for m in part_]
+        return micros
 
     def _step(self) -> float:
         """Clip the gradient norm, AdamW step, refresh the compute copy; returns the norm before clipping."""

@@ -50,9 +50,9 @@ def train_round(s: Stages, state: RunState, r: int, recorder) -> dict[str, Any]:
     recorder.rollouts(batch, rollouts, scores, progress.extra)
     metrics = rollout_metrics(batch, rollouts, scores)
     if _carries_gradient(s.cfg, scores):
-        stats = s.learner.update(r, TrainBatch.of(batch, rollouts, scores), first_update=state.updates)
-        state.updates += stats["optimizer_steps"]
-        metrics.update(stats, skipped=0, skipped_total=state.skipped)
+        update = s.learner.update(r, TrainBatch.of(batch, rollouts, scores), first_update=state.updates)
+        state.updates += update.optimizer_steps
+        metrics.update(update.record, skipped=0, skipped_total=state.skipped)
     else:
         state.skipped += 1
         metrics.update(skipped=1, skipped_total=state.skipped, time_fwd_bwd=0.0, time_optim=0.0)

@@ -90,6 +90,29 @@ class TrainBatch:
         return [len(p) + len(c.token_ids) - 1 for p, c in zip(self.prompts, self.completions)]
 
 
+@dataclass(frozen=True)
+class MicroResult:
+    """One micro-batch of an optimizer step: its stats (means over its response tokens, the loss among
+    them), its packed tokens and its response tokens (the weights its stats merge with)."""
+
+    stats: dict[str, float]
+    tokens: int
+    targets: int
+
+
+@dataclass(frozen=True)
+class UpdateResult:
+    """A round's update (fastrft.loop.learner.Learner.update): each optimizer step's stats, and the fields
+    it adds to the round's record. ``optimizer_steps`` is the control value the run state counts."""
+
+    steps: list[dict[str, float]]
+    record: dict[str, float]
+
+    @property
+    def optimizer_steps(self) -> int:
+        return len(self.steps)
+
+
 @dataclass
 class RunState:
     """What the loop carries from round to round: saved in every checkpoint, restored on resume."""
