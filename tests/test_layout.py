@@ -136,3 +136,72 @@ def test_seed_streams_are_defined_in_one_place():
     users = [p.name for p in LOOP if p.name != "seeds.py"
              and ("request_seed(" in p.read_text() or "random.Random(" in p.read_text())]
     assert users == []
+
+
+def test_the_loop_never_calls_up_into_the_facade():
+    """fastrft/loop is built by fastrft.trainer and never imports it: the round and the run loop are built
+    once, top-down (issue 33)."""
+    mods = _modules()
+    users = sorted(n for n, p in mods.items() if n.startswith("fastrft.loop") and "fastrft.trainer" in _imports(n, p, mods))
+    assert users == []
+
+
+# The modules that may decide how a model computes: the backends (fastrft.models.ops and its registered
+# classes) and the exact mode's own numerics. Everywhere else asks the model's backend.
+BACKEND_MODULES = {"fastrft/models/ops.py", "fastrft/models/ops_triton.py", "fastrft/models/exact.py",
+                   "fastrft/models/tiled_attention.py", "fastrft/models/row_rules.py"}
+EXACT_SWITCHES = {"exact_logprobs", "exact_backend", "exact_head", "_exact", "set_exact"}
+
+
+def _switches(sub: ast.AST, test: ast.AST) -> bool:
+    name = sub.attr if isinstance(sub, ast.Attribute) else sub.id if isinstance(sub, ast.Name) else None
+    if name in EXACT_SWITCHES:
+        return True
+    if name == "exact" and isinstance(sub, ast.Attribute) and not ast.unparse(sub.value).endswith("ops"):
+        return True
+    return (isinstance(sub, ast.Constant) and sub.value in ("exact-torch", "exact-triton", "triton", "torch")
+            and isinstance(test, ast.Compare) and "exact" in ast.unparse(test))
+
+
+def _exactness_branches(tree: ast.AST) -> list[str]:
+    """Conditions that switch on the exact mode: an if / ternary / while / assert / boolean operand reading a
+    switch-like name, comparing anything with the backends' names, or testing a model's ``exact`` flag
+    other than its backend's (``ops.exact``, a capability the learner reads once)."""
+    found = []
+    for node in ast.walk(tree):
+        tests = [node.test] if isinstance(node, (ast.If, ast.IfExp, ast.While)) else []
+        tests += node.values if isinstance(node, ast.BoolOp) else []
+        for test in tests:
+            if any(_switches(sub, test) for sub in ast.walk(test)):
+                found.append(ast.unparse(test))
+    return found
+
+
+@pytest.mark.parametrize("path", sorted(p for p in (ROOT / "fastrft").rglob("*.py")
+                                        if str(p.relative_to(ROOT)) not in BACKEND_MODULES),
+                         ids=lambda p: str(p.relative_to(ROOT / "fastrft")))
+def test_no_branch_on_exactness_outside_the_backends(path):
+    assert _exactness_branches(ast.parse(path.read_text())) == []
+
+
+def test_the_exactness_check_finds_the_old_switches():
+    """Today's code would pass vacuously if the check could not see a switch: the forms that f9f3402 had."""
+    old = ('if self.exact == "triton":\n    pass\n'
+           'x = a if getattr(self.model, "exact_backend", None) == "torch" else b\n'
+           'if self.runner.exact_head:\n    pass\n'
+           'old = (f() if self.exact_logprobs else g()) if multi else None\n')
+    assert len(_exactness_branches(ast.parse(old))) == 4
+    assert _exactness_branches(ast.parse("x = f if ops.exact else g\n")) == []
+
+
+def test_the_cpu_exact_path_does_not_import_triton_modules():
+    """The exact CPU backend and what it uses import none of the exact mode's Triton modules (fastrft.numerics
+    holds what they share)."""
+    mods = _modules()
+    seen, todo = set(), ["fastrft.models.exact"]
+    while todo:
+        name = todo.pop()
+        if name not in seen:
+            seen.add(name)
+            todo += _imports(name, mods[name], mods)
+    assert sorted(n for n in seen if n.startswith("fastrft.kernels.exact") or n == "fastrft.models.ops_triton") == []
