@@ -5,21 +5,18 @@ autograd wrapper whose forward is a batch-invariant kernel and whose backward is
 
 from __future__ import annotations
 
-import os
 
 import torch
 
 from fastrft.numerics import TILE as KEY_TILE  # keys per attention tile, as in the CPU path
 
-try:
+from fastrft.kernels.triton_support import DTYPE_NAMES, HAVE_TRITON, interpreting
+from fastrft.kernels.triton_support import check_launch as _check_launch
+
+if HAVE_TRITON:
     import triton
 
-    HAVE_TRITON = True
-except ImportError:  # CPU-only installs: the exact mode runs its PyTorch ops (fastrft.models.exact)
-    HAVE_TRITON = False
-
 LOG2E = 1.4426950408889634
-DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 # ----------------------------------------------------------------------------------------- tiles
 # (kernel, dtype, shape class) -> launch configuration. Shape classes: linear by nothing (one tile per
@@ -41,10 +38,6 @@ ATTENTION_DIMS = (64, 128, 256)
 # within Triton's 2^20 elements.
 INTERPRETER_TILES = {"linear": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=1),
                      "attention": dict(BLOCK_M=64, num_warps=4, num_stages=1), "rms_norm": dict(ROWS=64)}
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def available(device: torch.device) -> bool:
@@ -101,11 +94,7 @@ def check_model(head_dim: int, dtype: torch.dtype, device: torch.device) -> None
 
 
 def check_launch(device: torch.device) -> None:
-    if not HAVE_TRITON:
-        raise RuntimeError("the exact mode's Triton kernels need the triton package (pip install triton)")
-    if device.type != "cuda" and not interpreting():
-        raise RuntimeError("the exact mode's Triton kernels need CUDA tensors, or TRITON_INTERPRET=1 set before "
-                           "fastrft.kernels is imported (CPU interpreter, for tests)")
+    _check_launch(device, "the exact mode's Triton kernels")
 
 
 class _Recomputed(torch.autograd.Function):

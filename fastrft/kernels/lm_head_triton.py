@@ -28,17 +28,16 @@ dot is an ordered sum over H there (constexpr ROWWISE), and a row's logits do no
 
 from __future__ import annotations
 
-import os
 
 import torch
 
-try:
+from fastrft.kernels.triton_support import DTYPE_NAMES as _DTYPE_NAMES
+from fastrft.kernels.triton_support import HAVE_TRITON, interpreting
+from fastrft.kernels.triton_support import check_launch as _check_launch
+
+if HAVE_TRITON:
     import triton
     import triton.language as tl
-
-    HAVE_TRITON = True
-except ImportError:  # CPU-only installs run the PyTorch path
-    HAVE_TRITON = False
 
 # ----------------------------------------------------------------------------------------- tile table
 # (kernel, dtype, shape class) -> tile. Shape classes split on the hidden size H. The GEMM tiles are the
@@ -65,15 +64,10 @@ _INTERPRETER_TILES = {"logits_stats": dict(BLOCK_N=128, BLOCK_V=128, BLOCK_H=64,
                       "dz": dict(BLOCK_N=128, BLOCK_V=256, num_warps=4, num_stages=1),
                       "dh": dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=128, GROUP_M=4, num_warps=4, num_stages=1),
                       "dw": dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=4, num_warps=4, num_stages=1)}
-_DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
 def shape_class(hidden_size: int) -> str:
     return "h<=1024" if hidden_size <= 1024 else "h>1024"
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def tile(kernel: str, dtype: torch.dtype, hidden_size: int, device: torch.device) -> dict:
@@ -204,12 +198,7 @@ if HAVE_TRITON:
 
 # ----------------------------------------------------------------------------------------- launchers
 def check_launch(device: torch.device) -> None:
-    if not HAVE_TRITON:
-        raise RuntimeError("the Triton backend needs the triton package (pip install triton); "
-                           "use backend='reference' or CPU tensors")
-    if device.type != "cuda" and not interpreting():
-        raise RuntimeError("the Triton backend needs CUDA tensors, or TRITON_INTERPRET=1 set before "
-                           "fastrft.kernels is imported (CPU interpreter, for tests)")
+    _check_launch(device, fallback="; use backend='reference' or CPU tensors")
 
 
 MAX_SPLITS = 128  # vocabulary splits of the forward: enough programs for a decode step's few rows

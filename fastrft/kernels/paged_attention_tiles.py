@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import torch
 
+from fastrft.kernels.triton_support import DTYPE_NAMES
+
 MAX_SPLITS = 256
 
 
@@ -35,7 +37,6 @@ def _next_pow2(n: int) -> int:
 HEAD_DIM_CLASSES = (64, 128, 256)
 GROUP_CLASSES = (1, 2, 4, 8, 16)
 SPLIT_CLASSES = (16, 64, 256)  # MAX_SPLITS = 256 bounds BLOCK_S
-DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 _DECODE_TILES = {  # (head_dim class, BLOCK_G) -> (BLOCK_N, num_warps); num_stages 3 (Triton's default)
     (64, 1): (32, 4), (64, 2): (32, 4), (64, 4): (16, 4), (64, 8): (16, 4), (64, 16): (16, 8),

@@ -6,20 +6,17 @@ the CUDA-graph rules: :mod:`fastrft.kernels.paged_attention`; the tile table:
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 
 from fastrft.kernels.paged_attention_tiles import (_STORE_TILES, DTYPE_NAMES, GROUP_CLASSES, HEAD_DIM_CLASSES,
                                                    MAX_SPLITS, SPLIT_CLASSES, TILES, _class_of, _cuda_tile_or_raise)
 
-try:
+from fastrft.kernels.triton_support import HAVE_TRITON, check_launch
+
+if HAVE_TRITON:
     import triton
     import triton.language as tl
-
-    HAVE_TRITON = True
-except ImportError:  # CPU-only installs run the reference
-    HAVE_TRITON = False
 
 LOG2E = 1.4426950408889634
 
@@ -112,17 +109,8 @@ if HAVE_TRITON:
 
 
 # ----------------------------------------------------------------------------------------- launchers
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def _launch_check(device: torch.device) -> None:
-    if not HAVE_TRITON:
-        raise RuntimeError("the Triton backend needs the triton package (pip install triton); "
-                           "use backend='reference' or CPU tensors")
-    if device.type != "cuda" and not _interpreting():
-        raise RuntimeError("the Triton backend needs CUDA tensors, or TRITON_INTERPRET=1 set before "
-                           "fastrft.kernels is imported (CPU interpreter, for tests)")
+    check_launch(device, fallback="; use backend='reference' or CPU tensors")
 
 
 @functools.lru_cache(maxsize=None)

@@ -18,13 +18,11 @@ import torch
 
 from fastrft.kernels import noise as nz
 
-try:
+from fastrft.kernels.triton_support import HAVE_TRITON
+
+if HAVE_TRITON:
     import triton
     import triton.language as tl
-
-    HAVE_TRITON = True
-except ImportError:  # CPU-only installs run the PyTorch path
-    HAVE_TRITON = False
 
 _INT_BIG = 2**31 - 1
 
