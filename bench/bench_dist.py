@@ -67,7 +67,7 @@ def main() -> None:
     t_start = time.monotonic()
     import torch
 
-    from bench_round import write_model_dir
+    from harness import write_model_dir
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     shape = args.shape or ("qwen2.5-0.5b" if device == "cuda" and not args.smoke else "tiny")

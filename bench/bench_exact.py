@@ -83,7 +83,7 @@ def main() -> None:
         from pathlib import Path
 
         sys.path.insert(0, str(Path(__file__).parent))
-        from bench_round import FILE_DTYPE, write_model_dir
+        from harness import FILE_DTYPE, write_model_dir
 
         tmp = tempfile.TemporaryDirectory()
         dtype = FILE_DTYPE[args.precisions.split(",")[0]]

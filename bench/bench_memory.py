@@ -124,7 +124,7 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--model", default="smollm2-135m-instruct", help="model alias or directory")
     ap.add_argument("--shape", default=None, help="instead of --model: a random-weight model of this shape "
-                                                  "(bench_round.py's SHAPES, e.g. qwen2.5-1.5b), written to a "
+                                                  "(the harness's SHAPES, e.g. qwen2.5-1.5b), written to a "
                                                   "temporary directory")
     ap.add_argument("--precision", default=None, choices=("fp32", "bf16-mixed", "bf16", "fp16"),
                     help="default: bf16-mixed on GPU, fp32 on CPU")
@@ -145,7 +145,7 @@ def main() -> None:
     if args.shape:
         import tempfile
 
-        from bench_round import FILE_DTYPE, write_model_dir
+        from harness import FILE_DTYPE, write_model_dir
 
         model = str(write_model_dir(args.shape, FILE_DTYPE[precision], args.device,
                                     Path(tempfile.mkdtemp(prefix="bench-memory-")) / args.shape))

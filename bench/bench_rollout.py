@@ -41,38 +41,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from harness import Budget, Result, cuda_broken, report, run_isolated, table, write_outputs  # noqa: E402
-
-SHAPES = {
-    "qwen2.5-0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
-                         num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
-    "qwen2.5-1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
-                         num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
-    "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=2048, tie_word_embeddings=True),
-}
-
-
-def hf_config(shape: str) -> dict:
-    return dict(model_type="qwen2", rms_norm_eps=1e-6, rope_theta=1e6, max_position_embeddings=4096,
-                hidden_act="silu", eos_token_id=0, bos_token_id=0, **SHAPES[shape])
-
-
-def build_model(shape: str, dtype: torch.dtype, device: str, seed: int = 0):
-    """Our native model with random weights (std 0.02; norms at 1)."""
-    from fastrft.models.config import ArchConfig
-    from fastrft.models.decoder import CausalLM
-
-    torch.manual_seed(seed)
-    with torch.device(device):
-        model = CausalLM(ArchConfig.from_hf(hf_config(shape)))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" not in name:
-                p.normal_(0, 0.02)
-    model.reset_buffers()
-    return model.to(dtype).eval()
-
+from harness import (SHAPES, Budget, Result, build_model, cuda_broken, hf_config, report, run_isolated,  # noqa: E402
+                     table, write_outputs)
 
 # Sizes: prompt/response length range and count of (a); prompt length, response length and G of (b);
 # batch-1 latency tokens; the batch sizes compared with transformers.

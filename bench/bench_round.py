@@ -40,7 +40,6 @@ import argparse
 import gc
 import json
 import shutil
-import string
 import sys
 import tempfile
 import time
@@ -49,69 +48,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_rollout import SHAPES, hf_config  # noqa: E402
-from harness import Budget, Result, cuda_broken, report, run_isolated, table, write_outputs  # noqa: E402
+from harness import (FILE_DTYPE, SHAPES, Budget, Result, cuda_broken, report, run_isolated, table,  # noqa: E402
+                     write_model_dir, write_outputs)
 
-DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
-#: --precision -> dtype of the random weights written to disk (the compute dtype; masters are cast on load)
-FILE_DTYPE = {"fp32": "fp32", "bf16-mixed": "bf16", "bf16": "bf16", "fp16": "fp16"}
 COLUMNS = ("generate s", "reward s", "update s", "of which ref s", "gen tok/s", "response tokens", "cold round s",
            "setup s", "peak GiB")
-
-
-# ------------------------------------------------------------------ the random-weight model directory
-def _filler(i: int) -> str:
-    """A distinct token with no digits in it, so that decoded random text never reads as an answer."""
-    letters = ""
-    while True:
-        letters = string.ascii_lowercase[i % 26] + letters
-        i //= 26
-        if i == 0:
-            return f"<{letters}>"
-
-
-def write_tokenizer(path: Path, vocab_size: int) -> None:
-    """A byte-level BPE tokenizer without merges (one token per byte, as Qwen's tokenizer falls back to),
-    padded with filler tokens to ``vocab_size``. transformers loads it as the class that config.json's
-    model_type names (Qwen2Tokenizer), which rebuilds the byte-level pipeline: this vocabulary suits both."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    words = ["<|endoftext|>", "<bos>", *sorted(pre_tokenizers.ByteLevel.alphabet())]
-    words += [_filler(i) for i in range(vocab_size - len(words))]
-    tk = Tokenizer(models.BPE(vocab={w: i for i, w in enumerate(words)}, merges=[]))
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<|endoftext|>", bos_token="<bos>")
-    tok.chat_template = ("{% for m in messages %}<bos>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-                         "{% if add_generation_prompt %}assistant: {% endif %}")
-    tok.save_pretrained(str(path))
-
-
-def write_model_dir(shape: str, dtype: str, device: str, path: Path) -> Path:
-    """config.json (no EOS), model.safetensors with random weights drawn on ``device``, tokenizer files."""
-    from safetensors.torch import save_file
-
-    from fastrft.models.config import ArchConfig
-    from fastrft.models.decoder import CausalLM
-
-    hf = {k: v for k, v in hf_config(shape).items() if k != "eos_token_id"}
-    hf.update(architectures=["Qwen2ForCausalLM"], dtype=DTYPES[dtype])
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "config.json").write_text(json.dumps(hf, indent=1))
-    with torch.device("meta"):
-        shapes = {k: tuple(v.shape) for k, v in CausalLM(ArchConfig.from_hf(hf)).state_dict().items()}
-    g = torch.Generator(device=device).manual_seed(0)
-    state = {}
-    for name, shp in shapes.items():
-        if "norm" in name:
-            t = torch.ones(shp, device=device)
-        else:
-            t = torch.randn(shp, generator=g, device=device).mul_(0.02)
-        state[name] = t.to(getattr(torch, DTYPES[dtype])).cpu()
-    save_file(state, str(path / "model.safetensors"))
-    write_tokenizer(path, hf["vocab_size"])
-    return path
 
 
 # ------------------------------------------------------------------ one case

@@ -134,7 +134,7 @@ def run_cpu(a) -> list[Result]:
 
 
 def run_cuda(a) -> list[Result]:
-    from bench_rollout import build_model
+    from harness import build_model
 
     from fastrft.engine import Engine, EngineConfig, SamplingParams
     from fastrft.kernels.sampling import sample_tokens

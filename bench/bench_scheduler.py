@@ -109,7 +109,7 @@ def main():
         cpp.extra["schedule() speed-up"] = f"{py.extra['schedule() us'] / cpp.extra['schedule() us']:.1f}x"
         results += pair
     if len(digests) != 1:
-        raise SystemExit("the implementations scheduled differently: run tests/test_bookkeeping.py")
+        raise SystemExit("the implementations scheduled differently: run tests/engine/test_bookkeeping.py")
     report(results, f"Scheduler bookkeeping per step ({args.seqs} live sequences, block size {BLOCK_SIZE}, CPU, "
            "no model; identical traces)", columns=("schedule() us", "record tokens us", "speed-up",
                                                    "schedule() speed-up"))

@@ -425,7 +425,7 @@ def main(argv: list[str] | None = None) -> None:
     tmp_model = None
     try:
         if shape:
-            from bench_round import write_model_dir
+            from harness import write_model_dir
 
             tmp_model = Path(tempfile.mkdtemp(prefix="bench-trl-model-"))
             print(f"... writing a random-weight {shape} model to {tmp_model}", file=sys.stderr, flush=True)

@@ -19,7 +19,7 @@
 #     22 %, logprob 35 %, round 50 %, rollout the rest, 10 s kept for the summary) and stopped at its end:
 #       tests    pytest on what needs the GPU: `-m gpu` if pyproject.toml registers a `gpu` marker, else
 #                the test files whose DEVICE is "cuda" when available (the kernel tests and the
-#                bf16-mixed trainer tests, tests/test_precision.py); in parallel
+#                bf16-mixed trainer tests, tests/loop/test_precision.py); in parallel
 #                with pytest-xdist when it is installed;
 #       logprob  bench/bench_logprob.py: Qwen2.5-1.5B and Llama-3.2-1B shapes, bf16, N 4k/16k/64k,
 #                cublas-3mm, naive, reference, triton, triton-entropy, and liger when importable;

@@ -26,6 +26,7 @@ import platform
 import re
 import resource
 import statistics
+import string
 import subprocess
 import sys
 import time
@@ -33,7 +34,10 @@ from dataclasses import asdict, dataclass, field
 from datetime import date
 from importlib import metadata
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
+
+if TYPE_CHECKING:
+    import torch
 
 # torch is imported where it is used: the suite's summary step runs without it.
 
@@ -406,3 +410,99 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+# ------------------------------------------------------------------ model shapes and random-weight models
+# The bench scripts share these (no bench script imports another). Qwen2-shaped: the paper's models.
+SHAPES = {
+    "qwen2.5-0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                         num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
+    "qwen2.5-1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                         num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
+    "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=2048, tie_word_embeddings=True),
+}
+
+
+def hf_config(shape: str) -> dict:
+    return dict(model_type="qwen2", rms_norm_eps=1e-6, rope_theta=1e6, max_position_embeddings=4096,
+                hidden_act="silu", eos_token_id=0, bos_token_id=0, **SHAPES[shape])
+
+
+def build_model(shape: str, dtype: torch.dtype, device: str, seed: int = 0):
+    """Our native model with random weights (std 0.02; norms at 1)."""
+    import torch
+
+    from fastrft.models.config import ArchConfig
+    from fastrft.models.decoder import CausalLM
+
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = CausalLM(ArchConfig.from_hf(hf_config(shape)))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" not in name:
+                p.normal_(0, 0.02)
+    model.reset_buffers()
+    return model.to(dtype).eval()
+
+
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+#: --precision -> dtype of the random weights written to disk (the compute dtype; masters are cast on load)
+FILE_DTYPE = {"fp32": "fp32", "bf16-mixed": "bf16", "bf16": "bf16", "fp16": "fp16"}
+
+
+# ------------------------------------------------------------------ the random-weight model directory
+def _filler(i: int) -> str:
+    """A distinct token with no digits in it, so that decoded random text never reads as an answer."""
+    letters = ""
+    while True:
+        letters = string.ascii_lowercase[i % 26] + letters
+        i //= 26
+        if i == 0:
+            return f"<{letters}>"
+
+
+def write_tokenizer(path: Path, vocab_size: int) -> None:
+    """A byte-level BPE tokenizer without merges (one token per byte, as Qwen's tokenizer falls back to),
+    padded with filler tokens to ``vocab_size``. transformers loads it as the class that config.json's
+    model_type names (Qwen2Tokenizer), which rebuilds the byte-level pipeline: this vocabulary suits both."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<|endoftext|>", "<bos>", *sorted(pre_tokenizers.ByteLevel.alphabet())]
+    words += [_filler(i) for i in range(vocab_size - len(words))]
+    tk = Tokenizer(models.BPE(vocab={w: i for i, w in enumerate(words)}, merges=[]))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<|endoftext|>", bos_token="<bos>")
+    tok.chat_template = ("{% for m in messages %}<bos>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}assistant: {% endif %}")
+    tok.save_pretrained(str(path))
+
+
+def write_model_dir(shape: str, dtype: str, device: str, path: Path) -> Path:
+    """config.json (no EOS), model.safetensors with random weights drawn on ``device``, tokenizer files."""
+    import torch
+    from safetensors.torch import save_file
+
+    from fastrft.models.config import ArchConfig
+    from fastrft.models.decoder import CausalLM
+
+    hf = {k: v for k, v in hf_config(shape).items() if k != "eos_token_id"}
+    hf.update(architectures=["Qwen2ForCausalLM"], dtype=DTYPES[dtype])
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(hf, indent=1))
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in CausalLM(ArchConfig.from_hf(hf)).state_dict().items()}
+    g = torch.Generator(device=device).manual_seed(0)
+    state = {}
+    for name, shp in shapes.items():
+        if "norm" in name:
+            t = torch.ones(shp, device=device)
+        else:
+            t = torch.randn(shp, generator=g, device=device).mul_(0.02)
+        state[name] = t.to(getattr(torch, DTYPES[dtype])).cpu()
+    save_file(state, str(path / "model.safetensors"))
+    write_tokenizer(path, hf["vocab_size"])
+    return path

@@ -3,7 +3,7 @@
 Every field documents itself (``metadata["help"]``) and maps to exactly one CLI flag, ``--field-name``,
 so the CLI is generated from these classes and error messages can name the flag to change. Values are
 validated once, at construction; facts learned at run time (EOS ids, dataset sizes) live in the trainer,
-never written back here. Defaults follow the paper's setup (DESIGN.md §1).
+never written back here. Defaults follow the paper's setup (the README's ladder section lists its layers).
 
 This module is over the package's 300-line limit on purpose: it is the field table of every flag (a
 field, its default, its help text and its check, side by side), and splitting the table across files

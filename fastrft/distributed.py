@@ -6,7 +6,7 @@ is world size 1 and never touches torch.distributed. Nothing here is a process p
 ranks meet through ``init_process_group`` (env://), exchange Python objects with torch's object
 collectives, shard the model with ``fully_shard`` and checkpoint with ``torch.distributed.checkpoint``.
 
-How a round divides (DESIGN.md §3, the trainer's round loop):
+How a round divides (docs/architecture.md, "The round"):
 
 - **Rollouts.** A call's requests are the flat list of (prompt p, sample j) pairs, p-major. Rank r
   generates the contiguous share ``[N r / W, N (r + 1) / W)`` of it (:func:`share`): shares differ by at

@@ -22,13 +22,12 @@ sequential run's at equal torch thread counts (``--threads T`` for both). A chil
 and the sequential run all cores, and torch's CPU kernels round differently at different thread counts
 (SmolLM2-135M, 1 against 2 threads: grad norm, loss, KL by ~1e-5 relative, the rollout-vs-trainer
 log-prob gap by up to 20%; over a long run a flipped token). Most of that is MKL's matrix products, so
-the ladder runs MKL in its reproducibility mode (``MKL_CBWR=AUTO,STRICT``, :func:`thread_independent_blas`),
-whose products do not depend on the thread count. With it, a 4-pair SmolLM2 study and a tiny-model one
+MKL runs in its reproducibility mode (``MKL_CBWR=AUTO,STRICT``, which ``import fastrft`` sets;
+fastrft/__init__.py), whose products do not depend on the thread count. With it, a 4-pair SmolLM2 study and a tiny-model one
 came out bit-equal at default threads (bench/RESULTS.md); other torch CPU kernels can still round by
 thread count (a 3-round tiny-model run at lr 3e-3 differed from round 2 on), so only equal thread counts
-guarantee equality. The ``fastrft ladder`` command sets the mode first thing, unless MKL_CBWR is set;
-from Python (:func:`fastrft.ladder.run_ladder`, or ``main([...])``) the mode is the process's own, which
-the children inherit: set MKL_CBWR before starting Python to have it there.
+guarantee equality. A value of MKL_CBWR already in the environment wins, and the children inherit the
+parent's.
 
 Errors: after a failed pair no new pair starts; the running ones finish, then a FastRFTError names each
 failed pair with the end of its job.log. Ctrl-C reaches the children too (same process group): each
@@ -117,16 +116,16 @@ class Job:
 
 #: MKL's strict conditional numerical reproducibility: its GEMMs give the same bits at any thread count
 #: (on this project's CPU, a 7x64 @ 64x85 product differs between 1 and 2 threads without it). The
-#: ``fastrft ladder`` command sets it before its first matrix product (:func:`thread_independent_blas`)
-#: and its children inherit it, so a child with cores // N threads computes the matrix products of the
+#: ``import fastrft`` sets it before any matrix product (and :func:`thread_independent_blas` again, for a
+#: process that imported fastrft after MKL had started), and the ladder's children inherit it, so a child with cores // N threads computes the matrix products of the
 #: in-process sequential run with all cores. AUTO keeps the machine's own instruction set.
 MKL_CBWR = "AUTO,STRICT"
 
 
 def thread_independent_blas() -> None:
     """Ask MKL for thread-count-independent results, unless the user chose a mode (MKL_CBWR set). MKL
-    reads the variable at its first call, so this must run before the process multiplies any matrices;
-    ``fastrft ladder`` calls it first thing."""
+    reads the variable at its first call, so this must run before the process multiplies any matrices
+    (``import fastrft`` does the same; ``fastrft ladder`` calls this first thing)."""
     os.environ.setdefault("MKL_CBWR", MKL_CBWR)
 
 

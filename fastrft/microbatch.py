@@ -89,7 +89,7 @@ def activation_bytes_per_token(hidden_size: int, intermediate_size: int, num_lay
     Per decoder layer about 18 hidden-sized values (norms, q/k/v, attention output, residuals, saved
     softmax statistics) and 4 intermediate-sized ones (gate, up, their product, the activation). With
     checkpointing only each layer's input is kept, plus one layer's worth during its recompute.
-    SmolLM2-135M in fp32: 1.9 MiB per token by this estimate, 1.7 MiB measured.
+    The estimate against measured peaks: bench/RESULTS.md (bench_memory.py).
     """
     per_layer = 18 * hidden_size + 4 * intermediate_size
     elements = num_layers * hidden_size + per_layer if checkpointing else num_layers * per_layer

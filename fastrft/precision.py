@@ -153,8 +153,8 @@ def make_adamw(params, *, lr: float, betas: tuple[float, float], weight_decay: f
                device: torch.device) -> torch.optim.AdamW:
     """AdamW over ``params`` (the masters), with torch's fused kernel wherever it runs: CPU and CUDA,
     FSDP2's DTensors included. It updates each parameter in one pass over weight, gradient and both
-    moments, where the default on CPU is a Python loop of small ops per parameter (2.2x TRL's fused
-    step, measured). Loading a checkpoint restores the implementation it was written with
+    moments, where the default on CPU is a Python loop of small ops per parameter (bench/RESULTS.md has
+    the comparison with TRL's step). Loading a checkpoint restores the implementation it was written with
     (``load_state_dict`` sets each group's ``fused`` flag), so a run resumed from a checkpoint of an
     earlier version continues bit for bit."""
     params = list(params)

@@ -1,6 +1,6 @@
 """The paper's bottom-up ladder as named presets, and the profiles that size a study for a machine.
 
-Every preset is ONE design choice away from ``L0-minimal`` (DESIGN.md §1), written as the config fields
+Every preset is ONE design choice away from ``L0-minimal`` (the paper's minimalist layer), written as the config fields
 it sets; everything else is the paper's setting, which is what :class:`fastrft.config.TrainConfig`'s
 defaults are. A profile rescales a study to a machine (learning rate, response budget, evaluation
 size, rounds) without touching any design choice; flags given on the command line override both.

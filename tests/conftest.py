@@ -114,3 +114,97 @@ def _isolated_home(tmp_path_factory):
 @pytest.fixture(autouse=True)
 def _threads():
     torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+# ----------------------------------------------------------------------------------------- shared builders
+ROOT = Path(__file__).resolve().parents[1]  # the repository
+
+
+def untimed(records: list[dict]) -> list[dict]:
+    """Records without their wall-clock fields: the rule bench/same_run.py compares runs by
+    (fastrft.report.records.wall_clock)."""
+    from fastrft.report.records import untimed as one
+
+    return [one(r) for r in records]
+
+
+def subprocess_env(distributed: bool = False) -> dict[str, str]:
+    """The environment of a child run whose bits are compared: one BLAS thread, a fixed hash seed; for a
+    torchrun child, none of this process's own rendezvous variables."""
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONHASHSEED="0")
+    if distributed:
+        for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+            env.pop(k, None)
+    return env
+
+
+def tiny_config(model_dir, out, *, advantage="grpo", group_size=8, rounds=20, kl_coef=0.0, lr=3e-3, eval_every=10,
+                seed=0, **algo):
+    """'What is 1 + 1?' with two response tokens: reward 1 iff the last number printed is 2. A random
+    char-level model succeeds a few percent of the time, so a working policy gradient finds it fast."""
+    from fastrft.config import (AlgoConfig, DataConfig, EvalConfig, ModelConfig, OptimConfig, RolloutConfig,
+                                RunConfig, TrainConfig)
+
+    return TrainConfig(
+        model=ModelConfig(model=str(model_dir)),
+        data=DataConfig(dataset="arithmetic", level="add1", example_index=(0,)),
+        rollout=RolloutConfig(group_size=group_size, max_new_tokens=2),
+        algo=AlgoConfig(advantage=advantage, kl_coef=kl_coef, **algo),
+        optim=OptimConfig(lr=lr),
+        eval=EvalConfig(eval_every=eval_every, train_samples=64, test_size=8, greedy=True),
+        run=RunConfig(rounds=rounds, seed=seed, out=str(out), progress=False),
+    )
+
+
+EXACT_KV_TOKENS = 160  # the tiny model's cache in tokens: one sequence fits, 8 samples of a prompt do not
+
+
+def exact_config(model_dir, out, *, precision="fp32", mode="on", rounds=3, **algo):
+    """The exact mode on add2: 2 examples a round of 8 samples, a cache small enough to preempt, a token
+    budget that splits each step."""
+    from fastrft.config import (AlgoConfig, DataConfig, EvalConfig, ModelConfig, OptimConfig, RolloutConfig,
+                                RunConfig, TrainConfig)
+
+    kv_bytes = 2 * 2 * 2 * 16 * (4 if precision == "fp32" else 2)  # layers, K and V, kv heads, head dim
+    return TrainConfig(
+        model=ModelConfig(model=str(model_dir), precision=precision, exact_logprobs=mode),
+        data=DataConfig(dataset="arithmetic", level="add2", examples_per_round=2, train_pool=16),
+        rollout=RolloutConfig(group_size=8, max_new_tokens=24, kv_cache_memory=EXACT_KV_TOKENS * kv_bytes),
+        algo=AlgoConfig(advantage="grpo", **algo),
+        optim=OptimConfig(lr=3e-3, max_tokens_per_step=200),
+        eval=EvalConfig(eval_every=0, train_samples=1, test_size=2),
+        run=RunConfig(rounds=rounds, seed=1, out=str(out), progress=False),
+    )
+
+
+def run_counting_preemptions(cfg, count_preemptions: bool = False):
+    """Train ``cfg``; (the trainer, its round records, how many sequences the engine preempted)."""
+    from fastrft.engine import engine as engine_module
+    from fastrft.report import read_metrics
+    from fastrft.trainer import Trainer
+
+    preempted = []
+    make = engine_module.make_scheduler
+
+    class Counting:  # the C++ scheduler's methods are read-only: wrap the object
+        def __init__(self, real):
+            self.real = real
+
+        def __getattr__(self, name):
+            return getattr(self.real, name)
+
+        def schedule(self):
+            out = self.real.schedule()
+            preempted.append(len(out.preempted))
+            return out
+
+    if count_preemptions:
+        engine_module.make_scheduler = lambda *a, **k: Counting(make(*a, **k))
+    try:
+        trainer = Trainer(cfg)
+        trainer.run()
+    finally:
+        engine_module.make_scheduler = make
+    rounds = [r for r in read_metrics(trainer.out_dir / "metrics.jsonl") if r["kind"] == "round"]
+    return trainer, rounds, sum(preempted)

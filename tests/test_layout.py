@@ -1,5 +1,6 @@
-"""The layout rules of DESIGN.md §5 and issue 22, checked on the source (no import, no torch): small
-modules and classes, no import cycle, the round loop as stage calls, and no stage on the global RNG."""
+"""The layout rules of docs/architecture.md ("Rules the code keeps"), checked on the source (no import, no
+torch): small modules and classes, no import cycle, the round loop as stage calls, no stage on the global
+RNG, no branch on exactness outside the backends, no bench script importing another."""
 
 from __future__ import annotations
 
@@ -142,7 +143,8 @@ def test_the_loop_never_calls_up_into_the_facade():
     """fastrft/loop is built by fastrft.trainer and never imports it: the round and the run loop are built
     once, top-down (issue 33)."""
     mods = _modules()
-    users = sorted(n for n, p in mods.items() if n.startswith("fastrft.loop") and "fastrft.trainer" in _imports(n, p, mods))
+    users = sorted(n for n, p in mods.items()
+                   if n.startswith("fastrft.loop") and "fastrft.trainer" in _imports(n, p, mods))
     assert users == []
 
 
@@ -205,3 +207,15 @@ def test_the_cpu_exact_path_does_not_import_triton_modules():
             seen.add(name)
             todo += _imports(name, mods[name], mods)
     assert sorted(n for n in seen if n.startswith("fastrft.kernels.exact") or n == "fastrft.models.ops_triton") == []
+
+
+def test_no_bench_script_imports_another():
+    """The bench scripts share code through bench/harness.py only (issue 33)."""
+    scripts = {p.stem for p in (ROOT / "bench").glob("*.py")} - {"harness"}
+    offenders = []
+    for p in sorted((ROOT / "bench").glob("*.py")):
+        for node in ast.walk(ast.parse(p.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module] if isinstance(node, ast.ImportFrom) and node.module else [])
+            offenders += [f"{p.name}: {n}" for n in names if n.split(".")[0] in scripts]
+    assert offenders == []

@@ -17,6 +17,7 @@ import pytest
 from fastrft import lock, rundir
 from fastrft.cli import main
 from fastrft.report import read_metrics
+from conftest import untimed
 
 
 def _args(model, out, *extra, rounds=2):
@@ -24,10 +25,6 @@ def _args(model, out, *extra, rounds=2):
             "--advantage", "grpo", "--max-new-tokens", "3", "--test-size", "2", "--train-samples", "1",
             "--no-progress", "--save-every", "1"]
     return args + (["--out", str(out)] if out is not None else []) + list(extra)
-
-
-def _deterministic(records):
-    return [{k: v for k, v in r.items() if not (k.startswith("time_") or k.endswith("_per_s"))} for r in records]
 
 
 # ----------------------------------------------------------------------------------- 1. resume as told
@@ -267,7 +264,7 @@ def test_a_reward_that_raises_in_round_1_keeps_the_base_evaluation_and_the_fixed
     mod = _reward_module(tmp_path, monkeypatch, fine)
     assert main(_args(tiny_llama, out, "--reward-funcs", f"{mod}:score")) == 0
     assert "keeping the evaluation" in capsys.readouterr().err
-    assert _deterministic(read_metrics(out / "metrics.jsonl")) == _deterministic(read_metrics(ref / "metrics.jsonl"))
+    assert untimed(read_metrics(out / "metrics.jsonl")) == untimed(read_metrics(ref / "metrics.jsonl"))
     assert (out / "rollouts.jsonl").read_text() == (ref / "rollouts.jsonl").read_text()
 
 

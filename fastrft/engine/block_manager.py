@@ -1,7 +1,7 @@
 """Paged KV-cache block manager: the pure-Python twin of ``fastrft._engine.BlockManager``.
 
 This file is the executable spec of the C++ class (csrc/block_manager.cpp): same API, same return
-values, same exceptions and messages. tests/test_bookkeeping.py drives both with identical random traces.
+values, same exceptions and messages. tests/engine/test_bookkeeping.py drives both with identical random traces.
 
 The KV cache is ``num_blocks`` blocks of ``block_size`` token slots; slot ``b * block_size + j`` holds
 token j of block b. A sequence of length L owns ceil(L / block_size) blocks, listed in its block table.

@@ -8,7 +8,7 @@ loads``) and shared memory beyond Hopper's 227 KiB per block.
 Protocol: every kernel module listed in :data:`MODULES` defines ``compile_cases(full: bool) ->
 list[CompileCase]``, the configurations its launchers really produce for CUDA tensors (dtypes, model
 shapes, tile configurations; ``full_only=True`` marks those only the full run compiles).
-``tests/test_compile_gate.py`` compiles them all; ``python -m fastrft.kernels.aot [--full]`` prints the
+``tests/kernels/test_compile_gate.py`` compiles them all; ``python -m fastrft.kernels.aot [--full]`` prints the
 table.
 
 How a case mirrors a launch (triton 3.7.1's JIT specialisation, ``triton/runtime/jit.py``): every

@@ -23,7 +23,7 @@ LOG2E = 1.4426950408889634
 # dtype: M, N and K vary freely and the tile never follows them), attention by BLOCK_D (the head dim
 # rounded up to a power of two). 16-bit operands run tensor-core dots (64-row tiles: one Hopper
 # warpgroup MMA); fp32 operands run exact IEEE dots, with smaller tiles. Every entry passes the sm_90a
-# compile gate (tests/test_compile_gate.py) with no spills.
+# compile gate (tests/kernels/test_compile_gate.py) with no spills.
 TILES: dict[tuple, dict] = {}
 for _dt in ("bf16", "fp16"):
     TILES[("linear", _dt)] = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=3)

@@ -200,8 +200,8 @@ def sample_head(hidden: torch.Tensor, weight: torch.Tensor, seeds: torch.Tensor,
     z = torch.empty((b, v), dtype=torch.float32, device=hidden.device)
     dummy = torch.zeros(b, dtype=torch.long, device=hidden.device)
     _, lse, _, _ = head.logits_stats(hidden, weight, dummy, 1.0, False, z_out=z, inv_temperature=inv_t)
-    # The Triton sampler on CUDA; its PyTorch twin (the same token, bit for bit: tests/test_sampling.py) in
-    # the interpreter, where the Triton one costs 60 ms a step.
+    # The Triton sampler on CUDA; its PyTorch twin (the same token, bit for bit: tests/kernels/test_sampling.py) in
+    # the interpreter, where the Triton one is far slower.
     draws = sample_tokens(z, seeds, positions, (~greedy).float())
     tokens = draws[0]
     z_tok = z.gather(1, tokens.clamp(0, v - 1).long()[:, None]).squeeze(1)

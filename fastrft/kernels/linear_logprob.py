@@ -88,8 +88,7 @@ def _torch_dz(state, g_logp, g_ent, inv_temp: float):
 def default_chunk(n: int, v: int, device: torch.device) -> int:
     """Rows per chunk. GPU: about 2^29 logits (a 2 GiB fp32 workspace at V = 152k: large GEMMs, few passes
     over dW). CPU: about 3 * 2^23 logits (512 rows at V = 49k: two 96 MiB buffers). Smaller chunks cost
-    time there, because every chunk reads and writes all of dW: at SmolLM2's shape and N = 1024, 128-row
-    chunks took 1.09x naive PyTorch, 512-row ones 0.92x (bench/RESULTS.md)."""
+    time there, because every chunk reads and writes all of dW (bench/RESULTS.md compares chunk sizes)."""
     budget = 2**29 if device.type == "cuda" else 3 * 2**23
     rows = max(128, budget // max(v, 1)) // 64 * 64
     return max(1, min(n, rows))

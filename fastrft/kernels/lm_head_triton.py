@@ -43,7 +43,7 @@ if HAVE_TRITON:
 # (kernel, dtype, shape class) -> tile. Shape classes split on the hidden size H. The GEMM tiles are the
 # usual Hopper starting points (128x128 outputs, 64-deep K steps, 8 warps, 3 stages for 16-bit operands;
 # fp32 and fp16 operands run fp32 dots, so their tiles are halved to stay in registers). Every entry
-# passes the sm_90a compile gate (tests/test_compile_gate.py) with no spills.
+# passes the sm_90a compile gate (tests/kernels/test_compile_gate.py) with no spills.
 _FWD_16 = dict(BLOCK_N=64, BLOCK_V=128, BLOCK_H=64, num_warps=8, num_stages=3)
 _FWD_32 = dict(BLOCK_N=64, BLOCK_V=64, BLOCK_H=32, num_warps=4, num_stages=2)
 _DZ = dict(BLOCK_N=16, BLOCK_V=256, num_warps=4, num_stages=1)

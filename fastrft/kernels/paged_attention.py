@@ -32,7 +32,7 @@ launchers are in :mod:`fastrft.kernels.paged_attention_triton`, the tile table i
 
 Tiles: CUDA launches take their tile sizes and num_warps from :data:`TILES`, one table keyed by
 (kernel, dtype, shape class); :func:`compile_cases` lists every entry for the compile gate
-(``fastrft.kernels.aot``, ``tests/test_compile_gate.py``), which compiles them for sm_90a and refuses
+(``fastrft.kernels.aot``, ``tests/kernels/test_compile_gate.py``), which compiles them for sm_90a and refuses
 register spills. The interpreter keeps its own few-large-tiles choice.
 """
 

@@ -17,7 +17,7 @@ def _next_pow2(n: int) -> int:
 
 # ----------------------------------------------------------------------------------------- CUDA tiles
 # The tile configurations of the CUDA launches, in ONE table: (kernel, dtype, shape class) -> config.
-# The launchers read it; compile_cases() enumerates every entry, and tests/test_compile_gate.py compiles
+# The launchers read it; compile_cases() enumerates every entry, and tests/kernels/test_compile_gate.py compiles
 # them for Hopper (sm_90a) and fails on any register spill or shared memory past 227 KiB. To tune a
 # tile, edit its entry here and rerun the gate (python -m fastrft.kernels.aot --full).
 #
@@ -85,5 +85,5 @@ def _cuda_tile_or_raise(kernel: str, dtype: torch.dtype, head_dim: int, other: i
         raise ValueError(f"the Triton {kernel} kernel has no CUDA tile configuration for {what} (head_dim <= "
                          f"{HEAD_DIM_CLASSES[-1]}, group <= {GROUP_CLASSES[-1]}); use backend='auto' or "
                          f"'reference', or add an entry to fastrft.kernels.paged_attention_tiles.TILES and run the "
-                         f"compile gate (tests/test_compile_gate.py)")
+                         f"compile gate (tests/kernels/test_compile_gate.py)")
     return tile

@@ -62,7 +62,7 @@ def _scaled(logits: torch.Tensor, inv_temperature: float, consume: bool = False)
 def _finish(z, m, token, bad, consume: bool = False) -> torch.Tensor:
     """Pack tokens and log-probs; rows marked bad or without a finite logit get token -1. With consume,
     the sum of exp(z - m) is taken in z's own memory: a (B, V) temporary faults in fresh pages at every
-    call (about 15 ms for 12 MiB, measured). exp below EXP_FLOOR is subnormal (100x slower on CPUs) and
+    call (bench/RESULTS.md has the cost). exp below EXP_FLOOR is subnormal (far slower on CPUs) and
     far below the rounding of a sum >= 1, so it is floored."""
     bad = bad | ~torch.isfinite(m)
     safe = token.clamp(0, z.shape[1] - 1)
@@ -114,7 +114,8 @@ def sample_torch(logits, seeds, positions, inv_temperature: float, strict: bool 
     if search == "cpp" and cpp is None:
         raise RuntimeError("search='cpp' needs the C++ extension fastrft._engine (pip install -e .)")
     if cpp is not None:
-        # torch's thread count (what --threads sets); a thread per 8 rows at least, as each costs ~30 us.
+        # torch's thread count (what --threads sets); a thread per 8 rows at least: a thread's start-up
+        # costs about as much as a few rows' search.
         threads = max(1, min(torch.get_num_threads(), b // 8))
         token = torch.from_numpy(cpp(z.contiguous().numpy(), v, bmax.numpy(), seeds.numpy(), positions.numpy(),
                                      threads))

@@ -51,9 +51,9 @@ class Checkpoints:
         return dict(ckpt.checkpoint_dirs(self.out_dir))
 
     def restore(self, force: bool, keep_base_eval: bool = False) -> RunState | None:
-        """Continue from the newest whole checkpoint: the run state it holds (``.round``: its round). With none, start over
-        (None) only if nothing was recorded yet, or with ``force``, which keeps the old records beside the
-        new ones: records are never dropped without the user asking. ``keep_base_eval``: a run that stopped
+        """Continue from the newest whole checkpoint: the run state it holds (``.round``: its round). With
+        none, start over (None) only if nothing was recorded yet, or with ``force``, which keeps the old
+        records beside the new ones: records are never dropped without the user asking. ``keep_base_eval``: a run that stopped
         in round 1 (a reward function that raised, a crash) with only the base model's evaluation recorded
         keeps it and continues with round 1: a fresh run state (round 0), as after an interrupt."""
         main = self.world.main

@@ -110,7 +110,7 @@ class Learner:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         # On CPU, freeing the gradients makes every backward fault in fresh pages for all of them
-        # (about a third of a SmolLM2 step, measured); CUDA's caching allocator makes freeing cheap.
+        # (a large share of a small model's step); CUDA's caching allocator makes freeing cheap.
         self.optimizer.zero_grad(set_to_none=self.device.type == "cuda")
         micros: list[MicroResult] = []
         kw = dict(temperature=cfg.rollout.temperature, backend=cfg.model.kernels, logits_mm=self.logits_mm)

@@ -1,4 +1,4 @@
-"""One round of reinforcement fine-tuning, as a list of stage calls (DESIGN.md §3).
+"""One round of reinforcement fine-tuning, as a list of stage calls (docs/architecture.md, "The round").
 
 examples for the round -> rollouts -> scores and advantages -> sample records -> update -> round metrics.
 

@@ -49,7 +49,8 @@ from fastrft import numerics
 from fastrft.errors import ConfigError
 from fastrft.models import row_rules
 from fastrft.models.ops import Ops, get
-from fastrft.models.tiled_attention import TILE, packed_attention, paged_attention, step_plan, tiled_attention  # noqa: F401
+from fastrft.models.tiled_attention import (TILE, packed_attention, paged_attention, step_plan,  # noqa: F401
+                                            tiled_attention)
 
 
 class ExactModeError(ConfigError):

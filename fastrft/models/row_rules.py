@@ -27,7 +27,7 @@ engine's and the KL reference's forwards use) must exist on this CPU (they need 
 and must give the rule's bits, or the plain calls are used.
 
 Every GEMM of the exact CPU path goes through :func:`gemm`, which is also where the tests put a
-simulated BLAS that rounds by row count (tests/test_row_rules.py).
+simulated BLAS that rounds by row count (tests/models/test_row_rules.py).
 """
 
 from __future__ import annotations

@@ -79,3 +79,14 @@ def plural(n: int, word: str) -> str:
     """'1 seed', '3 seeds'."""
     return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
+
+
+def wall_clock(key: str) -> bool:
+    """Whether a record field measures time (``time_*``, ``*_per_s``, ``wall_s``): the fields two runs of one
+    configuration may differ in. Every comparison of runs (bench/same_run.py, the tests) uses this rule."""
+    return key.startswith("time_") or key.endswith("_per_s") or key == "wall_s"
+
+
+def untimed(record: dict[str, Any]) -> dict[str, Any]:
+    """``record`` without its wall-clock fields (:func:`wall_clock`)."""
+    return {k: v for k, v in record.items() if not wall_clock(k)}

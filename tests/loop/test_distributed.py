@@ -24,6 +24,7 @@ import torch
 
 from fastrft.distributed import World, dcp_full_model_state, share, split
 from fastrft.report import read_metrics
+from conftest import subprocess_env, untimed
 
 WORKER = str(Path(__file__).with_name("dist_worker.py"))
 AGGS = ("token-mean", "seq-mean-token-mean")
@@ -45,20 +46,8 @@ def _argv(model, out, aggregation):
     return argv
 
 
-def _env():
-    env = dict(os.environ)
-    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONHASHSEED="0")
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    return env
-
-
 def _torchrun(*args, nproc=2):
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), *args]
-
-
-def _deterministic(records):
-    return [{k: v for k, v in r.items() if not (k.startswith("time_") or k.endswith("_per_s"))} for r in records]
 
 
 def _weights(run_dir):
@@ -86,7 +75,7 @@ def runs(tiny_llama, tmp_path_factory):
                 spec.append({"argv": _argv(tiny_llama, root / f"w2-{precision}-exact", AGGS[1]) +
                              ["--precision", precision, "--exact-logprobs", "on"], "dump": None})
         (root / f"spec{world}.json").write_text(json.dumps(spec))
-    procs = [subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    procs = [subprocess.Popen(cmd, env=subprocess_env(distributed=True), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for cmd in (_torchrun(WORKER, str(root / "spec2.json")), [sys.executable, WORKER, str(root / "spec1.json")])]
     for p in procs:
         out, _ = p.communicate(timeout=600)
@@ -154,8 +143,8 @@ def test_weights_equal_one_process(runs, aggregation, tiny_llama):
     moved = torch.cat([(w1[k] - init[k]).abs().flatten() for k in w1])
     assert moved.max() > 100 * diff.max()  # the runs trained, far beyond their disagreement
 
-    m1, m2 = _deterministic(read_metrics(runs / f"w1-{aggregation}" / "metrics.jsonl")), \
-        _deterministic(read_metrics(runs / f"w2-{aggregation}" / "metrics.jsonl"))
+    m1, m2 = untimed(read_metrics(runs / f"w1-{aggregation}" / "metrics.jsonl")), \
+        untimed(read_metrics(runs / f"w2-{aggregation}" / "metrics.jsonl"))
     assert len(m1) == len(m2)
     for a, b in zip(m1, m2):
         assert a.keys() == b.keys()
@@ -213,7 +202,7 @@ def _rank_pids(torchrun_pid):
 def test_kill_9_of_one_rank_then_resume_matches_the_uninterrupted_run(runs, tiny_llama, tmp_path):
     ref, killed = runs / "w2-token-mean", tmp_path / "killed"
     argv = _argv(tiny_llama, killed, "token-mean")
-    proc = subprocess.Popen(_torchrun("-m", "fastrft", "train", *argv), env=_env(), stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(_torchrun("-m", "fastrft", "train", *argv), env=subprocess_env(distributed=True), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:
@@ -232,7 +221,7 @@ def test_kill_9_of_one_rank_then_resume_matches_the_uninterrupted_run(runs, tiny
 
     # A single process cannot load the sharded state: a clear error, and nothing recorded is touched.
     before = (killed / "metrics.jsonl").read_bytes()
-    plain = subprocess.run([sys.executable, "-m", "fastrft", "train", *argv], env=_env(), capture_output=True,
+    plain = subprocess.run([sys.executable, "-m", "fastrft", "train", *argv], env=subprocess_env(distributed=True), capture_output=True,
                            text=True, timeout=300)
     assert plain.returncode == 2 and "sharded" in plain.stderr and "--nproc-per-node" in plain.stderr
     assert (killed / "metrics.jsonl").read_bytes() == before
@@ -244,18 +233,18 @@ def test_kill_9_of_one_rank_then_resume_matches_the_uninterrupted_run(runs, tiny
     other = tmp_path / "resharded"
     shutil.copytree(killed, other)
     one = subprocess.run(_torchrun("-m", "fastrft", "train", *argv, "--out", str(other), "--force", nproc=1),
-                         env=_env(), capture_output=True, text=True, timeout=300)
+                         env=subprocess_env(distributed=True), capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr[-4000:]
     assert "written by 2 ranks; resharded onto 1" in one.stderr
     assert [r["round"] for r in read_metrics(other / "metrics.jsonl") if r["kind"] == "round"] == \
         list(range(1, ROUNDS + 1))
 
-    resumed = subprocess.run(_torchrun("-m", "fastrft", "train", *argv), env=_env(), capture_output=True, text=True,
+    resumed = subprocess.run(_torchrun("-m", "fastrft", "train", *argv), env=subprocess_env(distributed=True), capture_output=True, text=True,
                              timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert "continuing after round" in resumed.stderr
-    a = _deterministic(read_metrics(ref / "metrics.jsonl"))
-    b = _deterministic(read_metrics(killed / "metrics.jsonl"))
+    a = untimed(read_metrics(ref / "metrics.jsonl"))
+    b = untimed(read_metrics(killed / "metrics.jsonl"))
     assert [r["round"] for r in b if r["kind"] == "round"] == list(range(1, ROUNDS + 1))
     assert a == b
     assert (ref / "rollouts.jsonl").read_text() == (killed / "rollouts.jsonl").read_text()
@@ -271,7 +260,7 @@ def test_a_rank_that_cannot_reach_the_rendezvous_fails_with_a_message(tiny_llama
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = _env()
+    env = subprocess_env(distributed=True)
     env.update(RANK="1", WORLD_SIZE="2", LOCAL_RANK="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     t0 = time.monotonic()
     proc = subprocess.run([sys.executable, "-m", "fastrft", "train", "--model", str(tiny_llama), "--out",

@@ -10,8 +10,8 @@ the session on CPU, and interpreter functions cannot be compiled), only those py
 The default run compiles the model shapes (~1 s a case). The full set adds every tile-table entry at
 its class's largest shape and the other block sizes (~3 min for paged attention alone on 2 cores):
 
-    FASTRFT_HOPPER_FULL=1 python -m pytest tests/test_compile_gate.py                 # everything
-    FASTRFT_HOPPER_FULL=1 python -m pytest -m hopper_full tests/test_compile_gate.py  # the full-only cases
+    FASTRFT_HOPPER_FULL=1 python -m pytest tests/kernels/test_compile_gate.py                 # everything
+    FASTRFT_HOPPER_FULL=1 python -m pytest -m hopper_full tests/kernels/test_compile_gate.py  # the full-only cases
 
 The same cases as a table (registers, spills, shared memory): ``python -m fastrft.kernels.aot --full``.
 """
@@ -55,7 +55,7 @@ if not FULL:
     @pytest.mark.hopper_full
     def test_full_set_needs_the_switch():
         pytest.skip("the full compile gate runs with FASTRFT_HOPPER_FULL=1 "
-                    "(FASTRFT_HOPPER_FULL=1 python -m pytest -m hopper_full tests/test_compile_gate.py)")
+                    "(FASTRFT_HOPPER_FULL=1 python -m pytest -m hopper_full tests/kernels/test_compile_gate.py)")
 
 
 # ----------------------------------------------------------------------------------------- the gate can fail

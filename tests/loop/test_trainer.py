@@ -7,26 +7,11 @@ import json
 
 import pytest
 
-from fastrft.config import (AlgoConfig, DataConfig, EvalConfig, ModelConfig, OptimConfig, RolloutConfig, RunConfig,
-                            TrainConfig)
+from fastrft.config import DataConfig, EvalConfig, RunConfig
 from fastrft.errors import ConfigError
 from fastrft.report import read_metrics
 from fastrft.trainer import Trainer
-
-
-def tiny_config(model_dir, out, *, advantage="grpo", group_size=8, rounds=20, kl_coef=0.0, lr=3e-3, eval_every=10,
-                seed=0, **algo) -> TrainConfig:
-    """'What is 1 + 1?' with two response tokens: reward 1 iff the last number printed is 2. A random
-    char-level model succeeds a few percent of the time, so a working policy gradient finds it fast."""
-    return TrainConfig(
-        model=ModelConfig(model=str(model_dir)),
-        data=DataConfig(dataset="arithmetic", level="add1", example_index=(0,)),
-        rollout=RolloutConfig(group_size=group_size, max_new_tokens=2),
-        algo=AlgoConfig(advantage=advantage, kl_coef=kl_coef, **algo),
-        optim=OptimConfig(lr=lr),
-        eval=EvalConfig(eval_every=eval_every, train_samples=64, test_size=8, greedy=True),
-        run=RunConfig(rounds=rounds, seed=seed, out=str(out), progress=False),
-    )
+from conftest import tiny_config
 
 
 def rounds_of(out):

@@ -29,7 +29,8 @@ from fastrft.models import exact, row_rules
 from fastrft.models.row_rules import RowRule, Site
 from fastrft.trainer import Trainer
 
-from test_exact import exact_config, run
+from conftest import exact_config
+from conftest import run_counting_preemptions as run
 
 REAL_GEMM = row_rules.gemm
 
@@ -94,7 +95,7 @@ def test_the_chosen_rule_makes_rows_invariant_where_plain_calls_are_not(blas, dt
 @pytest.mark.parametrize("precision", ["fp32", "bf16-mixed"])
 def test_logprobs_stay_exact_under_a_blas_that_rounds_by_row_count(tiny_llama, tmp_path, blas, monkeypatch,
                                                                    precision):
-    """The end-to-end check of tests/test_exact.py (G = 8, preemption, a budget that cuts steps, PPO)
+    """The end-to-end check of tests/models/test_exact.py (G = 8, preemption, a budget that cuts steps, PPO)
     on the AMD-like BLAS: the probe pads the small calls, and logp_gap_max is exactly 0 in every round.
     With the rules forced to plain calls the same run has a gap: the check can fail."""
     blas(amd_like)

@@ -28,7 +28,7 @@ from fastrft.rewards import (
     score,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 # ---------------------------------------------------------------------------------------------- gsm8k

@@ -1,6 +1,6 @@
-"""Runs ``fastrft train`` jobs in one process, under torchrun or alone, for tests/test_distributed.py.
+"""Runs ``fastrft train`` jobs in one process, under torchrun or alone, for tests/loop/test_distributed.py.
 
-``python tests/dist_worker.py SPEC.json`` (or ``torchrun ... tests/dist_worker.py SPEC.json``): SPEC is a
+``python tests/loop/dist_worker.py SPEC.json`` (or ``torchrun ... tests/loop/dist_worker.py SPEC.json``): SPEC is a
 list of {"argv": [train flags], "dump": path or null}. With "dump", rank 0 also writes the round-1
 rollouts (every request's tokens, log-probs and finish reason) before the run starts. Several jobs share
 one launch, because starting torchrun costs most of a small test's time.

@@ -5,7 +5,7 @@ differently: G = 8 samples sharing their prompt's KV, responses of varied length
 cuts both the engine's prefill and the optimizer step into pieces, and a KV cache so small that the
 engine preempts and recomputes sequences. Every round's logp_gap_max must be exactly 0, in fp32 and in
 bf16-mixed, and it is not 0 with the mode off (the test would catch a mode that does nothing).
-World size 2 is checked on the runs of tests/test_distributed.py.
+World size 2 is checked on the runs of tests/loop/test_distributed.py.
 """
 
 from __future__ import annotations
@@ -15,57 +15,13 @@ import dataclasses
 import pytest
 import torch
 
-from fastrft.config import (AlgoConfig, DataConfig, EvalConfig, ModelConfig, OptimConfig, RolloutConfig, RunConfig,
-                            TrainConfig)
+from conftest import exact_config, untimed
+from conftest import run_counting_preemptions as run
+from fastrft.config import EvalConfig, ModelConfig
 from fastrft.errors import ConfigError
 from fastrft.models import exact, ops, row_rules
-from fastrft.report import read_metrics
 from fastrft.trainer import Trainer
 
-KV_TOKENS = 160  # the tiny model's cache in tokens: one sequence fits, 8 samples of a prompt do not
-
-
-def exact_config(model_dir, out, *, precision="fp32", mode="on", rounds=3, **algo) -> TrainConfig:
-    kv_bytes = 2 * 2 * 2 * 16 * (4 if precision == "fp32" else 2)  # layers, K and V, kv heads, head dim
-    return TrainConfig(
-        model=ModelConfig(model=str(model_dir), precision=precision, exact_logprobs=mode),
-        data=DataConfig(dataset="arithmetic", level="add2", examples_per_round=2, train_pool=16),
-        rollout=RolloutConfig(group_size=8, max_new_tokens=24, kv_cache_memory=KV_TOKENS * kv_bytes),
-        algo=AlgoConfig(advantage="grpo", **algo),
-        optim=OptimConfig(lr=3e-3, max_tokens_per_step=200),
-        eval=EvalConfig(eval_every=0, train_samples=1, test_size=2),
-        run=RunConfig(rounds=rounds, seed=1, out=str(out), progress=False),
-    )
-
-
-def run(cfg, count_preemptions: bool = False):
-    """Train ``cfg``; (the trainer, its round records, how many sequences the engine preempted)."""
-    from fastrft.engine import engine as engine_module
-
-    preempted = []
-    make = engine_module.make_scheduler
-
-    class Counting:  # the C++ scheduler's methods are read-only: wrap the object
-        def __init__(self, real):
-            self.real = real
-
-        def __getattr__(self, name):
-            return getattr(self.real, name)
-
-        def schedule(self):
-            out = self.real.schedule()
-            preempted.append(len(out.preempted))
-            return out
-
-    if count_preemptions:
-        engine_module.make_scheduler = lambda *a, **k: Counting(make(*a, **k))
-    try:
-        trainer = Trainer(cfg)
-        trainer.run()
-    finally:
-        engine_module.make_scheduler = make
-    rounds = [r for r in read_metrics(trainer.out_dir / "metrics.jsonl") if r["kind"] == "round"]
-    return trainer, rounds, sum(preempted)
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16-mixed"])
@@ -88,7 +44,7 @@ def test_the_cuda_path_is_exact_too(tiny_llama, tmp_path, precision="bf16-mixed"
     """The exact mode's CUDA path (--kernels triton: every linear layer, norm, attention and the LM head
     through fastrft.kernels.exact_triton, the sampler drawing from the trainer's LM-head kernel), run in
     the Triton interpreter on CPU: the same multi-round check, in bf16-mixed (the CUDA default; fp32 goes
-    through the same kernels, tests/test_exact_triton.py), with one PPO epoch of 2 mini-batches (the old
+    through the same kernels, tests/kernels/test_exact_triton.py), with one PPO epoch of 2 mini-batches (the old
     log-probs are still the rollout's). About 45 s: the interpreter runs every program in Python."""
     from fastrft.kernels import exact_triton
 
@@ -126,7 +82,7 @@ def test_skipping_the_old_logprob_pass_changes_nothing(tiny_llama, tmp_path, mon
                                                                                           out=str(tmp_path / "re"))))
 
     def strip(records):
-        return [{k: v for k, v in r.items() if not k.startswith("time_") and not k.endswith("_per_s")} for r in records]
+        return untimed(records)
 
     assert strip(skipped) == strip(recomputed)
     a, b = skip_trainer.precision.master.state_dict(), recompute_trainer.precision.master.state_dict()
@@ -242,7 +198,7 @@ def test_the_engines_prepacked_bf16_gemm_equals_the_training_forwards():
     b = torch.randn(200, generator=g).bfloat16()
     x = torch.randn(150, 72, generator=g).bfloat16()
     if not row_rules.choose(row_rules.Site("linear", 72, 200, torch.bfloat16, True)).packed:
-        pytest.skip("this CPU or torch build has no oneDNN pre-packed bf16 linear (tests/test_row_rules.py "
+        pytest.skip("this CPU or torch build has no oneDNN pre-packed bf16 linear (tests/models/test_row_rules.py "
                     "covers the unpacked path)")
     for m in (1, 7, 32, 33, 64, 150):
         trained = exact.linear(x[:m], w, b)  # grad mode: the training forward's blocks

@@ -164,7 +164,7 @@ def test_loader_refuses_clearly(tiny_models, tmp_path, edit, drop, match):
 def test_missing_model_names_alias_and_hub_policy(tmp_path, monkeypatch):
     with pytest.raises(ModelLoadError, match="neither a directory, a known alias.*smollm2-135m-instruct.*hub id"):
         fastrft.load_model(str(tmp_path / "nowhere"))
-    # An owner/name is a hub id, looked up in the Hugging Face cache (tests/test_hub.py trains from one).
+    # An owner/name is a hub id, looked up in the Hugging Face cache (tests/models/test_hub.py trains from one).
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     with pytest.raises(ModelLoadError, match="not in the Hugging Face cache .*HF_HUB_OFFLINE"):

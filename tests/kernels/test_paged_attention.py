@@ -200,7 +200,7 @@ def test_store_then_decode_round_trip():
 # ----------------------------------------------------------------------------------------- CUDA tiles
 @pytest.mark.parametrize("num_splits", [1, 3, 10_000])
 def test_decode_with_cuda_tiles(num_splits):
-    """The CUDA launch's tiles from TILES (tests/test_compile_gate.py compiles them for sm_90a), here run
+    """The CUDA launch's tiles from TILES (tests/kernels/test_compile_gate.py compiles them for sm_90a), here run
     through the interpreter: BLOCK_N=16 at head_dim 128 and group 6, and with 10_000 splits (clamped to
     the 70 blocks) the split class 256, whose combine merges the 128 columns in two programs of 64."""
     q, kc, vc, bt, ctx, ks, vs = _paged([1, 300, 1100], 12, 2, 128, 16, torch.bfloat16, seed=11)

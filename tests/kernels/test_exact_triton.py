@@ -5,7 +5,7 @@ float64 autograd), and a row's result does not depend on what shares its launch 
 counts, and, for attention, across the packed training forward, the paged prefill in chunks over
 shuffled pages, and one-token decode). On CUDA the second property rests on the kernels' construction
 (one tile per dtype, no split reductions, rows independent in tl.dot), which the interpreter's numpy
-dots share; the end-to-end run is in tests/test_exact.py.
+dots share; the end-to-end run is in tests/models/test_exact.py.
 
 Tolerances: fp32 operands are compared with float64 at 1e-5 relative (fp32 accumulation over <= 100
 terms). bf16 outputs get 2^-7 relative: one bf16 ulp, because the interpreter truncates fp32 -> bf16

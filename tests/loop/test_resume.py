@@ -16,12 +16,9 @@ import torch
 from fastrft.checkpoint import checkpoint_dirs, load_latest, save_checkpoint, verify
 from fastrft.cli import main
 from fastrft.report import read_metrics
+from conftest import subprocess_env, untimed
 
 # Every field of metrics.jsonl except wall-clock timings, which no two runs share.
-def _deterministic(records):
-    return [{k: v for k, v in r.items() if not (k.startswith("time_") or k.endswith("_per_s"))} for r in records]
-
-
 def _cmd(model, out, precision="fp32"):
     # Every piece of carried state is exercised: the window history, the KL reference, two PPO epochs of
     # two mini-batches (old log-probs, several optimizer steps a round), warm-up + cosine lr, AdamW moments.
@@ -31,12 +28,6 @@ def _cmd(model, out, precision="fp32"):
             "--warmup-rounds", "3", "--schedule", "cosine", "--max-new-tokens", "3", "--eval-every", "6",
             "--test-size", "4", "--train-samples", "4", "--log-samples", "2", "--no-progress", "--seed", "3",
             "--precision", precision]
-
-
-def _env():
-    env = dict(os.environ)
-    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONHASHSEED="0")
-    return env
 
 
 def _final_model(out):
@@ -49,9 +40,9 @@ def test_kill_9_then_resume_is_bit_identical(tiny_llama, tmp_path, precision):
     """bf16-mixed too: a checkpoint holds the fp32 masters and AdamW state; the bf16 compute copy and the
     bf16 KL reference are functions of them, rebuilt identically on resume."""
     ref, killed = tmp_path / "ref", tmp_path / "killed"
-    subprocess.run(_cmd(tiny_llama, ref, precision), check=True, env=_env(), capture_output=True, timeout=600)
+    subprocess.run(_cmd(tiny_llama, ref, precision), check=True, env=subprocess_env(), capture_output=True, timeout=600)
 
-    proc = subprocess.Popen(_cmd(tiny_llama, killed, precision), env=_env(), stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(_cmd(tiny_llama, killed, precision), env=subprocess_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:
@@ -73,13 +64,13 @@ def test_kill_9_then_resume_is_bit_identical(tiny_llama, tmp_path, precision):
         f.write(b"\x00garbage\x00")
     assert "SHA-256" in verify(newest)
 
-    resumed = subprocess.run(_cmd(tiny_llama, killed, precision), env=_env(), capture_output=True, text=True, timeout=600)
+    resumed = subprocess.run(_cmd(tiny_llama, killed, precision), env=subprocess_env(), capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr
     assert "damaged" in resumed.stderr and "continuing after round" in resumed.stderr
 
     a, b = read_metrics(ref / "metrics.jsonl"), read_metrics(killed / "metrics.jsonl")
     assert [r["round"] for r in b if r["kind"] == "round"] == list(range(1, 25))
-    assert _deterministic(a) == _deterministic(b)
+    assert untimed(a) == untimed(b)
     assert (ref / "rollouts.jsonl").read_text() == (killed / "rollouts.jsonl").read_text()
     (ra, wa), (rb, wb) = _final_model(ref), _final_model(killed)
     assert ra == rb == 24 and wa.keys() == wb.keys()
@@ -103,7 +94,7 @@ def test_adamw_is_fused_and_a_checkpoint_of_the_unfused_step_resumes_exactly(tin
     from fastrft.config import RunConfig
     from fastrft.precision import make_adamw
     from fastrft.trainer import Trainer
-    from test_trainer import tiny_config
+    from conftest import tiny_config
 
     def config(out):
         return tiny_config(tiny_llama, out, eval_every=0, group_size=4).replace(
@@ -128,8 +119,8 @@ def test_adamw_is_fused_and_a_checkpoint_of_the_unfused_step_resumes_exactly(tin
     trainer.run()
     a, b = load_latest(tmp_path / "old")[1], load_latest(resumed)[1]
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
-    assert _deterministic(read_metrics(resumed / "metrics.jsonl")) == \
-        _deterministic(read_metrics(tmp_path / "old" / "metrics.jsonl"))
+    assert untimed(read_metrics(resumed / "metrics.jsonl")) == \
+        untimed(read_metrics(tmp_path / "old" / "metrics.jsonl"))
 
 
 def test_checkpoint_write_is_atomic_and_pruned(tmp_path):

@@ -15,10 +15,7 @@ import pytest
 from fastrft.checkpoint import checkpoint_dirs
 from fastrft.cli import main
 from fastrft.report import read_metrics
-
-
-def _deterministic(records):
-    return [{k: v for k, v in r.items() if not (k.startswith("time_") or k.endswith("_per_s"))} for r in records]
+from conftest import subprocess_env, untimed
 
 
 def _args(model, out):
@@ -30,12 +27,6 @@ def _args(model, out):
             "--log-samples", "2", "--no-progress", "--seed", "5"]
 
 
-def _env():
-    env = dict(os.environ)
-    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONHASHSEED="0")
-    return env
-
-
 def _rounds(path):
     if not path.exists():
         return 0
@@ -45,7 +36,7 @@ def _rounds(path):
 @pytest.fixture(scope="module")
 def reference(tiny_llama, tmp_path_factory):
     out = tmp_path_factory.mktemp("interrupt") / "ref"
-    subprocess.run([sys.executable, "-m", "fastrft", *_args(tiny_llama, out)], check=True, env=_env(),
+    subprocess.run([sys.executable, "-m", "fastrft", *_args(tiny_llama, out)], check=True, env=subprocess_env(),
                    capture_output=True, timeout=600)
     return out
 
@@ -67,14 +58,14 @@ def _stopped_in_call(evaluate, n):
 def _same_as(reference, out):
     a, b = read_metrics(reference / "metrics.jsonl"), read_metrics(out / "metrics.jsonl")
     assert [r["round"] for r in b if r["kind"] == "round"] == list(range(1, 11))
-    assert _deterministic(a) == _deterministic(b)
+    assert untimed(a) == untimed(b)
     assert (reference / "rollouts.jsonl").read_text() == (out / "rollouts.jsonl").read_text()
 
 
 def test_sigterm_checkpoints_and_the_rerun_continues(tiny_llama, tmp_path, reference):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "fastrft", *_args(tiny_llama, out)]
-    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None and _rounds(out / "metrics.jsonl") < 3:
         time.sleep(0.005)
@@ -87,7 +78,7 @@ def test_sigterm_checkpoints_and_the_rerun_continues(tiny_llama, tmp_path, refer
     assert 3 <= done < 10, "the run finished before it could be stopped"
     assert [r for r, _ in checkpoint_dirs(out)] == [done]  # the last completed round, and only it
 
-    rerun = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
+    rerun = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr
     assert f"continuing after round {done}" in rerun.stderr
     _same_as(reference, out)

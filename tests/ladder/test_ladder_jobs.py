@@ -13,13 +13,9 @@ from pathlib import Path
 
 from fastrft.cli import main
 from fastrft.report import read_metrics
+from fastrft.report.records import untimed
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _untimed(record):
-    """A metrics record without its wall-clock fields, which no two runs share."""
-    return {k: v for k, v in record.items() if not k.startswith("time_") and not k.endswith("_per_s")}
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _study(model, out, *extra):
@@ -44,7 +40,7 @@ def test_jobs_give_the_sequential_ladder(tiny_llama, tmp_path, capsys):
     for run in ("L0-minimal/seed-0", "L3-negative-reward/seed-0"):
         a, b = read_metrics(seq / run / "metrics.jsonl"), read_metrics(par / run / "metrics.jsonl")
         assert len(a) == len(b) == 7  # evaluations after rounds 0-3, and 3 rounds
-        assert [_untimed(r) for r in a] == [_untimed(r) for r in b], run
+        assert [untimed(r) for r in a] == [untimed(r) for r in b], run
         # config.json as the sequential ladder writes it, but the paths; no session setting (the bars) in it
         cfg_a, cfg_b = ((d / run / "config.json").read_text().replace(str(d), "STUDY") for d in (seq, par))
         assert cfg_a == cfg_b and "progress" not in json.loads(cfg_b)["run"]

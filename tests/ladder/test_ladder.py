@@ -15,14 +15,11 @@ from fastrft.config import (AlgoConfig, DataConfig, EvalConfig, ModelConfig, Opt
 from fastrft.errors import ConfigError
 from fastrft.report import read_metrics
 from fastrft.trainer import Trainer
+from fastrft.report.records import untimed
 
 
 def _rounds(out):
     return [r for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "round"]
-
-
-def _untimed(record):
-    return {k: v for k, v in record.items() if not k.startswith("time_") and not k.endswith("tokens_per_s")}
 
 
 def _cfg(model, out, *, rounds=10, preset="L0-minimal", **sections):
@@ -201,14 +198,14 @@ def test_ladder_runs_writes_table_and_figure_and_resumes(tiny_llama, tmp_path, c
     for s in (0, 1):
         ev0 = [read_metrics(out / p / f"seed-{s}/metrics.jsonl")[0] for p in ("L0-minimal", "L3-negative-reward")]
         assert "shared_from" not in ev0[0] and ev0[1].pop("shared_from") == f"L0-minimal/seed-{s}"
-        assert _untimed(ev0[0]) == _untimed(ev0[1])
+        assert untimed(ev0[0]) == untimed(ev0[1])
     # ... and the run is the one it would have been on its own, every record equal but the timings.
     alone = tmp_path / "alone"
     cfg["run"].update(out=str(alone), seed=0, name="alone")
     Trainer(TrainConfig.from_dict(cfg)).run()
     shared = read_metrics(out / "L3-negative-reward/seed-0/metrics.jsonl")
     shared[0].pop("shared_from")
-    assert [_untimed(r) for r in read_metrics(alone / "metrics.jsonl")] == [_untimed(r) for r in shared]
+    assert [untimed(r) for r in read_metrics(alone / "metrics.jsonl")] == [untimed(r) for r in shared]
     stamp = (out / "L0-minimal/seed-0/metrics.jsonl").stat().st_mtime_ns
     capsys.readouterr()
     assert main(args) == 0  # everything complete: nothing reruns
