@@ -25,7 +25,9 @@ class LogitsHead:
     def __init__(self, model, max_rows: int):
         self.model = model
         self.max_rows = max_rows
-        self.gemm = getattr(model, "ops", PLAIN).head_gemm or torch.mm
+        ops = getattr(model, "ops", PLAIN)
+        self.gemm = ops.head_gemm or torch.mm
+        self.kernels = ops.kernels  # the sampler's: Triton on CUDA ("auto"), or everywhere ("triton")
         self._w32, self._key = None, None  # fp32 copy of a low-precision head, kept at one address
         self._out: torch.Tensor | None = None  # CPU: logits buffer reused across steps (see logits)
 
@@ -62,7 +64,8 @@ class LogitsHead:
                inv_temperature: float | torch.Tensor) -> torch.Tensor:
         """Draw from softmax(logits / T) (inv_temperature: 1/T, 0 greedy; a float, or a one-element device
         tensor as a CUDA graph reads it): the (2, n) draws of :func:`fastrft.kernels.sampling.sample_tokens`."""
-        return sample_tokens(self.logits(hidden), seeds, positions, inv_temperature, consume=True)
+        return sample_tokens(self.logits(hidden), seeds, positions, inv_temperature, consume=True,
+                             backend=self.kernels)
 
     @torch.no_grad()
     def draw(self, hidden: torch.Tensor, params: SamplingParams, seeds: torch.Tensor,
@@ -71,7 +74,7 @@ class LogitsHead:
         them there) filter fp32 logits first."""
         if not params.filters(self.model.config.vocab_size):
             return self.sample(hidden, seeds, positions, params.inv_temperature)
-        return draw(self.logits(hidden), params, seeds, positions, consume=True)
+        return draw(self.logits(hidden), params, seeds, positions, backend=self.kernels, consume=True)
 
 
 class FusedHead(LogitsHead):

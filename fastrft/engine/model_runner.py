@@ -17,6 +17,7 @@ import torch
 
 from fastrft.engine.heads import make_head
 from fastrft.engine.sampler import SamplingParams
+from fastrft.models.ops import PLAIN
 from fastrft.models.paged import PagedMeta
 
 
@@ -63,6 +64,10 @@ class ModelRunner:
         self.block_size = block_size
         self.vocab_size = c.vocab_size
         self.max_blocks_per_seq = -(-max_model_len // block_size)
+        self.buckets = decode_buckets(max_num_seqs)
+        # Whether decode runs the Triton kernel, whose split-K follows the launch's shapes: then every decode
+        # step launches as a CUDA graph's would (decode_splits), eager or not, and so rounds alike.
+        self.fixed_launch = model.device.type in GRAPH_DEVICES or getattr(model, "ops", PLAIN).kernels == "triton"
         self.graphs = None
         if cuda_graphs and model.device.type in GRAPH_DEVICES:
             self.graphs = CudaGraphDecoder(self, max_num_seqs)
@@ -87,6 +92,15 @@ class ModelRunner:
             for k, v in self.kv:
                 k.index_fill_(0, index, 0)
                 v.index_fill_(0, index, 0)
+
+    def decode_splits(self, batch: int) -> int:
+        """The plain decode kernel's split-K count for a step of ``batch`` rows (a bucket size) over the full
+        block-table width: the same for an eager step and for a graph captured at that bucket."""
+        from fastrft.kernels import paged_attention_triton as pat
+
+        c = self.model.config
+        return pat.default_num_splits(batch, c.num_kv_heads, self.max_blocks_per_seq, self.block_size,
+                                      self.model.device)
 
     def draw(self, hidden: torch.Tensor, params: SamplingParams, seeds: torch.Tensor,
              positions: torch.Tensor) -> torch.Tensor:
@@ -121,11 +135,28 @@ class ModelRunner:
         if self.graphs is not None and len(seqs) <= self.graphs.max_batch and not params.filters(self.vocab_size):
             return self.graphs.run(ids, pos, slots, block_tables, context_lens, seeds, positions,
                                    params.inv_temperature)
+        splits = None
+        if self.fixed_launch:  # launch as the graph of this batch's bucket does: its split-K, the full width
+            splits = self.decode_splits(bucket_of(self.buckets, len(seqs)))
+            block_tables = np.pad(np.asarray(block_tables, dtype=np.int32),
+                                  ((0, 0), (0, self.max_blocks_per_seq - np.shape(block_tables)[1])), constant_values=-1)
         meta = PagedMeta(is_prefill=False, slot_mapping=self._tensor(slots, torch.long),
                          block_tables=self._tensor(block_tables, torch.int32),
-                         context_lens=self._tensor(context_lens, torch.int32), trusted=True)
+                         context_lens=self._tensor(context_lens, torch.int32), trusted=True, decode_splits=splits)
         hidden = self.model.forward_paged(self._tensor(ids, torch.long), self._tensor(pos, torch.long), self.kv, meta)
         return self.head.draw(hidden, params, self._tensor(seeds, torch.long), self._tensor(positions, torch.long))
+
+
+def decode_buckets(max_num_seqs: int) -> list[int]:
+    """The batch sizes decode graphs are captured at (a batch runs in the smallest bucket that holds it)."""
+    return sorted({b for b in (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256)
+                   if b < max_num_seqs} | {max_num_seqs})
+
+
+def bucket_of(buckets: list[int], n: int) -> int:
+    """The smallest bucket holding n rows (n itself past the largest)."""
+    i = bisect.bisect_left(buckets, n)
+    return buckets[i] if i < len(buckets) else n
 
 
 def cuda_graph_capture(fn, pool):
@@ -158,8 +189,7 @@ class CudaGraphDecoder:
         self.runner = runner
         model = runner.model
         device = model.device
-        self.buckets = sorted({b for b in (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256)
-                               if b < max_num_seqs} | {max_num_seqs})
+        self.buckets = runner.buckets
         self.max_batch = n = self.buckets[-1]
         width = runner.max_blocks_per_seq
         # Host staging: pinned where CUDA is real, so the one copy per step is asynchronous.
@@ -182,14 +212,14 @@ class CudaGraphDecoder:
         """The captured work for bucket b: everything reads the static buffers."""
         ids, pos, slots, ctx, seeds, positions = self.inputs[:, :b]
         meta = PagedMeta(is_prefill=False, slot_mapping=slots, block_tables=self.block_tables[:b],
-                         context_lens=ctx.to(torch.int32), trusted=True)
+                         context_lens=ctx.to(torch.int32), trusted=True, decode_splits=self.runner.decode_splits(b))
         hidden = self.runner.model.forward_paged(ids, pos, self.runner.kv, meta)
         # The eager path's head, 1/T read from the static scalar.
         return self.runner.head.sample(hidden, seeds, positions, self.inv_temperature)
 
     def run(self, ids, pos, slots, block_tables, context_lens, seeds, positions, inv_temperature: float):
         n = len(ids)
-        b = self.buckets[bisect.bisect_left(self.buckets, n)]
+        b = bucket_of(self.buckets, n)
         host = self.host
         for row, values in enumerate((ids, pos, slots, context_lens, seeds, positions)):
             host[row, :n] = torch.as_tensor(np.asarray(values), dtype=torch.long)

@@ -59,14 +59,8 @@ class Attention(nn.Module):
         """x (T, hidden): the batch's new tokens, packed; k_cache/v_cache (num_blocks, block_size, Hkv, D)
         for this layer; meta: a :class:`PagedMeta`. Writes the new K/V into their slots, then attends:
         prefill over each sequence's cached prefix + new tokens, decode over its pages."""
-        from fastrft.kernels import paged_attention as pa
-
         q, k, v = self._qkv(x, cos, sin)
-        # The engine's own CPU steps store directly: its slots need no checks.
-        if meta.trusted and q.device.type == "cpu":
-            pa.store_kv_reference(k, v, k_cache, v_cache, meta.slot_mapping)
-        else:
-            pa.store_kv(k, v, k_cache, v_cache, meta.slot_mapping, validate=False if meta.trusted else None)
+        self.ops.store_kv(k, v, k_cache, v_cache, meta)
         return self.o_proj(self.ops.paged_attention(q, k, v, k_cache, v_cache, meta, self.scale).flatten(-2))
 
     def forward_cached(self, x, cos, sin, cache, mask):

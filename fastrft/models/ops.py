@@ -47,6 +47,12 @@ class Ops:
     #: that the engine samples through instead of fp32 logits (fastrft.engine.heads); None: logits
     sample_head = None
 
+    def __init__(self, kernels: str = "auto"):
+        #: the engine's decode kernels (KV store, paged attention, sampler): "auto" runs Triton on CUDA and
+        #: PyTorch on CPU; "triton" runs the CUDA path's Triton kernels on any device (on CPU in Triton's
+        #: interpreter: how the tests run the CUDA decode step's code)
+        self.kernels = kernels
+
     def __repr__(self) -> str:
         return f"<fastrft backend {self.name}>"
 
@@ -76,19 +82,32 @@ class Ops:
         """What this backend derives once per paged step for every layer to read (``meta.plan``), or None."""
         return None
 
+    def _direct(self, meta, device: torch.device) -> bool:
+        """The engine's own CPU steps go straight to the PyTorch path: its inputs need no checks, and at
+        batch 1 the checks cost a tenth of attention itself."""
+        return meta.trusted and device.type == "cpu" and self.kernels == "auto"
+
+    def store_kv(self, k, v, k_cache, v_cache, meta) -> None:
+        """Write a step's new keys and values into their slots (``meta.slot_mapping``; -1: padding)."""
+        from fastrft.kernels import paged_attention as pa
+
+        if self._direct(meta, k.device):
+            pa.store_kv_reference(k, v, k_cache, v_cache, meta.slot_mapping)
+        else:
+            pa.store_kv(k, v, k_cache, v_cache, meta.slot_mapping, backend=self.kernels,
+                        validate=False if meta.trusted else None)
+
     def paged_attention(self, q, k, v, k_cache, v_cache, meta, scale: float) -> torch.Tensor:
         """Attention of a step's new tokens (q (T, Hq, D); k, v their keys and values, already stored in the
         pages) over each sequence's context in the paged cache."""
         from fastrft.kernels import paged_attention as pa
 
-        # The engine's own CPU steps go straight to the PyTorch path: its inputs need no checks, and at
-        # batch 1 the checks cost a tenth of attention itself.
-        direct = meta.trusted and q.device.type == "cpu"
-        if not meta.is_prefill and direct:
+        if not meta.is_prefill and self._direct(meta, q.device):
             return pa.paged_attention_decode_torch(q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale,
                                                    finite_pages=True)
         if not meta.is_prefill:
             return pa.paged_attention_decode(q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale,
+                                             num_splits=meta.decode_splits, backend=self.kernels,
                                              validate=False if meta.trusted else None, finite_pages=meta.trusted)
         if not meta.has_prefix:
             return varlen_attention(q, k, v, meta.cu_seqlens_q, scale)

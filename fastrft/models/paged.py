@@ -35,3 +35,6 @@ class PagedMeta:
     trusted: bool = False
     # The model's backend's plan for this step (CausalLM.forward_paged sets it; None: the backend needs none).
     plan: StepPlan | None = None
+    # Decode: the split-K count of the plain Triton decode kernel (None: from the step's shapes). The engine
+    # sets it from its capacity, so that an eager step and a CUDA-graph step launch alike.
+    decode_splits: int | None = None

@@ -30,19 +30,25 @@ def eager_capture(fn, pool):
     return Replay(), out
 
 
-CASES = [("plain", torch.float32), ("plain", torch.bfloat16), ("exact-torch", torch.float32),
-         ("exact-torch", torch.bfloat16), ("exact-triton", torch.bfloat16)]
+# "plain-triton": the plain backend with the CUDA path's decode kernels (Triton KV store, paged attention and
+# sampler), here in the interpreter.
+CASES = [("plain", torch.float32), ("plain", torch.bfloat16), ("plain-triton", torch.bfloat16),
+         ("exact-torch", torch.float32), ("exact-torch", torch.bfloat16), ("exact-triton", torch.bfloat16)]
 
 
-@pytest.mark.parametrize("backend,dtype", CASES, ids=[f"{b}-{str(d)[6:]}" for b, d in CASES])
-def test_the_graph_step_samples_what_eager_decode_samples(tiny_llama, monkeypatch, backend, dtype):
-    if backend == "exact-triton":
+def _backend(name: str) -> ops.Ops:
+    if "triton" in name:
         from fastrft.kernels import exact_triton
 
         if not exact_triton.available(torch.device("cpu")):
             pytest.skip("needs triton and TRITON_INTERPRET=1 (conftest sets it without a GPU)")
+    return ops.Ops(kernels="triton") if name == "plain-triton" else ops.get(name)
+
+
+@pytest.mark.parametrize("backend,dtype", CASES, ids=[f"{b}-{str(d)[6:]}" for b, d in CASES])
+def test_the_graph_step_samples_what_eager_decode_samples(tiny_llama, monkeypatch, backend, dtype):
     model = load_model(tiny_llama, dtype=dtype)
-    model.set_ops(ops.get(backend))
+    model.set_ops(_backend(backend))
     # 2 prompts x 2 samples: every decode step is a batch of 4, a bucket of its own, so the graph step runs
     # the eager step's shapes (the plain backend's GEMMs may round a row by the batch's row count).
     prompts, temperature = [[2, 5, 6, 7], [2, 9, 9, 4, 4, 8, 3]], 0.7
@@ -72,3 +78,27 @@ def test_the_graph_step_reads_a_changed_head(tiny_llama, monkeypatch):
         model.lm_head_weight.mul_(2)
     after = engine.runner.head.weight()
     assert after.data_ptr() == before.data_ptr() and torch.equal(after, model.lm_head_weight.float())
+
+
+def test_eager_decode_launches_the_graphs_split_k(tiny_llama, monkeypatch):
+    """On a GPU the plain decode kernel splits each context (split-K) by a count that depends on the batch and
+    the block-table width. The graph step runs at its bucket's batch and the full table width, so eager decode
+    must launch with the same count, or the two round differently. Off a GPU the count is 1; here a heuristic
+    that depends on both is switched on, so the check is real on CPU."""
+    import fastrft.kernels.paged_attention_triton as pat
+
+    _backend("plain-triton")
+    monkeypatch.setattr(pat, "default_num_splits",
+                        lambda batch, hkv, max_blocks, block_size, device: max(1, min(max_blocks, batch)))
+    model = load_model(tiny_llama, dtype=torch.float32)  # fp32: a different split order shows in the bits
+    model.set_ops(ops.Ops(kernels="triton"))
+    prompts = [[2, 5, 6, 7], [2, 9, 9, 4, 4, 8, 3], [2, 3]]  # 3 sequences: the graph runs bucket 4
+    monkeypatch.setattr(model_runner, "cuda_graph_capture", eager_capture)
+    results = {}
+    for graphs in (True, False):
+        monkeypatch.setattr(model_runner, "GRAPH_DEVICES", ("cuda", "cpu") if graphs else ("cuda",))
+        engine = Engine(model, config=EngineConfig(kv_cache_memory=2**20, max_num_seqs=4, max_model_len=96,
+                                                   block_size=8, cuda_graphs=graphs))
+        out = engine.generate(prompts, n=1, max_new_tokens=56, temperature=0.7, seed=5, eos_token_ids=[])
+        results[graphs] = [(c.token_ids, c.logprobs) for group in out for c in group]
+    assert results[True] == results[False]
