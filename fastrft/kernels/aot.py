@@ -41,7 +41,7 @@ import time
 from typing import Any, Callable
 
 MODULES = ("fastrft.kernels.paged_attention_triton", "fastrft.kernels.linear_logprob", "fastrft.kernels.sampling",
-           "fastrft.kernels.exact_triton", "fastrft.kernels.exact_attention")
+           "fastrft.kernels.exact_linear", "fastrft.kernels.exact_rms_norm", "fastrft.kernels.exact_attention")
 SHARED_LIMIT = 227 * 1024  # bytes of shared memory one block may use on sm_90 (opt-in maximum)
 TARGET = ("cuda", 90, 32)  # backend, compute capability (90 -> sm_90a), warp size
 TYPES = ("*fp32", "*bf16", "*fp16", "*i64", "*i32", "*i8", "*u8", "i32", "i64", "fp32")
