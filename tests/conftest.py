@@ -208,3 +208,14 @@ def run_counting_preemptions(cfg, count_preemptions: bool = False):
         engine_module.make_scheduler = make
     rounds = [r for r in read_metrics(trainer.out_dir / "metrics.jsonl") if r["kind"] == "round"]
     return trainer, rounds, sum(preempted)
+
+
+def train_and_collect(cfg):
+    """Run ``cfg`` to the end: (its round records, its final master weights, cloned)."""
+    from fastrft.report import read_metrics
+    from fastrft.trainer import Trainer
+
+    trainer = Trainer(cfg)
+    trainer.run()
+    rounds = [r for r in read_metrics(trainer.out_dir / "metrics.jsonl") if r["kind"] == "round"]
+    return rounds, {k: v.detach().clone() for k, v in trainer.policy.state_dict().items()}

@@ -126,7 +126,7 @@ class ExactTorchOps(Ops):
     exact = True
     head_gemm = staticmethod(head_logits)
 
-    def linear(self, x, weight, bias):
+    def linear(self, x, weight, bias, layer=None):
         return linear(x, weight, bias)
 
     def packed_attention(self, q, k, v, cu_seqlens, scale):

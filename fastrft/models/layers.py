@@ -92,7 +92,7 @@ class Linear(nn.Linear):
     ops = PLAIN
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.ops.linear(x, self.weight, self.bias)
+        return self.ops.linear(x, self.weight, self.bias, layer=self)
 
 
 class MLP(nn.Module):

@@ -67,7 +67,9 @@ class Ops:
         backend in ``dtype`` on ``device``; called once, before the models get it."""
 
     # ------------------------------------------------------------------------------------------ layers
-    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, layer=None) -> torch.Tensor:
+        """x W^T + b. ``layer``: the module computing it (fastrft.models.layers.Linear), for a backend that keeps
+        more per linear than its weight and bias (an adapter's matrices)."""
         return F.linear(x, weight, bias)
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -8,10 +8,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import train_and_collect
 from fastrft.config import (AlgoConfig, DataConfig, EvalConfig, ModelConfig, OptimConfig, RolloutConfig, RunConfig,
                             TrainConfig)
 from fastrft.kernels import HAVE_TRITON, PGLossSpec, fused_linear_pg_loss, fused_linear_pg_loss_reference
-from fastrft.report import read_metrics
 
 pytestmark = pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed (pip install 'fastrft[test]')")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -185,8 +185,6 @@ def test_shape_mismatch_is_refused():
 
 
 def _trainer_run(model_dir, out, kernels):
-    from fastrft.trainer import Trainer
-
     cfg = TrainConfig(
         model=ModelConfig(model=str(model_dir), kernels=kernels),
         data=DataConfig(dataset="arithmetic", level="add1", example_index=(0,)),
@@ -196,10 +194,7 @@ def _trainer_run(model_dir, out, kernels):
         eval=EvalConfig(eval_every=0, train_samples=8, test_size=4, greedy=False),
         run=RunConfig(rounds=8, seed=1, out=str(out), progress=False, log_samples=0),
     )
-    trainer = Trainer(cfg)
-    trainer.run()
-    rounds = [r for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "round"]
-    return rounds, {k: v.detach().clone() for k, v in trainer.policy.state_dict().items()}
+    return train_and_collect(cfg)
 
 
 def test_training_through_the_kernel_matches_the_reference(tiny_llama, tmp_path):

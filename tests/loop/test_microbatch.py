@@ -6,13 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import train_and_collect
 from fastrft.algo import PGLossSpec
 from fastrft.config import (AlgoConfig, DataConfig, EvalConfig, ModelConfig, OptimConfig, RolloutConfig, RunConfig,
                             TrainConfig)
 from fastrft.errors import ConfigError
 from fastrft.kernels import HAVE_TRITON, fused_linear_pg_loss
 from fastrft.microbatch import merge_micro_stats, micro_batches, step_weights
-from fastrft.report import read_metrics
 
 AGGREGATIONS = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
 
@@ -87,8 +87,6 @@ def test_budget_below_one_is_refused():
 
 
 def _run(model_dir, out, budget):
-    from fastrft.trainer import Trainer
-
     cfg = TrainConfig(
         model=ModelConfig(model=str(model_dir)),
         data=DataConfig(dataset="arithmetic", level="add1", example_index=(0, 1)),
@@ -98,10 +96,7 @@ def _run(model_dir, out, budget):
         eval=EvalConfig(eval_every=0, train_samples=4, test_size=4, greedy=False),
         run=RunConfig(rounds=4, seed=3, out=str(out), progress=False, log_samples=0),
     )
-    trainer = Trainer(cfg)
-    trainer.run()
-    rounds = [r for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "round"]
-    return rounds, {k: v.detach().clone() for k, v in trainer.policy.state_dict().items()}
+    return train_and_collect(cfg)
 
 
 def test_trainer_with_a_budget_follows_the_trainer_without(tiny_llama, tmp_path):
