@@ -149,8 +149,9 @@ class Trainer:
         self.data.check_lengths(self.engine.check_fits)
         # Reward functions that cannot run fail here, on one probe completion, before anything costly.
         inputs.check_rewards(self.reward_funcs, config, self.data.train_set.examples, self.tokenizer)
+        # 6. config.json: the run's identity (fastrft.config.TrainConfig.record).
         self._create_run_dir(existing)
-        # 6. The evaluator and the checkpoints; then, for a run that exists, its last checkpoint.
+        # 7. The evaluator and the checkpoints; then, for a run that exists, its last checkpoint.
         self.evaluator = Evaluator(config, self._gen, self.precision.rollout_model, self.data.train_set,
                                    self.data.test_set, world=self.world, device=self.device,
                                    reset_prefix_cache=self.learner.reset_prefix_cache, progress=self._progress,
