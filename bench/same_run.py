@@ -36,7 +36,9 @@ def _config(run: Path) -> dict:
     identity either way."""
     from fastrft.config import canonical, session_fields
 
-    cfg = json.loads((run / "config.json").read_text())
+    # A study's runs name files of the study (its difficulty cache) by path: where the study lives aside.
+    text = (run / "config.json").read_text().replace(json.dumps(str(run.parent.parent))[1:-1], "<study>")
+    cfg = json.loads(text)
     cfg = {section: canonical(section, values) for section, values in cfg.items()}  # renamed fields
     for section, name in session_fields():
         cfg.get(section, {}).pop(name, None)
