@@ -59,10 +59,10 @@ def test_the_graph_step_samples_what_eager_decode_samples(tiny_llama, monkeypatc
         engine = Engine(model, config=EngineConfig(kv_cache_memory=2**20, max_num_seqs=4, max_model_len=64,
                                                    cuda_graphs=graphs))
         assert (engine.runner.graphs is not None) == graphs
-        out = engine.generate(prompts, n=2, max_new_tokens=7, temperature=temperature, seed=3, eos_token_ids=[])
+        out = engine.generate(prompts, n=2, max_new_tokens=5, temperature=temperature, seed=3, eos_token_ids=[])
         results[graphs] = [(c.token_ids, c.logprobs) for group in out for c in group]
         if graphs:
-            assert sum(type(g).replays for g in engine.runner.graphs.graphs.values()) >= 6  # the steps replayed
+            assert sum(type(g).replays for g in engine.runner.graphs.graphs.values()) >= 4  # the steps replayed
     assert results[True] == results[False]
 
 
@@ -97,8 +97,8 @@ def test_eager_decode_launches_the_graphs_split_k(tiny_llama, monkeypatch):
     results = {}
     for graphs in (True, False):
         monkeypatch.setattr(model_runner, "GRAPH_DEVICES", ("cuda", "cpu") if graphs else ("cuda",))
-        engine = Engine(model, config=EngineConfig(kv_cache_memory=2**20, max_num_seqs=4, max_model_len=96,
-                                                   block_size=8, cuda_graphs=graphs))
-        out = engine.generate(prompts, n=1, max_new_tokens=56, temperature=0.7, seed=5, eos_token_ids=[])
+        engine = Engine(model, config=EngineConfig(kv_cache_memory=2**20, max_num_seqs=4, max_model_len=32,
+                                                   block_size=2, cuda_graphs=graphs))
+        out = engine.generate(prompts, n=1, max_new_tokens=20, temperature=0.7, seed=5, eos_token_ids=[])
         results[graphs] = [(c.token_ids, c.logprobs) for group in out for c in group]
     assert results[True] == results[False]
