@@ -53,7 +53,7 @@ def test_the_cuda_path_is_exact_too(tiny_llama, tmp_path, precision="bf16-mixed"
     cfg = exact_config(tiny_llama, tmp_path / "on", precision=precision, rounds=2, mini_batches=2)
     # The interpreter runs each kernel program in Python: the evaluations shrink to one short answer.
     cfg = cfg.replace(model=dataclasses.replace(cfg.model, kernels="triton"),
-                      rollout=dataclasses.replace(cfg.rollout, max_new_tokens=10),  # 8 x (prompt + 10) > the cache
+                      rollout=dataclasses.replace(cfg.rollout, max_new_tokens=8),  # 8 x (prompt + 8) > the cache
                       eval=EvalConfig(eval_every=0, train_samples=1, test_size=1, greedy=False, eval_max_new_tokens=2,
                                       train_eval_size=1))
     trainer, rounds, preempted = run(cfg, count_preemptions=True)
