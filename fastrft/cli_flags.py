@@ -10,7 +10,7 @@ import dataclasses
 import typing
 from typing import Any
 
-from fastrft.config import ALIASES, GROUPS, LEGACY_DTYPES, PRECISIONS, ModelConfig, TrainConfig, build_group, flag
+from fastrft.config import ALIASES, GROUPS, canonical, LEGACY_DTYPES, PRECISIONS, ModelConfig, TrainConfig, build_group, flag
 from fastrft.errors import ConfigError, read_json_object
 
 _UNSET = object()
@@ -91,7 +91,7 @@ def add_config_flags(parser: argparse.ArgumentParser, ladder: bool = False) -> N
             group.add_argument(flag(f.name), **kwargs)
         for (section, old), new in ALIASES.items():
             if section == group_name:
-                group.add_argument(flag(old), dest=f"{group_name}.{new}", default=_UNSET, type=int, metavar=new.upper(),
+                group.add_argument(flag(old), dest=f"{group_name}.{old}", default=_UNSET, type=int, metavar=new.upper(),
                                    help=f"the old name of {flag(new)}")
         if cls is ModelConfig:
             group.add_argument("--dtype", dest="model.precision", default=_UNSET, type=_legacy_dtype,
@@ -113,7 +113,8 @@ def flag_values(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
         if "." in dest and value is not _UNSET:
             group, name = dest.split(".", 1)
             values.setdefault(group, {})[name] = value
-    return values
+    # An old flag name sets its field; both spellings with different values are refused (config.canonical).
+    return {group: canonical(group, given) for group, given in values.items()}
 
 
 def config_from_args(args: argparse.Namespace, base: TrainConfig, *layers: dict[str, dict[str, Any]]) -> TrainConfig:

@@ -13,7 +13,7 @@ import json
 import pytest
 
 import fastrft.cli as cli
-from fastrft.cli import build_parser, config_from_args, load_config_file, main
+from fastrft.cli import build_parser, config_from_args, flag_values, load_config_file, main
 from fastrft.config import (GROUPS, AlgoConfig, DataConfig, EvalConfig, ModelConfig, OptimConfig, RolloutConfig,
                             RunConfig, TrainConfig, build_group, flag)
 from fastrft.errors import ConfigError, FastRFTError
@@ -228,7 +228,7 @@ def test_every_field_has_exactly_one_flag():
             assert action.dest == "model.precision"
             continue
         if action.option_strings == ["--warmup-rounds"]:  # the old name of --warmup-steps (config.ALIASES)
-            assert action.dest == "optim.warmup_steps"
+            assert action.dest == "optim.warmup_rounds"
             continue
         by_dest.setdefault(action.dest, []).append(action)
     expected_dests = set()
@@ -435,8 +435,10 @@ def test_the_old_name_of_a_renamed_field_still_works(tmp_path):
     from fastrft.rundir import config_diff
 
     assert TrainConfig.from_dict({"optim": {"warmup_rounds": 3}}).optim.warmup_steps == 3
-    args = _train_parser().parse_args(["--warmup-rounds", "4"])
-    assert getattr(args, "optim.warmup_steps") == 4
+    assert flag_values(_train_parser().parse_args(["--warmup-rounds", "4"])) == {"optim": {"warmup_steps": 4}}
+    assert config_from_args(_train_parser().parse_args(["--warmup-rounds", "4"]), TrainConfig()).optim.warmup_steps == 4
+    with pytest.raises(ConfigError, match="keep only warmup_steps"):  # both spellings, two values
+        flag_values(_train_parser().parse_args(["--warmup-rounds", "4", "--warmup-steps", "2"]))
     new = TrainConfig(optim=OptimConfig(warmup_steps=3)).record()
     old = {**new, "optim": {("warmup_rounds" if k == "warmup_steps" else k): v for k, v in new["optim"].items()}}
     assert config_diff(old, new) == ""
