@@ -10,7 +10,8 @@ import dataclasses
 import typing
 from typing import Any
 
-from fastrft.config import ALIASES, GROUPS, canonical, LEGACY_DTYPES, PRECISIONS, ModelConfig, TrainConfig, build_group, flag
+from fastrft.config import (ALIASES, GROUPS, LEGACY_DTYPES, PRECISIONS, ModelConfig, TrainConfig, build_group,
+                            canonical, flag)
 from fastrft.errors import ConfigError, read_json_object
 
 _UNSET = object()
