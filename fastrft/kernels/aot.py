@@ -218,27 +218,42 @@ def check(result: CompileResult, case: CompileCase) -> list[str]:
 
 # ----------------------------------------------------------------------------------------- isolated
 def compile_isolated(full: bool = False, names=None, modules=MODULES, timeout: float = 1800,
-                     extra_path=None) -> dict[str, dict]:
-    """Compile cases in one fresh Python process without TRITON_INTERPRET. Returns name -> the
+                     extra_path=None, workers: int | None = None) -> dict[str, dict]:
+    """Compile cases in fresh Python processes without TRITON_INTERPRET. Returns name -> the
     :class:`CompileResult` fields as a dict, or ``{"error": text}`` for a case that failed to compile.
-    ``names``: only these cases (None: all of ``all_cases(full, modules)``); ``extra_path``: a directory
-    put first on the child's PYTHONPATH (for modules outside the package)."""
+    ``names``: only these cases (None: all of ``all_cases(full, modules)``, in one process); ``extra_path``:
+    a directory put first on the child's PYTHONPATH (for modules outside the package); ``workers``: how
+    many processes share the named cases (default: one per core, at most 4; ptxas is single-threaded)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     if extra_path is not None:
         env["PYTHONPATH"] = os.pathsep.join([str(extra_path), *filter(None, [env.get("PYTHONPATH")])])
+    workers = max(1, min(workers or min(os.cpu_count() or 1, 4), len(names or [None])))
+    groups = [list(names)[i::workers] for i in range(workers)] if names else [[]]
+    results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="fastrft-aot-") as tmp:
-        out = os.path.join(tmp, "results.json")
-        cmd = [sys.executable, "-m", "fastrft.kernels.aot", "--json", out, *(["--full"] if full else [])]
-        for module in modules:
-            cmd += ["--module", module]
-        for name in names or []:
-            cmd += ["--case", name]
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-        if not os.path.exists(out):
-            raise RuntimeError(f"the compile subprocess failed (exit {proc.returncode}) before writing results:\n"
-                               f"{proc.stderr[-4000:]}")
-        with open(out) as f:
-            return json.load(f)
+        procs = []
+        for i, group in enumerate(groups):
+            out = os.path.join(tmp, f"results{i}.json")
+            cmd = [sys.executable, "-m", "fastrft.kernels.aot", "--json", out, *(["--full"] if full else [])]
+            for module in modules:
+                cmd += ["--module", module]
+            for name in group:
+                cmd += ["--case", name]
+            procs.append((out, subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                                text=True)))
+        for out, proc in procs:
+            try:
+                _, stderr = proc.communicate(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                for _, p in procs:
+                    p.kill()
+                raise
+            if not os.path.exists(out):
+                raise RuntimeError(f"the compile subprocess failed (exit {proc.returncode}) before writing results:\n"
+                                   f"{stderr[-4000:]}")
+            with open(out) as f:
+                results.update(json.load(f))
+    return results
 
 
 # ----------------------------------------------------------------------------------------- main

@@ -99,6 +99,7 @@ def test_eager_decode_launches_the_graphs_split_k(tiny_llama, monkeypatch):
         monkeypatch.setattr(model_runner, "GRAPH_DEVICES", ("cuda", "cpu") if graphs else ("cuda",))
         engine = Engine(model, config=EngineConfig(kv_cache_memory=2**20, max_num_seqs=4, max_model_len=32,
                                                    block_size=2, cuda_graphs=graphs))
-        out = engine.generate(prompts, n=1, max_new_tokens=20, temperature=0.7, seed=5, eos_token_ids=[])
+        # 5 tokens: without the fix (eager launching at its own batch and width) this already differs (checked)
+        out = engine.generate(prompts, n=1, max_new_tokens=5, temperature=0.7, seed=5, eos_token_ids=[])
         results[graphs] = [(c.token_ids, c.logprobs) for group in out for c in group]
     assert results[True] == results[False]

@@ -4,7 +4,7 @@ cases marked spill_free, the LM-head and attention kernels) and at most 227 KiB 
 
 No GPU is needed and none is asked for: the test is skipped only when triton is not installed. The
 cases come from each kernel module's ``compile_cases`` (see ``fastrft/kernels/aot.py``, the module
-``fastrft.kernels.aot``); they compile in one subprocess without TRITON_INTERPRET (conftest.py sets it for
+``fastrft.kernels.aot``); they compile in subprocesses (one per core) without TRITON_INTERPRET (conftest.py sets it for
 the session on CPU, and interpreter functions cannot be compiled), only those pytest selected.
 
 The default run compiles the model shapes (~1 s a case). The full set adds every tile-table entry at
@@ -35,7 +35,7 @@ CASES = {case.name: case for case in aot.all_cases(full=FULL)}
 
 @pytest.fixture(scope="module")
 def compiled(request) -> dict[str, dict]:
-    """All selected cases of test_case_fits, compiled in one subprocess."""
+    """All selected cases of test_case_fits, compiled in subprocesses, one per core."""
     names = [item.callspec.params["name"] for item in request.session.items
              if item.module.__name__ == __name__ and getattr(item, "originalname", "") == "test_case_fits"]
     return aot.compile_isolated(full=FULL, names=names) if names else {}

@@ -218,13 +218,46 @@ def test_cpu_path_forward_backward_against_float64(dtype, chunk):
     assert _rel(out[2], ref[2]) <= grad_tol and _rel(out[3], ref[3]) <= grad_tol
 
 
-def test_many_rows_no_grid_overflow():
-    """N = 65,600 rows (more than a 65,535 grid axis holds): rows live on the unbounded grid axis."""
+GRID_AXIS_LIMITS = (2**31 - 1, 65_535, 65_535)  # CUDA's grid: x is unbounded in practice, y and z are not
+
+
+def test_many_rows_no_grid_overflow(monkeypatch):
+    """N = 65,600 rows (more than a 65,535 grid axis holds): rows live on the unbounded grid axis.
+
+    On a GPU the launches run for real and are checked against float64. Triton's interpreter enforces no
+    grid limit, so on CPU every launch of the forward and backward is recorded instead of run (the numbers
+    are checked at odd shapes above), at N and 2N rows: every grid axis stays within CUDA's limit, and only
+    the first (unbounded) axis grows with N, so no row count can overflow the others."""
     n, h, v = 65_600, 16, 40
+    triton_fn = lambda *a, **k: linear_logprob(*a, with_entropy=True, backend="triton")  # noqa: E731
+    if DEVICE == "cpu":
+        from triton.runtime.interpreter import InterpretedFunction
+
+        def launches(rows):
+            grids = []
+
+            def record(self, *args, grid, warmup, **kwargs):
+                grids.append((self.fn.__name__, tuple(grid(kwargs) if callable(grid) else grid)))
+
+            with monkeypatch.context() as m:
+                m.setattr(InterpretedFunction, "run", record)
+                hidden, weight, targets = _inputs(rows, h, v, torch.float32, seed=12, scale=1.0)
+                g_logp = torch.ones(rows)
+                _run(triton_fn, hidden, weight, targets, g_logp, g_logp)
+            return grids
+
+        once, twice = launches(n), launches(2 * n)
+        names = [name for name, _ in once]
+        assert {"_logits_stats_kernel", "_dz_kernel", "_dh_kernel", "_dw_kernel"} <= set(names), names
+        assert names == [name for name, _ in twice]
+        for (name, grid), (_, grid2) in zip(once, twice):
+            assert all(0 < g <= limit for g, limit in zip(grid2, GRID_AXIS_LIMITS)), (name, grid2)
+            assert grid2[1:] == grid[1:], f"{name}: a grid axis other than the first grows with the rows"
+        assert any(g2[0] > g[0] for (_, g), (_, g2) in zip(once, twice))  # the rows are on the first axis
+        return
     hidden, weight, targets = _inputs(n, h, v, torch.float32, seed=12, scale=1.0)
     g_logp = torch.ones(n, device=DEVICE)
-    out = _run(lambda *a, **k: linear_logprob(*a, with_entropy=True, backend="triton"), hidden, weight, targets,
-               g_logp, g_logp)
+    out = _run(triton_fn, hidden, weight, targets, g_logp, g_logp)
     ref = _run(_reference(hidden, weight, targets, 1.0), hidden.double(), weight.double(), targets, g_logp, g_logp)
     assert (out[0].double() - ref[0]).abs().max() <= 2e-5
     assert _rel(out[2], ref[2]) <= 2e-5 and _rel(out[3], ref[3]) <= 2e-5

@@ -186,8 +186,11 @@ def test_math_works_in_worker_thread_without_timeout(monkeypatch) -> None:
 
 def test_math_pathological_input_times_out() -> None:
     # A child process, so that a broken timeout fails this test at the 30 s limit instead of hanging
-    # the whole run; the child calls the reward from its main thread, where the timeout applies.
+    # the whole run; the child calls the reward from its main thread, where the timeout applies. The
+    # child shortens the timeout to 1 s (the default, 10 s, allows for a loaded machine's first parse):
+    # the mechanism is what is tested, and waiting out the default cost the suite 9 s.
     code = (
+        "import fastrft.rewards.hendrycks_math as m; m.TIMEOUT_SECONDS = 1; "
         "from fastrft.rewards import score; "
         "print(score('math', r'The answer is $\\boxed{9^{9^{9^{9}}}}$', '1'))"
     )
@@ -198,7 +201,7 @@ def test_math_pathological_input_times_out() -> None:
     )
     elapsed = time.monotonic() - start
     assert done.stdout.strip().splitlines()[-1] == "0.0"
-    assert elapsed < 30, f"math reward took {elapsed:.1f}s on a pathological input"
+    assert elapsed < 20, f"math reward took {elapsed:.1f}s on a pathological input (its timeout is 1 s)"
 
 
 # ----------------------------------------------------------------------------------------- extractors
