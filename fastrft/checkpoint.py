@@ -75,7 +75,7 @@ def save_checkpoint(run_dir: Path, round_: int, payload: dict[str, Any], keep: i
     """Write ``payload`` (tensors and plain Python) as the checkpoint of ``round_``; prune to ``keep``."""
     root = Path(run_dir) / CKPT_DIR
     root.mkdir(parents=True, exist_ok=True)
-    final = root / f"round-{round_:06d}"
+    final = checkpoint_dir(run_dir, round_)
     tmp = root / f".tmp-round-{round_:06d}-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -149,9 +149,15 @@ def load_round(run_dir: Path, round_: int) -> tuple[int, dict[str, Any]]:
     return round_, load_state(path / "state.pt")
 
 
+def checkpoint_dir(run_dir: Path, round_: int) -> Path:
+    """Where the checkpoint of ``round_`` lives (written or not)."""
+    return Path(run_dir) / CKPT_DIR / f"round-{round_:06d}"
+
+
 def check_layout(run_dir: Path, round_: int, payload: dict[str, Any], distributed: bool) -> None:
     """Refuse, with what to do, a checkpoint this process cannot load: a plain run's checkpoint (whole
-    state dicts in state.pt) under torchrun, or a sharded one in a plain process."""
+    state dicts in state.pt) where the run shards its weights (a full fine-tune under torchrun), or a sharded
+    one in a plain process. ``distributed``: whether this run shards (a LoRA run never does)."""
     sharded = "model" not in payload
     if sharded and not distributed:
         raise FastRFTError(f"{run_dir}: the checkpoint of round {round_} is sharded (written by a "

@@ -62,6 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--round", type=int, default=None, metavar="N",
                         help="the checkpoint of round N (default: the newest whole checkpoint; a run keeps its "
                              "last --keep-checkpoints of them)")
+    export.add_argument("--adapter", action="store_true",
+                        help="a LoRA run: write its adapters alone as a PEFT adapter directory (adapter_config.json, "
+                             "adapter_model.safetensors; peft's PeftModel.from_pretrained loads it on the base model). "
+                             "Without it a LoRA run's export merges the adapters into full weights")
     demo = sub.add_parser("demo", help="the minimalist layer on SmolLM2-135M-Instruct, sized for 2 CPU cores (under 2 "
                                       "min of compute on a 2-core Intel Xeon, 2026-12-07; about 3 min from a fresh "
                                       "clone, install included; slower machines take up to twice that)")
@@ -93,9 +97,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "export":
             from fastrft.export import export_checkpoint
 
-            out, round_ = export_checkpoint(args.run_dir, args.out, args.round)
+            out, round_ = export_checkpoint(args.run_dir, args.out, args.round, adapter=args.adapter)
             which = "" if args.round is not None else " (its newest whole checkpoint)"
-            print(f"exported round {round_} of {args.run_dir}{which}: {out}")
+            what = "the LoRA adapter of " if args.adapter else ""
+            print(f"exported {what}round {round_} of {args.run_dir}{which}: {out}")
             return 0
         if args.command == "ladder":
             return _ladder(args)

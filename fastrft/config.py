@@ -24,6 +24,7 @@ from typing import Any
 # Only torch-free imports here: the CLI's --help is generated from these classes (see fastrft._lazy).
 from fastrft.algo.choices import ADVANTAGE_NAMES, AGGREGATIONS, KL_ESTIMATOR_NAMES
 from fastrft.errors import ConfigError
+from fastrft.models import lora_names
 from fastrft.models.embedded import DEFAULT_MODEL
 
 
@@ -92,6 +93,22 @@ class ModelConfig:
                                       "old-log-prob pass is skipped | off | auto (on where it costs at most 5 percent: fp32 on CPU with "
                                       "--ppo-epochs x --mini-batches > 1; off with --top-p/--top-k, and on CUDA until "
                                       "the cost of its Triton kernels is measured on a GPU)")
+    lora_rank: int = opt(0, "LoRA rank r: train low-rank adapters on --lora-targets and freeze the base model (held "
+                            "once, in the compute dtype, without gradients or optimizer state); 0 = full fine-tuning")
+    lora_alpha: float = opt(32.0, "LoRA alpha: the adapters' output is scaled by alpha / r (alpha / sqrt(r) with "
+                                  "--lora-rslora), as in PEFT")
+    lora_dropout: float = opt(0.0, "dropout on the adapters' input in the training forward (PEFT's lora_dropout); "
+                                   "must be 0 with --exact-logprobs on (the sampler does not drop)")
+    lora_targets: tuple[str, ...] = opt(lora_names.TARGETS, "the projections that get adapters, by PEFT's "
+                                                            "target_modules names: q_proj, k_proj, v_proj, o_proj, "
+                                                            "gate_proj, up_proj, down_proj, or all-linear")
+    lora_rslora: bool = opt(False, "rank-stabilised LoRA: scale by alpha / sqrt(r) instead of alpha / r (PEFT's "
+                                   "use_rslora)")
+    lora_train_embeddings: bool = opt(False, "with LoRA, also train the token embeddings and the LM head (PEFT's "
+                                             "modules_to_save); frozen by default")
+    lora_init: str | None = opt(None, "start the adapters from a PEFT adapter directory (adapter_config.json and "
+                                      "adapter_model.safetensors); its base model, rank, alpha and targets must "
+                                      "match the run's")
 
     def __post_init__(self):
         _require(self.precision in PRECISIONS, "precision",
@@ -107,6 +124,25 @@ class ModelConfig:
                  f"must be auto, triton or reference, got {self.kernels!r}")
         _require(self.exact_logprobs in ("auto", "on", "off"), "exact_logprobs",
                  f"must be auto, on or off, got {self.exact_logprobs!r}")
+        self._check_lora()
+
+    def _check_lora(self) -> None:
+        lora_flags = [f.name for f in dataclasses.fields(self) if f.name.startswith("lora_") and f.name != "lora_rank"
+                      and getattr(self, f.name) != f.default]
+        _require(self.lora_rank >= 0, "lora_rank", f"must be >= 1 (or 0 for full fine-tuning), got {self.lora_rank}")
+        _require(self.lora_rank > 0 or not lora_flags, lora_flags[0] if lora_flags else "lora_rank",
+                 "sets up LoRA adapters, but --lora-rank is 0 (full fine-tuning); give --lora-rank R")
+        _require(math.isfinite(self.lora_alpha) and self.lora_alpha > 0, "lora_alpha",
+                 f"must be a positive number, got {self.lora_alpha}")
+        _require(0.0 <= self.lora_dropout < 1.0, "lora_dropout", f"must be in [0, 1), got {self.lora_dropout}")
+        _require(not (self.lora_dropout and self.exact_logprobs == "on"), "lora_dropout",
+                 f"{self.lora_dropout} cannot be exact: the training forward drops activations the sampler keeps, so "
+                 "their log-probs differ; use --lora-dropout 0 or --exact-logprobs off")
+        lora_names.expand_targets(self.lora_targets)
+        if self.lora_init is not None:
+            from fastrft.models import peft_io
+
+            peft_io.check_adapter_dir(self)
 
 
 @dataclass(frozen=True)

@@ -240,8 +240,14 @@ class ShardedPrecision:
         fully_shard(model, mesh=mesh, mp_policy=mp)
         register_fsdp_forward_method(model, "forward_packed")
         self.master = model
+        self.trainable = list(model.parameters())
         names = dict(self.rollout.named_parameters())
         self._pairs = [(names[k], p) for k, p in model.named_parameters()]
+
+    sharded = True  # checkpoints are DCP shards
+
+    def reduce_grads(self) -> None:
+        """FSDP reduce-scatters the gradients in the backward itself."""
 
     mixed = property(lambda self: self.compute_dtype != self.master_dtype)
     train_model = property(lambda self: self.master)

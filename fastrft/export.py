@@ -16,16 +16,20 @@ import torch
 
 from fastrft.checkpoint import _WEIGHT_SUFFIXES, checkpoint_dirs, load_latest, load_state, shard_dir, verify
 from fastrft.errors import FastRFTError
+from fastrft.models import peft_io
 
 
-def export_run(run_dir: str | os.PathLike[str], out: str | os.PathLike[str], round_: int | None = None) -> Path:
+def export_run(run_dir: str | os.PathLike[str], out: str | os.PathLike[str], round_: int | None = None,
+               adapter: bool = False) -> Path:
     """Write a checkpoint of a run (``round_``, or the newest whole one) as an HF-format directory
     (config.json, model.safetensors, the source model's tokenizer and generation files) that
-    ``transformers`` loads as is. The run directory is locked meanwhile (fastrft.lock)."""
-    return export_checkpoint(run_dir, out, round_)[0]
+    ``transformers`` loads as is; a LoRA run's adapters are merged into the base weights. ``adapter``: write
+    the LoRA adapters alone as a PEFT adapter directory instead (fastrft.models.peft_io). The run directory is
+    locked meanwhile (fastrft.lock)."""
+    return export_checkpoint(run_dir, out, round_, adapter)[0]
 
 
-def export_checkpoint(run_dir, out, round_: int | None = None) -> tuple[Path, int]:
+def export_checkpoint(run_dir, out, round_: int | None = None, adapter: bool = False) -> tuple[Path, int]:
     """:func:`export_run`, returning (the directory written, the round exported)."""
     from fastrft import lock
 
@@ -36,10 +40,10 @@ def export_checkpoint(run_dir, out, round_: int | None = None) -> tuple[Path, in
     if not (run_dir / "config.json").exists():
         raise FastRFTError(f"{run_dir}: no config.json; pass a run directory written by fastrft train")
     with lock.hold(run_dir, lock.command_line(), flag="RUN_DIR", read_only=True):
-        return _export(run_dir, out, round_)
+        return _export(run_dir, out, round_, adapter)
 
 
-def _export(run_dir: Path, out: Path, round_: int | None) -> tuple[Path, int]:
+def _export(run_dir: Path, out: Path, round_: int | None, adapter: bool = False) -> tuple[Path, int]:
     from safetensors.torch import save_file
 
     from fastrft.models.config import with_architecture
@@ -67,10 +71,25 @@ def _export(run_dir: Path, out: Path, round_: int | None) -> tuple[Path, int]:
                                "another round")
         found = round_, load_state(rounds[round_] / "state.pt")
     round_, payload = found
-    model_name = json.loads(cfg_file.read_text())["model"]["model"]
+    model_cfg = json.loads(cfg_file.read_text())["model"]
+    model_name = model_cfg["model"]
+    spec = _lora_spec(model_cfg)
+    if adapter:
+        if spec is None:
+            raise FastRFTError(f"--adapter: {run_dir} was trained without LoRA (--lora-rank 0), so it has no adapter; "
+                               "export its full weights without --adapter")
+        _make_dir(out)
+        peft_io.write_adapter(out, payload["model"], spec, model_name)
+        return out, round_
     source = resolve_model_dir(model_name)
     hf_config = with_architecture(json.loads((source / "config.json").read_text()))
-    if "model" in payload:
+    if spec is not None:  # the base from its source, the trained tensors from the checkpoint, merged
+        from fastrft.models import load_model, lora
+
+        state = load_model(model_name, dtype=torch.float32, device="cpu").state_dict()
+        state.update({k: v.float() for k, v in payload["model"].items()})
+        state = lora.merged_state(state, spec)
+    elif "model" in payload:
         state = payload["model"]
     else:  # sharded: assemble the full fp32 masters from the DCP shards, in this one process
         from fastrft.distributed import dcp_full_model_state
@@ -80,10 +99,7 @@ def _export(run_dir: Path, out: Path, round_: int | None) -> tuple[Path, int]:
         state = dcp_full_model_state(shard_dir(run_dir, round_), template)
     if hf_config.get("tie_word_embeddings", False):
         state = {k: v for k, v in state.items() if k != "lm_head.weight"}
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise FastRFTError(f"--out {out}: cannot create it ({e.strerror}); choose a writable path") from None
+    _make_dir(out)
     for f in sorted(source.iterdir()):
         if f.is_file() and not f.name.endswith(_WEIGHT_SUFFIXES) and f.name not in ("config.json",
                                                                                       "model.safetensors.index.json"):
@@ -99,3 +115,21 @@ def _export(run_dir: Path, out: Path, round_: int | None) -> tuple[Path, int]:
     os.umask(umask)
     weights.chmod(0o666 & ~umask)
     return out, round_
+
+
+def _make_dir(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise FastRFTError(f"--out {out}: cannot create it ({e.strerror}); choose a writable path") from None
+
+
+def _lora_spec(model_cfg: dict):
+    """The run's LoRA spec from its config.json ``model`` section, or None (runs before LoRA have no fields)."""
+    from fastrft.config import ModelConfig, build_group
+    from fastrft.models.lora import LoraSpec
+
+    if not model_cfg.get("lora_rank"):
+        return None
+    return LoraSpec.from_config(build_group(ModelConfig, {k: v for k, v in model_cfg.items() if k != "lora_init"},
+                                            "model"))

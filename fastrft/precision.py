@@ -73,7 +73,9 @@ class Precision:
         self.master_dtype, self.compute_dtype = DTYPES[name]
         self.master = model
         params = dict(model.named_parameters())
-        bad = {str(p.dtype) for p in params.values() if p.dtype != self.master_dtype}
+        #: what the optimizer steps: every parameter, or with LoRA the adapters (the frozen base has no master)
+        self.trainable = [p for p in params.values() if p.requires_grad]
+        bad = {str(p.dtype) for p in self.trainable if p.dtype != self.master_dtype}
         if bad:
             raise ValueError(f"precision {name} expects {self.master_dtype} master weights; the model has {bad}")
         if self.master_dtype == self.compute_dtype:
@@ -81,15 +83,22 @@ class Precision:
             self._pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
             return
         # Pre-seeding deepcopy's memo with the cast parameters copies the module without ever holding a
-        # second master-precision copy; tied weights (one Parameter used twice) stay tied.
-        memo = {id(p): torch.nn.Parameter(p.detach().to(self.compute_dtype), requires_grad=p.requires_grad)
+        # second master-precision copy; tied weights (one Parameter used twice) stay tied. Frozen parameters
+        # already in the compute dtype (a LoRA run's base) are shared, not copied: held once.
+        memo = {id(p): p if not p.requires_grad and p.dtype == self.compute_dtype else
+                torch.nn.Parameter(p.detach().to(self.compute_dtype), requires_grad=p.requires_grad)
                 for p in model.parameters()}
         self.compute = copy.deepcopy(model, memo)
         compute = dict(self.compute.named_parameters())
         assert compute.keys() == params.keys()
-        self._pairs = [(compute[k], params[k]) for k in params]
+        self._pairs = [(compute[k], params[k]) for k in params if params[k].requires_grad]
         for c, m in self._pairs:
             c.register_post_accumulate_grad_hook(partial(_fold_grad, m))
+
+    sharded = False  # checkpoints hold one file (fastrft.distributed.ShardedPrecision: DCP shards)
+
+    def reduce_grads(self) -> None:
+        """Combine the gradients of the ranks before the optimizer step (one process: nothing to do)."""
 
     @property
     def mixed(self) -> bool:
@@ -114,6 +123,29 @@ class Precision:
     def compute_bytes(self) -> int:
         """Memory of the compute copy beyond the masters (0 when they are one model)."""
         return sum(c.numel() * c.element_size() for c, _ in self._pairs)
+
+
+class ReplicatedPrecision(Precision):
+    """:class:`Precision` on every rank of a torchrun job, for LoRA runs: each rank holds the whole frozen base
+    (once, in the compute dtype) and the whole adapters, and :meth:`reduce_grads` averages the adapters'
+    gradients across ranks after the step's backward (one all-reduce of one flat buffer). Sharding would save
+    only the base's memory, and the base is what LoRA makes small; the adapters are a few MB. Every rank then
+    takes the same AdamW step and keeps identical weights; checkpoints are one file, written by rank 0."""
+
+    sharded = False
+
+    def __init__(self, model: torch.nn.Module, name: str, world):
+        super().__init__(model, name)
+        self.world = world
+
+    @torch.no_grad()
+    def reduce_grads(self) -> None:
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.trainable]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        torch.distributed.all_reduce(flat)
+        flat.div_(self.world.size)
+        for p, g in zip(self.trainable, flat.split([g.numel() for g in grads])):
+            p.grad = g.view_as(p)
 
 
 @torch.no_grad()
@@ -144,6 +176,23 @@ def warn_unabsorbed_updates(precision: Precision, lr: float) -> None:
               f"{str(precision.master_dtype).removeprefix('torch.')}, and an AdamW step at --lr {lr:g} can change "
               f"only {moved:.1%} of them: the rest round back to their old value, so the run barely learns. "
               "Use --precision bf16-mixed (fp32 master weights, bf16 compute) or fp32.", file=sys.stderr)
+
+
+def load_policy(config, precision: str, device: torch.device) -> torch.nn.Module:
+    """The model a run trains (``config``: its TrainConfig), in the master dtype of ``precision``. With LoRA
+    (fastrft.models.lora) the base is frozen and loaded in the compute dtype (held once: the compute copy
+    shares it), and the adapters are the masters, initialised as PEFT's or from --lora-init."""
+    from fastrft.models import load_model, lora, peft_io
+
+    master, compute = DTYPES[precision]
+    spec = lora.LoraSpec.from_config(config.model)
+    if spec is None:
+        return load_model(config.model.model, dtype=master, device=device)
+    model = load_model(config.model.model, dtype=compute, device=device)
+    lora.attach(model, spec, seed=config.run.seed, dtype=master)
+    if config.model.lora_init is not None:
+        peft_io.load_adapter(model, config.model.lora_init)
+    return model
 
 
 FUSED_ADAMW_DEVICES = ("cpu", "cuda")

@@ -45,8 +45,8 @@ from fastrft.loop.rollout import Sampler
 from fastrft.loop.round import Stages, train_round
 from fastrft.loop.run import RunLoop, WallClock
 from fastrft.loop.types import RunState
-from fastrft.models import exact, load_model, load_tokenizer
-from fastrft.precision import DTYPES, Precision, resolve_precision, warn_unabsorbed_updates
+from fastrft.models import exact, load_tokenizer
+from fastrft.precision import Precision, ReplicatedPrecision, load_policy, resolve_precision, warn_unabsorbed_updates
 from fastrft.rewards.funcs import resolve as resolve_rewards
 
 __all__ = ["RunState", "Trainer"]
@@ -114,9 +114,11 @@ class Trainer:
         # 3. The model: precision.master is what the optimizer steps, checkpoints hold and export writes;
         # its compute copy (the same model unless bf16-mixed) trains, decodes and evaluates.
         self.tokenizer = load_tokenizer(config.model.model)
-        model = load_model(config.model.model, dtype=DTYPES[precision][0], device=self.device)
-        self.precision = (ShardedPrecision(model, precision, self.world) if self.world.distributed
-                          else Precision(model, precision))
+        model = load_policy(config, precision, self.device)
+        # Under torchrun a full fine-tune shards (FSDP2); a LoRA run replicates its small adapters.
+        self.precision = (Precision(model, precision) if not self.world.distributed
+                          else ReplicatedPrecision(model, precision, self.world) if config.model.lora_rank
+                          else ShardedPrecision(model, precision, self.world))
         if config.model.activation_checkpointing:
             _enable_checkpointing(self.precision.train_model)
         # The backend every module that samples or trains computes with (fastrft.models.ops): the exact

@@ -18,6 +18,7 @@ from fastrft import rundir
 from fastrft.config import TrainConfig
 from fastrft.errors import ConfigError
 from fastrft.loop.types import RunState
+from fastrft.models import lora
 
 LOGS = ("metrics.jsonl", "rollouts.jsonl")
 
@@ -37,14 +38,18 @@ class Checkpoints:
         payload = {"state": state.to_dict(), "train_examples": self.train_example_ids, **sizes,
                    "config": self.cfg.to_dict()}
         policy, optimizer = self.learner.precision.master, self.learner.optimizer
-        if self.world.distributed:  # sharded: every rank writes its part of the model and AdamW state
+        if self.learner.precision.sharded:  # every rank writes its part of the model and AdamW state
             from fastrft.distributed import dcp_save
 
             return ckpt.save_sharded_checkpoint(
                 self.out_dir, state.round, {**payload, "world_size": self.world.size}, self.cfg.run.keep_checkpoints,
                 self.world, lambda path: dcp_save(path, policy, optimizer))
-        payload.update(model=policy.state_dict(), optimizer=optimizer.state_dict())
-        return ckpt.save_checkpoint(self.out_dir, state.round, payload, self.cfg.run.keep_checkpoints)
+        # One file: one process, or a replicated LoRA run's rank 0 (every rank holds the same adapters).
+        payload.update(model=lora.checkpoint_state(policy), optimizer=optimizer.state_dict())
+        path = (ckpt.save_checkpoint(self.out_dir, state.round, payload, self.cfg.run.keep_checkpoints)
+                if self.world.main else ckpt.checkpoint_dir(self.out_dir, state.round))
+        self.world.barrier()
+        return path
 
     def saved(self) -> dict[int, Path]:
         """The finished checkpoints by round."""
@@ -82,7 +87,7 @@ class Checkpoints:
         for msg in warnings:
             print(msg, file=sys.stderr)
         round_, payload = found
-        ckpt.check_layout(self.out_dir, round_, payload, self.world.distributed)
+        ckpt.check_layout(self.out_dir, round_, payload, self.learner.precision.sharded)
         if payload["train_examples"] != self.train_example_ids:
             raise ConfigError(f"{self.out_dir}: the checkpoint of round {round_} trained on {payload['train_examples']}"
                               f" but the requested config selects {self.train_example_ids}; use a new --out")
@@ -99,7 +104,7 @@ class Checkpoints:
 
     def _load_weights(self, round_: int, payload: dict) -> None:
         policy, optimizer = self.learner.precision.master, self.learner.optimizer
-        if self.world.distributed:  # DCP reshards when the checkpoint was written by another world size
+        if self.learner.precision.sharded:  # DCP reshards when the checkpoint was written by another world size
             from fastrft.distributed import dcp_load
 
             dcp_load(ckpt.shard_dir(self.out_dir, round_), policy, optimizer)
@@ -108,7 +113,7 @@ class Checkpoints:
                       f"resharded onto {self.world.size} (the run continues exactly up to rounding: the work is "
                       "divided differently)", file=sys.stderr)
         else:
-            policy.load_state_dict(payload["model"])
+            lora.load_checkpoint_state(policy, payload["model"])
             optimizer.load_state_dict(payload["optimizer"])
 
     def _size(self, name: str) -> int:

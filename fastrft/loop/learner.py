@@ -15,7 +15,6 @@ with gradients accumulating in the fp32 masters, gradient clipping, AdamW, the c
 
 from __future__ import annotations
 
-import copy
 import sys
 import time
 
@@ -29,6 +28,7 @@ from fastrft.loop.logprobs import old_logprobs, packed, reference_logprobs, resp
 from fastrft.loop.plan import split_parts, step_plan
 from fastrft.loop.types import MicroResult, TrainBatch, UpdateResult
 from fastrft.microbatch import default_token_budget, merge_micro_stats
+from fastrft.models import lora
 from fastrft.models.ops import PLAIN, Ops
 from fastrft.precision import make_adamw
 
@@ -45,8 +45,12 @@ def token_budget(cfg: TrainConfig, precision, device: torch.device, world: World
 
 
 def reference_model(precision, cfg: TrainConfig):
-    """The KL reference: the frozen initial policy in the compute precision; None when KL is off."""
-    return copy.deepcopy(precision.rollout_model).requires_grad_(False) if cfg.loss_spec.needs_ref else None
+    """The KL reference: the frozen initial policy in the compute precision; None when KL is off. With LoRA it
+    is the base model with the adapters off, sharing the frozen base weights (no second copy)."""
+    if not cfg.loss_spec.needs_ref:
+        return None
+    return lora.reference_copy(precision.rollout_model, shared=[p for p in precision.master.parameters()
+                                                                  if not p.requires_grad])
 
 
 class Learner:
@@ -61,7 +65,7 @@ class Learner:
         self.token_budget, self.world, self.device = token_budget, world, device
         self.spec = cfg.loss_spec
         o = cfg.optim
-        self.optimizer = make_adamw(precision.master.parameters(), lr=o.lr, betas=(o.beta1, o.beta2),
+        self.optimizer = make_adamw(precision.trainable, lr=o.lr, betas=(o.beta1, o.beta2),
                                     weight_decay=o.weight_decay, device=device)
 
     def reset_prefix_cache(self) -> None:
@@ -139,7 +143,8 @@ class Learner:
     def _step(self) -> float:
         """Clip the gradient norm, AdamW step, refresh the compute copy; returns the norm before clipping."""
         clip = self.cfg.optim.grad_clip
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.precision.master.parameters(),
+        self.precision.reduce_grads()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.precision.trainable,
                                                    clip if clip > 0 else float("inf"))
         if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
             grad_norm = grad_norm.full_tensor()

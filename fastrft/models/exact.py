@@ -126,7 +126,7 @@ class ExactTorchOps(Ops):
     exact = True
     head_gemm = staticmethod(head_logits)
 
-    def linear(self, x, weight, bias, layer=None):
+    def dense(self, x, weight, bias):
         return linear(x, weight, bias)
 
     def packed_attention(self, q, k, v, cu_seqlens, scale):
@@ -222,6 +222,8 @@ def resolve(cfg, device: torch.device, precision: str = "fp32") -> str:
                            "depend on the batch size; use --kernels auto")
     if ro.top_k > 0 or ro.top_p < 1.0:
         reasons.append("--top-p/--top-k sample from a truncated distribution, which is not the trainer's")
+    if getattr(cfg.model, "lora_dropout", 0.0):
+        reasons.append("--lora-dropout drops activations in the training forward that the sampler keeps")
     if setting == "on" and reasons:
         raise ConfigError(f"exact_logprobs (--exact-logprobs) on cannot be honoured: {reasons[0]}; use "
                           "--exact-logprobs off (or auto)")

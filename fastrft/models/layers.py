@@ -87,9 +87,16 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 class Linear(nn.Linear):
     """nn.Linear (same parameters, same names) whose forward is the model's backend's
-    (:meth:`fastrft.models.ops.Ops.linear`; :meth:`fastrft.models.CausalLM.set_ops`)."""
+    (:meth:`fastrft.models.ops.Ops.linear`; :meth:`fastrft.models.CausalLM.set_ops`). It may carry a LoRA
+    adapter (:mod:`fastrft.models.lora`): ``lora_A`` (r, in) and ``lora_B`` (out, r), PEFT's names."""
 
     ops = PLAIN
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.lora_A: nn.Linear | None = None
+        self.lora_B: nn.Linear | None = None
+        self.lora_scaling, self.lora_dropout = 0.0, 0.0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.ops.linear(x, self.weight, self.bias, layer=self)

@@ -15,8 +15,8 @@ Three are registered (:data:`BACKENDS`):
   on CUDA or in Triton's interpreter (how the tests run the CUDA path on CPU).
 
 Adding a backend: subclass :class:`Ops` in its own module, override what differs, and add one line to
-:data:`BACKENDS`. An adapter on a linear (LoRA) is a backend concern too: :meth:`Ops.linear` is the one place
-every projection's forward goes through.
+:data:`BACKENDS`. A LoRA adapter is a backend concern too: :meth:`Ops.linear` is the one place every
+projection's forward goes through, and it computes the adapter's matmuls with the backend's own GEMM.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from fastrft import numerics
+from fastrft.models import lora
 
 try:  # optional: only used on CUDA with fp16/bf16
     from flash_attn import flash_attn_varlen_func as _flash_varlen
@@ -68,8 +69,16 @@ class Ops:
 
     # ------------------------------------------------------------------------------------------ layers
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, layer=None) -> torch.Tensor:
-        """x W^T + b. ``layer``: the module computing it (fastrft.models.layers.Linear), for a backend that keeps
-        more per linear than its weight and bias (an adapter's matrices)."""
+        """x W^T + b, plus the LoRA term of ``layer`` (the fastrft.models.layers.Linear computing it) where it
+        carries an adapter (:func:`fastrft.models.lora.delta`): every matmul by :meth:`dense`, so a backend's
+        treatment of the base GEMMs (the exact mode's row rules or kernels) covers the adapter's too."""
+        y = self.dense(x, weight, bias)
+        if layer is not None and layer.lora_A is not None:
+            y = y + lora.delta(layer, x, self.dense)
+        return y
+
+    def dense(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """One GEMM x W^T + b: what a backend overrides for its linear layers."""
         return F.linear(x, weight, bias)
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -48,7 +48,7 @@ class ExactTritonOps(Ops):
                 except (RuntimeError, ValueError) as err:
                     raise ExactModeError(f"exact log-probs: {err}") from None
 
-    def linear(self, x, weight, bias, layer=None):
+    def dense(self, x, weight, bias):
         return _kernels().linear(x, weight, bias)
 
     def rms_norm(self, x, weight, eps):

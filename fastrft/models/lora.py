@@ -1,0 +1,149 @@
+"""LoRA adapters on the decoder's linear layers (Hu et al., 2021), in PEFT's layout.
+
+An adapted projection computes ``y = x W^T (+ b) + (dropout(x) A^T) B^T * scaling`` with ``A`` (r, in) and
+``B`` (out, r): the same formula, order and names as PEFT's ``LoraLayer`` (``q_proj.lora_A.weight``…), so an
+adapter moves between the two unchanged (:mod:`fastrft.models.peft_io`). ``scaling`` is ``alpha / r``, or
+``alpha / sqrt(r)`` with rsLoRA (Kalajdzievski, 2023). ``A`` starts as PEFT's default (Kaiming-uniform, as
+``nn.Linear``), from a generator seeded by the run's seed; ``B`` starts at zero, so step 0 is the base model.
+
+The adapter's matrices are parameters of the :class:`fastrft.models.layers.Linear` they adapt, and the
+model's backend computes them (:meth:`fastrft.models.ops.Ops.linear`): the engine samples with the tensors the
+trainer updates, in the same forward, with no merge and no copy, and the exact mode's backends give the
+adapter matmuls the same batch-invariant treatment as the base ones. Everything else (the base weights, the
+embeddings and the LM head unless asked) is frozen: no gradient, no optimizer state, held once in the
+compute dtype.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from fastrft.errors import ConfigError
+from fastrft.models.lora_names import EMBEDDINGS, TARGETS, expand_targets
+
+@dataclass(frozen=True)
+class LoraSpec:
+    rank: int
+    alpha: float
+    dropout: float = 0.0
+    targets: tuple[str, ...] = TARGETS
+    rslora: bool = False
+    train_embeddings: bool = False
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
+
+    @classmethod
+    def from_config(cls, model_cfg) -> "LoraSpec | None":
+        """The spec of a run's ``model`` config section (fastrft.config.ModelConfig), or None without LoRA."""
+        if not model_cfg.lora_rank:
+            return None
+        return cls(model_cfg.lora_rank, model_cfg.lora_alpha, model_cfg.lora_dropout,
+                   expand_targets(model_cfg.lora_targets), model_cfg.lora_rslora, model_cfg.lora_train_embeddings)
+
+
+def adapted(model: nn.Module):
+    """(qualified name, layer) of every linear layer of ``model`` that carries an adapter."""
+    return [(name, m) for name, m in model.named_modules() if getattr(m, "lora_A", None) is not None]
+
+
+def attach(model: nn.Module, spec: LoraSpec, seed: int, dtype: torch.dtype = torch.float32) -> None:
+    """Freeze ``model`` and give each target projection an adapter of ``spec`` in ``dtype`` (A: PEFT's init
+    from a generator seeded with ``seed``, in module order; B: zeros). With ``spec.train_embeddings`` the
+    embeddings and the LM head stay trainable."""
+    from fastrft.models.layers import Linear
+
+    model.requires_grad_(False)
+    gen = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
+    for name, layer in model.named_modules():
+        if not (isinstance(layer, Linear) and name.rsplit(".", 1)[-1] in spec.targets):
+            continue
+        a = nn.Linear(layer.in_features, spec.rank, bias=False, device="cpu", dtype=torch.float32)
+        nn.init.kaiming_uniform_(a.weight, a=math.sqrt(5), generator=gen)  # nn.Linear's default, as PEFT's
+        b = nn.Linear(spec.rank, layer.out_features, bias=False, device="cpu", dtype=torch.float32)
+        nn.init.zeros_(b.weight)
+        layer.lora_A, layer.lora_B = a.to(device=device, dtype=dtype), b.to(device=device, dtype=dtype)
+        layer.lora_scaling, layer.lora_dropout = spec.scaling, spec.dropout
+    if spec.train_embeddings:  # trained: in the masters' dtype
+        for name in EMBEDDINGS:
+            module = _find(model, name)
+            if module is not None:
+                module.to(dtype).requires_grad_(True)
+    if not adapted(model):
+        raise ConfigError(f"lora_targets (--lora-targets): none of {', '.join(spec.targets)} is a linear layer of "
+                          "this model")
+
+
+def _find(model: nn.Module, leaf: str) -> nn.Module | None:
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] == leaf:
+            return module
+    return None
+
+
+def delta(layer, x: torch.Tensor, dense) -> torch.Tensor:
+    """The adapter's term ``(dropout(x) A^T) B^T * scaling`` of ``layer``, its two matmuls by ``dense(x, w,
+    bias)`` (the backend's). Dropout acts only in a training forward (with autograd on); the engine, the
+    old-log-prob pass and the KL reference never drop."""
+    if layer.lora_dropout and layer.training and torch.is_grad_enabled():
+        x = nn.functional.dropout(x, layer.lora_dropout, training=True)
+    return dense(dense(x, layer.lora_A.weight, None), layer.lora_B.weight, None) * layer.lora_scaling
+
+
+def trainable(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The parameters an optimizer steps, by name (every one without adapters)."""
+    return {k: p for k, p in model.named_parameters() if p.requires_grad}
+
+
+def reference_copy(model: nn.Module, shared=()) -> nn.Module:
+    """A frozen copy of ``model`` with its adapters off that shares the parameters ``shared`` (the frozen base
+    weights: not copied): the KL reference, the initial policy. Without adapters, a plain frozen copy."""
+    memo = {id(p): p for p in shared}
+    ref = copy.deepcopy(model, memo)
+    for _, layer in adapted(ref):
+        layer.lora_A = layer.lora_B = None
+    return ref.requires_grad_(False)
+
+
+def checkpoint_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """What a checkpoint holds of ``model``: its state dict, or with a frozen base only the trainable tensors
+    (the base is the source model's, loaded again on resume)."""
+    state = model.state_dict()
+    names = trainable(model)
+    return state if len(names) == len(dict(model.named_parameters())) else {k: state[k] for k in names}
+
+
+def load_checkpoint_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load :func:`checkpoint_state`'s dict into ``model``: all of it, or exactly its trainable tensors."""
+    names = trainable(model)
+    if len(names) == len(dict(model.named_parameters())):
+        model.load_state_dict(state)
+        return
+    if set(state) != set(names):
+        extra, missing = sorted(set(state) - set(names)), sorted(set(names) - set(state))
+        raise RuntimeError(f"the checkpoint's tensors are not this run's trainable ones (extra: {extra[:3]}, "
+                           f"missing: {missing[:3]})")
+    with torch.no_grad():
+        for k, v in state.items():
+            names[k].copy_(v)
+
+
+@torch.no_grad()
+def merged_state(state: dict[str, torch.Tensor], spec: LoraSpec) -> dict[str, torch.Tensor]:
+    """A full state dict with every adapter folded into its base weight (``W + scaling * B A`` in fp32,
+    stored in W's dtype) and the adapter tensors dropped: what transformers loads without PEFT."""
+    out = {k: v for k, v in state.items() if ".lora_A." not in k and ".lora_B." not in k}
+    for key in state:
+        if key.endswith(".lora_A.weight"):
+            prefix = key.removesuffix(".lora_A.weight")
+            a, b = state[key].float(), state[prefix + ".lora_B.weight"].float()
+            w = out[prefix + ".weight"]
+            out[prefix + ".weight"] = (w.float() + (b @ a) * spec.scaling).to(w.dtype)
+    return out
