@@ -128,11 +128,14 @@ def untimed(records: list[dict]) -> list[dict]:
     return [one(r) for r in records]
 
 
-def subprocess_env(distributed: bool = False) -> dict[str, str]:
+def subprocess_env(distributed: bool = False, tests: bool = False) -> dict[str, str]:
     """The environment of a child run whose bits are compared: one BLAS thread, a fixed hash seed; for a
-    torchrun child, none of this process's own rendezvous variables."""
+    torchrun child, none of this process's own rendezvous variables; ``tests``: this directory importable
+    (e.g. --reward-funcs conftest:digit_share)."""
     env = dict(os.environ)
     env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONHASHSEED="0")
+    if tests:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "tests"), env.get("PYTHONPATH")]))
     if distributed:
         for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
             env.pop(k, None)

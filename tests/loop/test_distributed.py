@@ -31,6 +31,7 @@ AGGS = ("token-mean", "seq-mean-token-mean")
 ROUNDS = 8
 KILL_AFTER = 5  # rounds logged before one rank is killed (checkpoints every 2)
 LR = 3e-3
+LORA = ["--lora-rank", "4", "--reward-funcs", "conftest:digit_share"]
 
 
 def _argv(model, out, aggregation):
@@ -70,12 +71,18 @@ def runs(tiny_llama, tmp_path_factory):
     for world in (1, 2):
         spec = [{"argv": _argv(tiny_llama, root / f"w{world}-{agg}", agg), "dump": str(root / f"w{world}-{agg}.json")}
                 for agg in AGGS]
-        if world == 2:  # the exact mode across ranks (issue 24), in both precisions
+        # LoRA: replicated adapters, trained on a reward with signal in every group (conftest.digit_share)
+        spec.append({"argv": _argv(tiny_llama, root / f"w{world}-lora", AGGS[0]) + LORA,
+                     "dump": str(root / f"w{world}-lora.json")})
+        if world == 2:  # the exact mode across ranks (issue 24), in both precisions; with adapters too
             for precision in ("fp32", "bf16-mixed"):
                 spec.append({"argv": _argv(tiny_llama, root / f"w2-{precision}-exact", AGGS[1]) +
                              ["--precision", precision, "--exact-logprobs", "on"], "dump": None})
+            spec.append({"argv": _argv(tiny_llama, root / "w2-lora-exact", AGGS[1]) + LORA +
+                         ["--precision", "bf16-mixed", "--exact-logprobs", "on"], "dump": None})
         (root / f"spec{world}.json").write_text(json.dumps(spec))
-    procs = [subprocess.Popen(cmd, env=subprocess_env(distributed=True), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    procs = [subprocess.Popen(cmd, env=subprocess_env(distributed=True, tests=True), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
              for cmd in (_torchrun(WORKER, str(root / "spec2.json")), [sys.executable, WORKER, str(root / "spec1.json")])]
     for p in procs:
         out, _ = p.communicate(timeout=600)
@@ -159,6 +166,24 @@ def test_weights_equal_one_process(runs, aggregation, tiny_llama):
                 assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), (a["round"], k)
             else:
                 assert a[k] == b[k], (a["round"], k)
+
+
+def test_lora_adapters_are_replicated_and_equal_one_process(runs):
+    """A LoRA run keeps its adapters whole on every rank (their gradients all-reduced, one checkpoint file) and
+    ends where the one-process run ends, up to the rounding of the gradient sums (the bound of the test above:
+    lr per step); its sampler and trainer agree bit for bit with the exact mode on."""
+    one = json.loads((runs / "w1-lora.json").read_text())
+    two = json.loads((runs / "w2-lora.json").read_text())
+    assert [[a["tokens"] for a in g] for g in one] == [[b["tokens"] for b in g] for g in two]
+    w1, w2 = _weights(runs / "w1-lora"), _weights(runs / "w2-lora")
+    assert set(w1) == set(w2) and all(".lora_" in k for k in w2)  # one file, the adapters alone
+    assert any(torch.count_nonzero(w2[k]) for k in w2 if ".lora_B." in k)  # they trained
+    diff = torch.cat([(w1[k] - w2[k]).abs().flatten() for k in w1])
+    assert diff.max() <= LR * ROUNDS
+    assert (diff > 1e-3 * LR * ROUNDS).float().mean() < 1e-3
+    rounds = [r for r in read_metrics(runs / "w2-lora-exact" / "metrics.jsonl") if r["kind"] == "round"
+              and not r["skipped"]]
+    assert rounds and [r["logp_gap_max"] for r in rounds] == [0.0] * len(rounds)
 
 
 def test_export_of_a_sharded_run_loads_in_transformers(runs, tmp_path):

@@ -19,15 +19,18 @@ from fastrft.report import read_metrics
 from conftest import subprocess_env, untimed
 
 # Every field of metrics.jsonl except wall-clock timings, which no two runs share.
-def _cmd(model, out, precision="fp32"):
+def _cmd(model, out, precision="fp32", lora=False):
     # Every piece of carried state is exercised: the window history, the KL reference, two PPO epochs of
     # two mini-batches (old log-probs, several optimizer steps a round), warm-up + cosine lr, AdamW moments.
+    # With LoRA: adapters with dropout (its RNG stream is carried too), trained on a reward with signal in
+    # every group (conftest.digit_share; the child finds it through subprocess_env(tests=True)).
+    adapters = ["--lora-rank", "4", "--lora-dropout", "0.1", "--reward-funcs", "conftest:digit_share"] if lora else []
     return [sys.executable, "-m", "fastrft", "train", "--model", str(model), "--out", str(out), "--rounds", "24",
             "--save-every", "4", "--keep-checkpoints", "2", "--group-size", "4", "--advantage", "window",
             "--window", "8", "--kl-coef", "0.01", "--ppo-epochs", "2", "--mini-batches", "2", "--lr", "3e-3",
             "--warmup-rounds", "3", "--schedule", "cosine", "--max-new-tokens", "3", "--eval-every", "6",
             "--test-size", "4", "--train-samples", "4", "--log-samples", "2", "--no-progress", "--seed", "3",
-            "--precision", precision]
+            "--precision", precision, *adapters]
 
 
 def _final_model(out):
@@ -35,15 +38,19 @@ def _final_model(out):
     return round_, payload["model"]
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16-mixed"])
-def test_kill_9_then_resume_is_bit_identical(tiny_llama, tmp_path, precision):
+@pytest.mark.parametrize(("precision", "lora"), [("fp32", False), ("bf16-mixed", False), ("fp32", True),
+                                               ("bf16-mixed", True)], ids=["fp32", "bf16-mixed", "fp32-lora",
+                                                                            "bf16-mixed-lora"])
+def test_kill_9_then_resume_is_bit_identical(tiny_llama, tmp_path, precision, lora):
     """bf16-mixed too: a checkpoint holds the fp32 masters and AdamW state; the bf16 compute copy and the
-    bf16 KL reference are functions of them, rebuilt identically on resume."""
+    bf16 KL reference are functions of them, rebuilt identically on resume. With LoRA the checkpoint holds
+    the adapters alone: the frozen base is loaded again from its source."""
     ref, killed = tmp_path / "ref", tmp_path / "killed"
-    subprocess.run(_cmd(tiny_llama, ref, precision), check=True, env=subprocess_env(), capture_output=True, timeout=600)
+    env = subprocess_env(tests=lora)
+    cmd = lambda out: _cmd(tiny_llama, out, precision, lora)  # noqa: E731
+    subprocess.run(cmd(ref), check=True, env=env, capture_output=True, timeout=600)
 
-    proc = subprocess.Popen(_cmd(tiny_llama, killed, precision), env=subprocess_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd(killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:
         metrics = killed / "metrics.jsonl"
@@ -64,7 +71,7 @@ def test_kill_9_then_resume_is_bit_identical(tiny_llama, tmp_path, precision):
         f.write(b"\x00garbage\x00")
     assert "SHA-256" in verify(newest)
 
-    resumed = subprocess.run(_cmd(tiny_llama, killed, precision), env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    resumed = subprocess.run(cmd(killed), env=env, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr
     assert "damaged" in resumed.stderr and "continuing after round" in resumed.stderr
 
@@ -76,11 +83,15 @@ def test_kill_9_then_resume_is_bit_identical(tiny_llama, tmp_path, precision):
     assert ra == rb == 24 and wa.keys() == wb.keys()
     assert all(v.dtype == torch.float32 for v in wa.values())  # the masters, in bf16-mixed too
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
-    # The runs really trained: the weights moved away from the initial ones.
+    # The runs really trained: the weights moved away from the initial ones (with LoRA: B, which starts at 0).
     from fastrft.models import load_model
 
-    init = load_model(tiny_llama).state_dict()
-    assert any(not torch.equal(init[k], wa[k]) for k in wa)
+    if lora:
+        assert set(wa) == {k for k in wa if ".lora_" in k} and any(torch.count_nonzero(wa[k]) for k in wa
+                                                                 if ".lora_B." in k)
+    else:
+        init = load_model(tiny_llama).state_dict()
+        assert any(not torch.equal(init[k], wa[k]) for k in wa)
     assert len(checkpoint_dirs(killed)) <= 3  # kept: the newest 2 (+ the damaged one, left for inspection)
 
 
