@@ -98,7 +98,7 @@ class ModelConfig:
     lora_alpha: float = opt(32.0, "LoRA alpha: the adapters' output is scaled by alpha / r (alpha / sqrt(r) with "
                                   "--lora-rslora), as in PEFT")
     lora_dropout: float = opt(0.0, "dropout on the adapters' input in the training forward (PEFT's lora_dropout); "
-                                   "must be 0 with --exact-logprobs on (the sampler does not drop)")
+                                   "--exact-logprobs on refuses it and auto turns off (the sampler does not drop)")
     lora_targets: tuple[str, ...] = opt(lora_names.TARGETS, "the projections that get adapters, by PEFT's "
                                                             "target_modules names: q_proj, k_proj, v_proj, o_proj, "
                                                             "gate_proj, up_proj, down_proj, or all-linear")
@@ -135,9 +135,6 @@ class ModelConfig:
         _require(math.isfinite(self.lora_alpha) and self.lora_alpha > 0, "lora_alpha",
                  f"must be a positive number, got {self.lora_alpha}")
         _require(0.0 <= self.lora_dropout < 1.0, "lora_dropout", f"must be in [0, 1), got {self.lora_dropout}")
-        _require(not (self.lora_dropout and self.exact_logprobs == "on"), "lora_dropout",
-                 f"{self.lora_dropout} cannot be exact: the training forward drops activations the sampler keeps, so "
-                 "their log-probs differ; use --lora-dropout 0 or --exact-logprobs off")
         lora_names.expand_targets(self.lora_targets)
         if self.lora_init is not None:
             from fastrft.models import peft_io

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 
 from fastrft import numerics
 from fastrft.errors import ConfigError
-from fastrft.models import row_rules
+from fastrft.models import lora, row_rules
 from fastrft.models.ops import Ops, get
 from fastrft.models.tiled_attention import (TILE, packed_attention, paged_attention, step_plan,  # noqa: F401
                                             tiled_attention)
@@ -128,6 +128,9 @@ class ExactTorchOps(Ops):
 
     def dense(self, x, weight, bias):
         return linear(x, weight, bias)
+
+    def add_adapter(self, layer, x, y):  # the adapter's GEMMs under this backend's batch-invariant rules
+        return lora.add_delta(layer, x, y, self.dense)
 
     def packed_attention(self, q, k, v, cu_seqlens, scale):
         return packed_attention(q, k, v, cu_seqlens, scale)

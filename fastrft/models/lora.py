@@ -57,13 +57,12 @@ def attach(model: nn.Module, spec: LoraSpec, seed: int, dtype: torch.dtype = tor
     """Freeze ``model`` and give each target projection an adapter of ``spec`` in ``dtype`` (A: PEFT's init
     from a generator seeded with ``seed``, in module order; B: zeros). With ``spec.train_embeddings`` the
     embeddings and the LM head stay trainable."""
-    from fastrft.models.layers import Linear
-
     model.requires_grad_(False)
     gen = torch.Generator().manual_seed(seed)
     device = next(model.parameters()).device
     for name, layer in model.named_modules():
-        if not (isinstance(layer, Linear) and name.rsplit(".", 1)[-1] in spec.targets):
+        # fastrft.models.layers.Linear (which imports this module's backend users, so it is not imported here)
+        if not (isinstance(layer, nn.Linear) and hasattr(layer, "lora_A") and name.rsplit(".", 1)[-1] in spec.targets):
             continue
         a = nn.Linear(layer.in_features, spec.rank, bias=False, device="cpu", dtype=torch.float32)
         nn.init.kaiming_uniform_(a.weight, a=math.sqrt(5), generator=gen)  # nn.Linear's default, as PEFT's
@@ -88,13 +87,29 @@ def _find(model: nn.Module, leaf: str) -> nn.Module | None:
     return None
 
 
-def delta(layer, x: torch.Tensor, dense) -> torch.Tensor:
-    """The adapter's term ``(dropout(x) A^T) B^T * scaling`` of ``layer``, its two matmuls by ``dense(x, w,
-    bias)`` (the backend's). Dropout acts only in a training forward (with autograd on); the engine, the
-    old-log-prob pass and the KL reference never drop."""
+def _dropped(layer, x: torch.Tensor) -> torch.Tensor:
+    """Dropout acts only in a training forward (with autograd on); the engine, the old-log-prob pass and the
+    KL reference never drop."""
     if layer.lora_dropout and layer.training and torch.is_grad_enabled():
-        x = nn.functional.dropout(x, layer.lora_dropout, training=True)
-    return dense(dense(x, layer.lora_A.weight, None), layer.lora_B.weight, None) * layer.lora_scaling
+        return nn.functional.dropout(x, layer.lora_dropout, training=True)
+    return x
+
+
+def add_delta(layer, x: torch.Tensor, y: torch.Tensor, dense) -> torch.Tensor:
+    """``y + (dropout(x) A^T) B^T * scaling`` for ``layer``'s adapter, PEFT's formula and order, each matmul by
+    ``dense(x, w, bias)`` (the backend's GEMM) and the scale and the sum as their own elementwise ops: what
+    the exact mode's backends use, since every step is then row-wise."""
+    return y + dense(dense(_dropped(layer, x), layer.lora_A.weight, None), layer.lora_B.weight, None) * layer.lora_scaling
+
+
+def add_delta_fused(layer, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The same sum with B's matmul, the scale and the add as one ``addmm_`` into ``y`` (the base GEMM's fresh
+    output, which its backward does not keep): one pass over the output instead of three, and no new
+    output-sized tensor. The plain backend's. It rounds the scaled product once less than :func:`add_delta`:
+    within fp32 (or bf16) rounding of PEFT's."""
+    h = nn.functional.linear(_dropped(layer, x), layer.lora_A.weight)
+    y.view(-1, y.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), layer.lora_B.weight.T, alpha=layer.lora_scaling)
+    return y
 
 
 def trainable(model: nn.Module) -> dict[str, torch.Tensor]:

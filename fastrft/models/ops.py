@@ -70,12 +70,16 @@ class Ops:
     # ------------------------------------------------------------------------------------------ layers
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, layer=None) -> torch.Tensor:
         """x W^T + b, plus the LoRA term of ``layer`` (the fastrft.models.layers.Linear computing it) where it
-        carries an adapter (:func:`fastrft.models.lora.delta`): every matmul by :meth:`dense`, so a backend's
-        treatment of the base GEMMs (the exact mode's row rules or kernels) covers the adapter's too."""
+        carries an adapter (:meth:`add_adapter`)."""
         y = self.dense(x, weight, bias)
         if layer is not None and layer.lora_A is not None:
-            y = y + lora.delta(layer, x, self.dense)
+            y = self.add_adapter(layer, x, y)
         return y
+
+    def add_adapter(self, layer, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``y`` plus ``layer``'s LoRA term of ``x`` (fastrft.models.lora): here fused into one addmm; a
+        batch-invariant backend computes it with its own GEMM (:func:`fastrft.models.lora.add_delta`)."""
+        return lora.add_delta_fused(layer, x, y)
 
     def dense(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """One GEMM x W^T + b: what a backend overrides for its linear layers."""

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
+from fastrft.models import lora
 from fastrft.models.ops import Ops
 from fastrft.models.paged import StepPlan
 
@@ -50,6 +51,9 @@ class ExactTritonOps(Ops):
 
     def dense(self, x, weight, bias):
         return _kernels().linear(x, weight, bias)
+
+    def add_adapter(self, layer, x, y):  # the adapter's GEMMs under this backend's batch-invariant rules
+        return lora.add_delta(layer, x, y, self.dense)
 
     def rms_norm(self, x, weight, eps):
         return _kernels().rms_norm(x, weight, eps)

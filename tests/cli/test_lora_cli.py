@@ -30,7 +30,7 @@ def _one_line_error(capsys, *needles):
     (["--lora-rank", "4", "--lora-targets", "q_proj,qkv_proj"],
      ["'qkv_proj'", "q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj"]),
     (["--lora-alpha", "16"], ["lora_alpha (--lora-alpha)", "--lora-rank is 0"]),
-    (["--lora-rank", "4", "--lora-dropout", "0.1", "--exact-logprobs", "on"], ["lora_dropout", "cannot be exact"]),
+    (["--lora-rank", "4", "--lora-dropout", "0.1", "--exact-logprobs", "on"], ["exact_logprobs (--exact-logprobs) on cannot be honoured", "--lora-dropout"]),
     (["--lora-rank", "4", "--lora-init", "/nonexistent/adapter"], ["lora_init (--lora-init)", "no such directory"]),
 ])
 def test_bad_lora_flags(tiny_llama, tmp_path, capsys, flags, needles):

@@ -103,8 +103,12 @@ def test_bad_lora_options_are_one_line_errors():
     assert "'qkv'" in str(e.value)
     with pytest.raises(ConfigError, match="--lora-rank is 0"):
         ModelConfig(lora_alpha=16.0)
-    with pytest.raises(ConfigError, match="lora_dropout.*cannot be exact"):
-        ModelConfig(lora_rank=4, lora_dropout=0.1, exact_logprobs="on")
+    from fastrft.config import TrainConfig
+    from fastrft.models import exact
+
+    with pytest.raises(ConfigError, match="on cannot be honoured: --lora-dropout"):
+        exact.resolve(TrainConfig(model=ModelConfig(lora_rank=4, lora_dropout=0.1, exact_logprobs="on")),
+                      torch.device("cpu"))
     assert lora.LoraSpec.from_config(ModelConfig(lora_rank=4, lora_targets=("all-linear",))).targets == \
         lora.TARGETS
 
@@ -149,18 +153,38 @@ def test_exact_triton_path_with_adapters(tiny_llama, tmp_path):
 
 
 def test_the_backend_computes_the_adapter_matmuls(tiny_llama):
-    """Ops.linear sends the adapter's two matmuls through the backend's dense GEMM (what makes them
-    batch-invariant in the exact mode)."""
+    """The exact backends send the adapter's two matmuls through their dense GEMM (what makes them
+    batch-invariant); the plain one fuses B's matmul, the scale and the add into one addmm, within fp32
+    rounding of the unfused sum."""
+    from fastrft.models.exact import ExactTorchOps
+
     model = load_model(tiny_llama)
     lora.attach(model, lora.LoraSpec(rank=3, alpha=3.0, targets=("o_proj",)), seed=0)
+    _randomize_b(model)
     calls = []
 
-    class Counting(ops.Ops):
+    class Counting(ExactTorchOps):
         def dense(self, x, weight, bias):
             calls.append(tuple(weight.shape))
             return super().dense(x, weight, bias)
 
     model.set_ops(Counting())
     o = model.model.layers[0].self_attn.o_proj
-    o(torch.randn(2, o.in_features))
+    x = torch.randn(5, o.in_features, generator=torch.Generator().manual_seed(0))
+    unfused = o(x)
     assert calls == [tuple(o.weight.shape), (3, o.in_features), (o.out_features, 3)]
+    model.set_ops(ops.PLAIN)
+    assert torch.allclose(o(x), unfused, rtol=0, atol=1e-6)
+
+
+def test_activation_checkpointing_with_adapters_changes_nothing(tiny_llama, tmp_path):
+    """The recomputed layers' adapters get their gradients (the checkpointed layers' inputs need none: the
+    embeddings are frozen), and the run equals the one that keeps its activations."""
+    from conftest import train_and_collect, untimed
+
+    cfg = _lora(exact_config(tiny_llama, tmp_path / "kept", rounds=2, mode="off"), rank=4)
+    ckpt = cfg.replace(model=dataclasses.replace(cfg.model, activation_checkpointing=True),
+                       run=dataclasses.replace(cfg.run, out=str(tmp_path / "recomputed")))
+    (a, wa), (b, wb) = train_and_collect(cfg), train_and_collect(ckpt)
+    assert untimed(a) == untimed(b) and a[-1]["grad_norm"] > 0
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
