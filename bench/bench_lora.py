@@ -85,29 +85,40 @@ def decode(args) -> list[Result]:
 
 
 # ----------------------------------------------------------------------------------------- step
-def _step_fn(precision, n: int, prompt: int, response: int, seed: int = 0):
-    """One optimizer step as the learner takes it: n sequences packed, forward, the fused PG loss,
-    backward, AdamW over the trainable parameters."""
+def _step_fn(precision, n: int, prompt: int, response: int, budget: int | None = None, seed: int = 0):
+    """One optimizer step as the learner takes it: n sequences cut into micro-batches of ``budget`` packed
+    tokens (default: the trainer's, fastrft.microbatch.default_token_budget), each forward, the fused PG loss
+    and backward; then AdamW over the trainable parameters."""
     from fastrft.algo import PGLossSpec, pack
     from fastrft.kernels import fused_linear_pg_loss
     from fastrft.loop.logprobs import response_hidden
+    from fastrft.microbatch import default_token_budget, micro_batches, step_weights
     from fastrft.precision import make_adamw
 
     model = precision.train_model
     device = precision.master.lm_head_weight.device
+    budget = budget or default_token_budget(precision, device, False)[0]
     g = torch.Generator().manual_seed(seed)
     vocab = model.lm_head_weight.shape[0]
     prompts = [torch.randint(0, vocab, (prompt,), generator=g).tolist() for _ in range(n)]
     responses = [torch.randint(0, vocab, (response,), generator=g).tolist() for _ in range(n)]
-    batch = pack(prompts, responses, torch.randn(n, generator=g).tolist(), [[0.0] * response] * n).to(device)
+    advantages = torch.randn(n, generator=g).tolist()
     optimizer = make_adamw(precision.trainable, lr=1e-6, betas=(0.9, 0.999), weight_decay=0.01, device=device)
     spec = PGLossSpec(aggregation="seq-mean-token-mean")
+    groups = micro_batches([prompt + response] * n, budget)
+    weights = step_weights([response] * n, spec) if len(groups) > 1 else None
 
     def step() -> float:
         optimizer.zero_grad(set_to_none=device.type == "cuda")
-        hidden, weight = response_hidden(model, batch)
-        loss, _ = fused_linear_pg_loss(hidden, weight, batch.targets, batch.advantages, batch.seq_ids, spec=spec)
-        loss.backward()
+        for group in groups:
+            batch = pack([prompts[i] for i in group], [responses[i] for i in group], [advantages[i] for i in group],
+                         [[0.0] * response for _ in group]).to(device)
+            hidden, weight = response_hidden(model, batch)
+            w = None if weights is None else torch.cat([weights[i] for i in group]).to(device)
+            loss, _ = fused_linear_pg_loss(hidden, weight, batch.targets, batch.advantages, batch.seq_ids, spec=spec,
+                                           weights=w)
+            loss.backward()
+            del hidden, weight, loss
         optimizer.step()
         precision.after_step()
         return n * (prompt + response)
@@ -140,8 +151,10 @@ def step(args) -> list[Result]:
 
 
 # ----------------------------------------------------------------------------------------- memory, round
-def _memory_worker(shape: str, precision: str, rank: int, device: str, n: int, prompt: int, response: int) -> dict:
+def _memory_worker(shape: str, precision: str, rank: int, device: str, n: int, prompt: int, response: int,
+                   checkpointing: bool) -> dict:
     p = _policy(None, shape, precision, rank, device)
+    p.train_model.activation_checkpointing = checkpointing
     fn = _step_fn(p, n, prompt, response)
     t0 = time.perf_counter()
     fn()  # the first step allocates the gradients and AdamW's state
@@ -203,13 +216,16 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=64)
     ap.add_argument("--response", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--activation-checkpointing", action="store_true", help="memory: recompute each layer in the "
+                                                                            "backward (both cases)")
     ap.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         kind, *rest = args.worker
         if kind == "memory":
-            shape, precision, rank, device, n, prompt, response = rest
-            print(json.dumps(_memory_worker(shape, precision, int(rank), device, int(n), int(prompt), int(response))))
+            shape, precision, rank, device, n, prompt, response, ckpt = rest
+            print(json.dumps(_memory_worker(shape, precision, int(rank), device, int(n), int(prompt), int(response),
+                                            ckpt == "1")))
         else:
             shape, precision, rank, device, response, out = rest
             print(json.dumps(_round_worker(shape, precision, int(rank), device, int(response), out)))
@@ -226,10 +242,12 @@ def main() -> None:
     if args.what == "memory":
         args.shape = args.shape or "qwen2.5-0.5b"
         common = [args.shape, args.precision]
-        tail = [args.device, str(args.group), str(args.prompt), str(args.response)]
+        tail = [args.device, str(args.group), str(args.prompt), str(args.response),
+                str(int(args.activation_checkpointing))]
         results = isolated(args, "memory", [("full fine-tuning", [*common, "0", *tail]),
                                             (f"LoRA r={args.rank}", [*common, str(args.rank), *tail])])
-        title = f"Peak memory of one training step, G = {args.group} x ({args.prompt} + {args.response}) tokens"
+        title = (f"Peak memory of one training step, G = {args.group} x ({args.prompt} + {args.response}) tokens, "
+                 f"the trainer's token budget{', activation checkpointing' if args.activation_checkpointing else ''}")
     else:
         args.shape = args.shape or "qwen2.5-1.5b"
         out = tempfile.mkdtemp(prefix="bench-lora-run-")

@@ -110,7 +110,7 @@ def default_token_budget(precision, device: torch.device, checkpointing: bool) -
     cfg = model.config
     # Under FSDP2 the masters are DTensors: this rank holds its shard of them (and of their gradients and
     # AdamW state); the full compute copy is counted by compute_bytes.
-    masters = [p.to_local() if hasattr(p, "to_local") else p for p in precision.master.parameters()]
+    masters = [p.to_local() if hasattr(p, "to_local") else p for p in precision.trainable]  # (LoRA: the adapters)
     grads = sum(p.numel() * p.element_size() for p in masters)
     adam = sum(2 * p.numel() * 4 for p in masters)
     grads += precision.compute_bytes()  # a bf16 gradient lives until it is folded into its master
