@@ -44,7 +44,7 @@ def _policy(model_name: str | None, shape: str | None, precision: str, rank: int
 
     if shape is not None:
         tmp = Path(tempfile.mkdtemp(prefix="bench-lora-"))
-        model_name = str(write_model_dir(shape, FILE_DTYPE[precision], "cpu", tmp / shape))
+        model_name = str(write_model_dir(shape, FILE_DTYPE[precision], device, tmp / shape))
     cfg = TrainConfig(model=ModelConfig(model=model_name, precision=precision, lora_rank=rank,
                                         lora_targets=TARGETS if rank else ModelConfig().lora_targets),
                       run=RunConfig(seed=0))
@@ -171,7 +171,7 @@ def _round_worker(shape: str, precision: str, rank: int, device: str, response: 
     from fastrft.trainer import Trainer
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-lora-round-"))
-    model_dir = write_model_dir(shape, FILE_DTYPE[precision], "cpu", tmp / shape)
+    model_dir = write_model_dir(shape, FILE_DTYPE[precision], device, tmp / shape)
     values = presets.overlay(TrainConfig().to_dict(), presets.L0_FIELDS, {
         "model": {"model": str(model_dir), "precision": precision, "lora_rank": rank, "device": device},
         "data": {"dataset": "gsm8k"}, "rollout": {"max_new_tokens": response},

@@ -31,7 +31,7 @@
 #                transformers at batch 1, 64 and 256.
 #     Each benchmark estimates a case before it starts it and drops the cases that would not fit (the
 #     largest N, G or batch first); the summary lists what was dropped.
-#   - --stages picks and orders the stages (default tests,logprob,round,rollout); three more are available:
+#   - --stages picks and orders the stages (default tests,logprob,round,rollout); four more are available:
 #       exact    bench/bench_exact.py: seconds per round with --exact-logprobs on against off, bf16-mixed,
 #                random-weight Qwen2.5-0.5B, one step and 2 x 2 PPO steps per round, and each mode's
 #                logp_gap_max (0 when on); exact.md. Its share is 40 % of the time left.
@@ -39,6 +39,9 @@
 #                export, then `fastrft ladder --jobs 1` against `--jobs 2` on the one GPU (dist.json,
 #                dist.md; BENCH_DIST_ARGS adds flags). Its share is 60 % of the time left; the last stage
 #                listed gets all of it.
+#       lora     bench/bench_lora.py: one L0 round (256-token response) of a random-weight Qwen2.5-7B shape
+#                with r = 16 adapters on every projection, bf16-mixed: peak GPU memory and time; then
+#                batch-256 decode, Qwen2.5-1.5B shape, adapters against none (lora.md). Its share is 50 %.
 #       trl      bench/bench_trl.py: one RFT round through TRL's GRPOTrainer and through fastrft, interleaved
 #                in one process, G = 4 and 8, 96-token responses, random-weight Qwen2.5-0.5B, bf16 (TRL
 #                generates with transformers: no vLLM there); needs trl and datasets from .whl/ (below).
@@ -138,6 +141,8 @@ finish() {
     [ -f "$WORK/trl.md" ] && printf '\n## RFT round: fastrft vs TRL\n\n%s\n' "$(cat "$WORK/trl.md")" >>"$OUT_DIR/summary.md"
     [ -f "$WORK/exact.md" ] && printf '\n## Exact log-probs: round cost, on against off\n\n%s\n' "$(cat "$WORK/exact.md")" \
         >>"$OUT_DIR/summary.md"
+    [ -f "$WORK/lora.md" ] && printf '\n## LoRA: a 7B round on one GPU, decode with adapters\n\n%s\n' \
+        "$(cat "$WORK/lora.md")" >>"$OUT_DIR/summary.md"
     local f
     for f in pytest.txt logprob.json round.json rollout.json results.csv dist.json dist.md; do
         [ -f "$WORK/$f" ] && cp "$WORK/$f" "$OUT_DIR/$f"
@@ -301,6 +306,22 @@ stage_exact() {
     return "${PIPESTATUS[0]}"
 }
 
+# LoRA (bench/bench_lora.py): one L0 round of a random-weight Qwen2.5-7B shape with r = 16 adapters (peak memory
+# and time), then batch-256 decode with adapters on every projection against none (inside the CUDA graphs).
+stage_lora() {
+    local round=(round --device cuda --shape qwen2.5-7b --response 256) decode=(decode --device cuda --shape
+        qwen2.5-1.5b --precision bf16-mixed --batch 256 --new-tokens 128 --repeats 3)
+    if [ $SMOKE = 1 ]; then
+        round=(round --device cpu --shape tiny --response 8)
+        decode=(decode --device cpu --shape tiny --batch 8 --new-tokens 8 --repeats 1)
+    fi
+    timeout -s INT -k 10 $((SLICE * 2 / 3 + 10)) $PY bench/bench_lora.py "${round[@]}" 2>&1 | tee -a "$LOG" "$WORK/lora.md"
+    local rc=${PIPESTATUS[0]}
+    timeout -s INT -k 10 $((SLICE / 3 + 10)) $PY bench/bench_lora.py "${decode[@]}" 2>&1 | tee -a "$LOG" "$WORK/lora.md"
+    [ "$rc" = 0 ] && return "${PIPESTATUS[0]}"
+    return "$rc"
+}
+
 stage_rollout() {
     if [ $SMOKE = 1 ]; then bench bench/bench_rollout.py --in-process --device cpu --smoke
     else bench bench/bench_rollout.py --in-process --shapes qwen2.5-1.5b; fi
@@ -329,11 +350,11 @@ if ! setup; then
     finish
     exit 3
 fi
-declare -A SHARE=([tests]=22 [logprob]=35 [round]=50 [rollout]=100 [dist]=60 [trl]=50 [exact]=40)
+declare -A SHARE=([tests]=22 [logprob]=35 [round]=50 [rollout]=100 [dist]=60 [trl]=50 [exact]=40 [lora]=50)
 IFS=, read -r -a ORDER <<<"$STAGES"
 for i in "${!ORDER[@]}"; do
     name=${ORDER[$i]}
-    [ -n "${SHARE[$name]:-}" ] || { say "unknown stage '$name' (tests, logprob, round, rollout, dist, trl, exact)"; continue; }
+    [ -n "${SHARE[$name]:-}" ] || { say "unknown stage '$name' (tests, logprob, round, rollout, dist, trl, exact, lora)"; continue; }
     pct=${SHARE[$name]}
     [ "$i" -eq $((${#ORDER[@]} - 1)) ] && pct=100
     stage "$name" "$pct" "stage_$name"
