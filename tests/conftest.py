@@ -235,3 +235,21 @@ def with_signal(cfg):
     import dataclasses
 
     return cfg.replace(data=dataclasses.replace(cfg.data, reward_funcs=("conftest:digit_share",)))
+
+
+def tiny_train_args(model, out, *extra):
+    """`fastrft train` arguments of a two-round run of the tiny model (bad-input tests add the flag under test)."""
+    return ["train", "--model", str(model), "--rounds", "2", "--eval-every", "0", "--group-size", "2",
+            "--advantage", "grpo", "--max-new-tokens", "3", "--test-size", "2", "--train-samples", "2",
+            "--lr", "1e-3", "--out", str(out), "--no-progress", *extra]
+
+
+def one_line_error(capsys, *needles):
+    """The captured stderr is one 'fastrft: error:' line, no traceback, holding every needle; returned."""
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("fastrft: error: "), err
+    assert len(err.splitlines()) == 1, err
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in err, (needle, err)
+    return err

@@ -11,23 +11,9 @@ import subprocess
 import pytest
 
 from fastrft.checkpoint import checkpoint_dirs
+from conftest import one_line_error as _one_line_error
+from conftest import tiny_train_args as _tiny
 from fastrft.cli import main
-
-
-def _tiny(model, out, *extra):
-    return ["train", "--model", str(model), "--rounds", "2", "--eval-every", "0", "--group-size", "2",
-            "--advantage", "grpo", "--max-new-tokens", "3", "--test-size", "2", "--train-samples", "2",
-            "--lr", "1e-3", "--out", str(out), "--no-progress", *extra]
-
-
-def _one_line_error(capsys, *needles):
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("fastrft: error: "), err
-    assert len(err.splitlines()) == 1, err
-    assert "Traceback" not in err
-    for needle in needles:
-        assert needle in err, (needle, err)
-    return err
 
 
 def _snapshot(root):

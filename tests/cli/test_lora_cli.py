@@ -7,22 +7,11 @@ from pathlib import Path
 
 import pytest
 
+from conftest import one_line_error as _one_line_error
+from conftest import tiny_train_args as _tiny
 from fastrft import ladder
 from fastrft.cli import main
 from fastrft.config import TrainConfig
-
-
-def _tiny(model, out, *extra):
-    return ["train", "--model", str(model), "--rounds", "2", "--eval-every", "0", "--group-size", "2",
-            "--advantage", "grpo", "--max-new-tokens", "3", "--test-size", "2", "--train-samples", "2",
-            "--lr", "1e-3", "--out", str(out), "--no-progress", *extra]
-
-
-def _one_line_error(capsys, *needles):
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("fastrft: error: ") and len(err.splitlines()) == 1 and "Traceback" not in err, err
-    for needle in needles:
-        assert needle in err, (needle, err)
 
 
 @pytest.mark.parametrize("flags, needles", [

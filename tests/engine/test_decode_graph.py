@@ -103,3 +103,31 @@ def test_eager_decode_launches_the_graphs_split_k(tiny_llama, monkeypatch):
         out = engine.generate(prompts, n=1, max_new_tokens=5, temperature=0.7, seed=5, eos_token_ids=[])
         results[graphs] = [(c.token_ids, c.logprobs) for group in out for c in group]
     assert results[True] == results[False]
+
+
+@pytest.mark.parametrize("backend", ["plain", "exact-torch"])
+def test_the_graph_step_runs_the_adapters(tiny_llama, monkeypatch, backend):
+    """LoRA adapters sit inside the captured step (they are part of every projection's forward): with trained
+    (non-zero) adapters the graph step samples what eager decode samples, and not what the base model does."""
+    from fastrft.models import lora
+
+    def sample(graphs: bool, adapters: bool):
+        model = load_model(tiny_llama, dtype=torch.bfloat16)
+        if adapters:
+            lora.attach(model, lora.LoraSpec(rank=4, alpha=8.0), seed=0, dtype=torch.bfloat16)
+            g = torch.Generator().manual_seed(1)
+            with torch.no_grad():
+                for _, layer in lora.adapted(model):
+                    layer.lora_B.weight.copy_(torch.randn(layer.lora_B.weight.shape, generator=g) * 0.2)
+        model.set_ops(_backend(backend))
+        monkeypatch.setattr(model_runner, "GRAPH_DEVICES", ("cuda", "cpu") if graphs else ("cuda",))
+        engine = Engine(model, config=EngineConfig(kv_cache_memory=2**20, max_num_seqs=4, max_model_len=64,
+                                                   cuda_graphs=graphs))
+        out = engine.generate([[2, 5, 6, 7], [2, 9, 9, 4, 4, 8, 3]], n=2, max_new_tokens=5, temperature=0.7, seed=3,
+                              eos_token_ids=[])
+        return [(c.token_ids, c.logprobs) for group in out for c in group]
+
+    monkeypatch.setattr(model_runner, "cuda_graph_capture", eager_capture)
+    graph = sample(True, True)
+    assert graph == sample(False, True)
+    assert [lp for _, lp in graph] != [lp for _, lp in sample(True, False)]
