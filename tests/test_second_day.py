@@ -281,7 +281,7 @@ def test_ctrl_c_while_starting_says_so(tiny_llama, tmp_path, monkeypatch, capsys
     def interrupted(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(fastrft.trainer, "load_model", interrupted)
+    monkeypatch.setattr(fastrft.trainer, "load_policy", interrupted)  # loading the model
     assert main(_args(tiny_llama, tmp_path / "r")) == 130
     err = capsys.readouterr().err.strip()
     assert err.startswith("fastrft: interrupted while starting") and "nothing was trained" in err
