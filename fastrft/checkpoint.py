@@ -154,17 +154,17 @@ def checkpoint_dir(run_dir: Path, round_: int) -> Path:
     return Path(run_dir) / CKPT_DIR / f"round-{round_:06d}"
 
 
-def check_layout(run_dir: Path, round_: int, payload: dict[str, Any], distributed: bool) -> None:
+def check_layout(run_dir: Path, round_: int, payload: dict[str, Any], shards: bool) -> None:
     """Refuse, with what to do, a checkpoint this process cannot load: a plain run's checkpoint (whole
     state dicts in state.pt) where the run shards its weights (a full fine-tune under torchrun), or a sharded
-    one in a plain process. ``distributed``: whether this run shards (a LoRA run never does)."""
+    one where it does not. ``shards``: whether this run shards (a LoRA run never does)."""
     sharded = "model" not in payload
-    if sharded and not distributed:
+    if sharded and not shards:
         raise FastRFTError(f"{run_dir}: the checkpoint of round {round_} is sharded (written by a "
                            f"{payload.get('world_size', '?')}-process torchrun job); resume it under torchrun, "
                            "e.g. torchrun --nproc-per-node 2 -m fastrft train ... (any --nproc-per-node, 1 included: "
                            "DCP reshards), or export it with fastrft export")
-    if not sharded and distributed:
+    if not sharded and shards:
         raise FastRFTError(f"{run_dir}: the checkpoint of round {round_} was written by a plain (non-torchrun) run; "
                            "resume it with a plain fastrft train, or start the torchrun job in a new --out")
 

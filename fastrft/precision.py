@@ -132,8 +132,6 @@ class ReplicatedPrecision(Precision):
     only the base's memory, and the base is what LoRA makes small; the adapters are a few MB. Every rank then
     takes the same AdamW step and keeps identical weights; checkpoints are one file, written by rank 0."""
 
-    sharded = False
-
     def __init__(self, model: torch.nn.Module, name: str, world):
         super().__init__(model, name)
         self.world = world
