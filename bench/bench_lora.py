@@ -1,16 +1,16 @@
-"""What LoRA buys: decode speed with adapters, a training step's time, and a training step's peak memory.
+"""What LoRA buys: decode speed with adapters, a training step's time, one round's memory and time.
 
     python bench/bench_lora.py decode     # batch-64 decode tok/s with r = 16 adapters on every projection vs none
     python bench/bench_lora.py step       # one G = 8 step's fwd + bwd + AdamW: LoRA r = 16 vs full fine-tuning
-    python bench/bench_lora.py memory     # peak RSS of one step, a Qwen2.5-0.5B shape: full bf16-mixed vs LoRA r = 16
     python bench/bench_lora.py round      # one L0 round end to end, a Qwen2.5-1.5B shape with LoRA r = 16
 
 ``decode`` and ``step`` run both cases in one process, interleaved (A B A B ...), on the embedded
 SmolLM2-135M-Instruct (``--model``) in fp32 (the CPU default; ``--precision``): the ratio is measured side by
-side. ``memory`` and ``round`` run each case in a fresh process and report its peak RSS (the process's
-high-water mark, model included); their models have random weights with the real shapes (bench/harness.py).
-On CUDA (``--device cuda``) the same cases report the CUDA allocator's peak instead; ``bench/gpu_suite.sh``
-runs its ``lora`` stage this way with a Qwen2.5-7B shape.
+side. ``round`` runs in a fresh process and reports its peak RSS (the process's high-water mark, model
+included); its model has random weights with the real shapes (bench/harness.py). On CUDA (``--device cuda``)
+it reports the CUDA allocator's peak instead; ``bench/gpu_suite.sh`` runs its ``lora`` stage this way with a
+Qwen2.5-7B shape. The peak memory of one training step, full fine-tuning against LoRA, is
+``bench/bench_memory.py --lora-rank 0,16``'s.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from harness import FILE_DTYPE, Result, _rss_mib, build_model, report, run_isolated, write_model_dir  # noqa: E402
+from harness import FILE_DTYPE, Result, _rss_mib, report, run_isolated, write_model_dir  # noqa: E402
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -150,21 +150,7 @@ def step(args) -> list[Result]:
     return results
 
 
-# ----------------------------------------------------------------------------------------- memory, round
-def _memory_worker(shape: str, precision: str, rank: int, device: str, n: int, prompt: int, response: int,
-                   checkpointing: bool) -> dict:
-    p = _policy(None, shape, precision, rank, device)
-    p.train_model.activation_checkpointing = checkpointing
-    fn = _step_fn(p, n, prompt, response)
-    t0 = time.perf_counter()
-    fn()  # the first step allocates the gradients and AdamW's state
-    fn()
-    _sync(device)
-    peak = (torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else _rss_mib("VmHWM"))
-    trainable = sum(t.numel() for t in p.trainable)
-    return {"peak_mib": peak, "seconds": (time.perf_counter() - t0) / 2, "trainable": trainable}
-
-
+# ----------------------------------------------------------------------------------------- round
 def _round_worker(shape: str, precision: str, rank: int, device: str, response: int, out: str) -> dict:
     from fastrft import presets
     from fastrft.config import TrainConfig
@@ -195,19 +181,17 @@ def isolated(args, bench: str, cases: list[tuple[str, list[str]]]) -> list[Resul
                    shape=dict(shape=args.shape, precision=args.precision))
         r.extra = {k: v for k, v in got.items() if k not in ("seconds", "peak_mib", "error")}
         results.append(r)
-    if len(results) == 2 and all(r.peak_mib for r in results):
-        results[1].extra["peak vs full"] = round(results[1].peak_mib / results[0].peak_mib, 3)
     return results
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("what", nargs="?", choices=("decode", "step", "memory", "round"), default="decode")
+    ap.add_argument("what", nargs="?", choices=("decode", "step", "round"), default="decode")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--model", default="smollm2-135m-instruct", help="decode/step: model alias or directory")
     ap.add_argument("--shape", default=None, help="a random-weight model of this shape (bench/harness.py SHAPES); "
-                                                   "memory: default qwen2.5-0.5b, round: qwen2.5-1.5b")
-    ap.add_argument("--precision", default=None, help="default: fp32 (decode, step), bf16-mixed (memory, round)")
+                                                   "round: default qwen2.5-1.5b")
+    ap.add_argument("--precision", default=None, help="default: fp32 (decode, step), bf16-mixed (round)")
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=64)
@@ -216,19 +200,11 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=64)
     ap.add_argument("--response", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--activation-checkpointing", action="store_true", help="memory: recompute each layer in the "
-                                                                            "backward (both cases)")
     ap.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        kind, *rest = args.worker
-        if kind == "memory":
-            shape, precision, rank, device, n, prompt, response, ckpt = rest
-            print(json.dumps(_memory_worker(shape, precision, int(rank), device, int(n), int(prompt), int(response),
-                                            ckpt == "1")))
-        else:
-            shape, precision, rank, device, response, out = rest
-            print(json.dumps(_round_worker(shape, precision, int(rank), device, int(response), out)))
+        _, shape, precision, rank, device, response, out = args.worker
+        print(json.dumps(_round_worker(shape, precision, int(rank), device, int(response), out)))
         return
     if args.what in ("decode", "step"):
         args.precision = args.precision or "fp32"
@@ -239,24 +215,14 @@ def main() -> None:
                columns=("vs none",) if args.what == "decode" else ("vs full",))
         return
     args.precision = args.precision or "bf16-mixed"
-    if args.what == "memory":
-        args.shape = args.shape or "qwen2.5-0.5b"
-        common = [args.shape, args.precision]
-        tail = [args.device, str(args.group), str(args.prompt), str(args.response),
-                str(int(args.activation_checkpointing))]
-        results = isolated(args, "memory", [("full fine-tuning", [*common, "0", *tail]),
-                                            (f"LoRA r={args.rank}", [*common, str(args.rank), *tail])])
-        title = (f"Peak memory of one training step, G = {args.group} x ({args.prompt} + {args.response}) tokens, "
-                 f"the trainer's token budget{', activation checkpointing' if args.activation_checkpointing else ''}")
-    else:
-        args.shape = args.shape or "qwen2.5-1.5b"
-        out = tempfile.mkdtemp(prefix="bench-lora-run-")
-        results = isolated(args, "round", [(f"LoRA r={args.rank}, L0 round", [args.shape, args.precision,
-                                                                              str(args.rank), args.device,
-                                                                              str(args.response), out + "/run"])])
-        title = f"One L0 round end to end with LoRA ({args.response}-token response)"
+    args.shape = args.shape or "qwen2.5-1.5b"
+    out = tempfile.mkdtemp(prefix="bench-lora-run-")
+    results = isolated(args, "round", [(f"LoRA r={args.rank}, L0 round", [args.shape, args.precision, str(args.rank),
+                                                                          args.device, str(args.response),
+                                                                          out + "/run"])])
+    title = f"One L0 round end to end with LoRA ({args.response}-token response)"
     report(results, f"{title} ({args.precision}, {args.shape} shape, random weights)", args.device,
-           columns=("peak vs full", "trainable", "build_s"), time_unit="s")
+           columns=("build_s",), time_unit="s")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,8 @@
     python bench/bench_memory.py                                   # CPU: SmolLM2-135M, fp32, 512 -> 16,384 tokens
     python bench/bench_memory.py --tokens 512,2048 --repeats 1     # a quick look
     python bench/bench_memory.py --shape qwen2.5-1.5b              # GPU: random Qwen2.5-1.5B shape, bf16-mixed
+    python bench/bench_memory.py --shape qwen2.5-0.5b --precision bf16-mixed --tokens 4096 --configs budget \
+        --lora-rank 0,16                                           # full fine-tuning against LoRA r = 16
 
 Configurations: ``none`` (one forward + backward over the whole step), ``budget`` (--max-tokens-per-step,
 default 2,048) and ``budget+ckpt`` (the budget and activation checkpointing). A step is what the trainer
@@ -14,6 +16,12 @@ one warm-up step and ``--repeats`` timed ones, so "peak extra" is what a step ad
 gradients and the optimizer state: on CPU the RSS high-water mark (reset through /proc/self/clear_refs
 once they are allocated) less the RSS then, on GPU the CUDA allocator's peak. A case whose estimate exceeds the machine's
 memory is reported as skipped instead of being run.
+
+``--lora-rank R`` (a comma list; 0 is full fine-tuning) trains LoRA adapters on all seven projections, the
+model built as the trainer builds it (fastrft.precision.load_policy: the frozen base held once, in the
+compute dtype; masters, gradients and AdamW state for the adapters only). Since what LoRA saves is the
+state, not the step, the table then also gives "peak RSS": the process's whole high-water mark over the
+steps (model, state and step; CPU), and each case's ratio to rank 0's.
 """
 
 from __future__ import annotations
@@ -47,11 +55,11 @@ def make_step(precision, tokens: int, budget: int | None, device: str, seed: int
     responses = [torch.randint(0, vocab, (RESPONSE + 1,), generator=g).tolist() for _ in range(n)]
     advantages = torch.randn(n, generator=g).tolist()
     spec = PGLossSpec(aggregation="seq-mean-token-mean")
-    optimizer = make_adamw(precision.master.parameters(), lr=1e-6, betas=(0.9, 0.999), weight_decay=0.01,
+    optimizer = make_adamw(precision.trainable, lr=1e-6, betas=(0.9, 0.999), weight_decay=0.01,
                            device=precision.master.device)
     # The gradients and AdamW's two states exist before anything is measured: a step with zero gradients
     # allocates them (and moves nothing but by weight decay), so the peak counts only what a step adds.
-    for p in precision.master.parameters():
+    for p in precision.trainable:
         p.grad = torch.zeros_like(p)
     optimizer.step()
     groups = micro_batches([PROMPT + RESPONSE] * n, budget)
@@ -73,11 +81,16 @@ def make_step(precision, tokens: int, budget: int | None, device: str, seed: int
     return step, n * (PROMPT + RESPONSE), len(groups)
 
 
-def worker(model_name: str, precision: str, device: str, tokens: int, config: str, budget: int, repeats: int) -> dict:
-    from fastrft.models import load_model
-    from fastrft.precision import DTYPES, Precision
+def worker(model_name: str, precision: str, device: str, tokens: int, config: str, budget: int, repeats: int,
+           rank: int = 0) -> dict:
+    from fastrft.config import ModelConfig, RunConfig, TrainConfig
+    from fastrft.models.lora_names import TARGETS
+    from fastrft.precision import Precision, load_policy
 
-    prec = Precision(load_model(model_name, dtype=DTYPES[precision][0], device=device), precision)
+    cfg = TrainConfig(model=ModelConfig(model=model_name, precision=precision, lora_rank=rank,
+                                        lora_targets=TARGETS if rank else ModelConfig().lora_targets),
+                      run=RunConfig(seed=0))
+    prec = Precision(load_policy(cfg, precision, torch.device(device)), precision)
     prec.train_model.activation_checkpointing = config == "budget+ckpt"
     step, packed, micro = make_step(prec, tokens, None if config == "none" else budget, device)
     if device.startswith("cuda"):
@@ -100,15 +113,17 @@ def worker(model_name: str, precision: str, device: str, tokens: int, config: st
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     # CPU: the RSS high-water mark since the baseline, warm-up included (the same step).
-    peak = ((torch.cuda.max_memory_allocated() - base) / 2**20 if device.startswith("cuda")
-            else _rss_mib("VmHWM") - base)
+    whole = torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else _rss_mib("VmHWM")
+    peak = whole - (base / 2**20 if device.startswith("cuda") else base)
     times.sort()
     median = times[len(times) // 2]
-    res = Result("memory", f"{config} T={packed}", median, times_s=times, unit="tok/s", throughput=packed / median,
+    label = f"{config} T={packed}" + (f" LoRA r={rank}" if rank else "")
+    res = Result("memory", label, median, times_s=times, unit="tok/s", throughput=packed / median,
                  shape=dict(model=Path(model_name).name, tokens=packed, precision=precision, config=config,
-                           budget=budget))
+                           budget=budget, lora_rank=rank))
     res.peak_mib = peak
-    res.extra = {"micro-batches": micro, "ms/token": 1e3 * median / packed}
+    res.extra = {"micro-batches": micro, "ms/token": 1e3 * median / packed, "peak RSS MiB": round(whole),
+                 "trainable": sum(t.numel() for t in prec.trainable)}
     return result_to_dict(res)
 
 
@@ -134,11 +149,13 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--mib-per-token", type=float, default=1.8,
                     help="activation estimate used to skip unbudgeted cases that would not fit in memory")
-    ap.add_argument("--worker", nargs=7, help=argparse.SUPPRESS)
+    ap.add_argument("--lora-rank", default="0", help="comma list of LoRA ranks on all 7 projections (0: full "
+                                                     "fine-tuning), e.g. 0,16")
+    ap.add_argument("--worker", nargs=8, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        m, d, dev, t, c, b, r = args.worker
-        print(json.dumps(worker(m, d, dev, int(t), c, int(b), int(r))))
+        m, d, dev, t, c, b, r, rank = args.worker
+        print(json.dumps(worker(m, d, dev, int(t), c, int(b), int(r), int(rank))))
         return
     precision = args.precision or ("bf16-mixed" if args.device.startswith("cuda") else "fp32")
     model = args.model
@@ -149,25 +166,36 @@ def main() -> None:
 
         model = str(write_model_dir(args.shape, FILE_DTYPE[precision], args.device,
                                     Path(tempfile.mkdtemp(prefix="bench-memory-")) / args.shape))
+    ranks = [int(x) for x in args.lora_rank.split(",")]
+    if any(r < 0 for r in ranks):
+        ap.error(f"--lora-rank {args.lora_rank}: ranks must be >= 0 (0: full fine-tuning)")
     results = []
     for config in args.configs.split(","):
         for tokens in (int(x) for x in args.tokens.split(",")):
-            case = f"{config} T={tokens}"
-            need = (tokens if config == "none" else args.budget) * args.mib_per_token
-            if not args.device.startswith("cuda") and need > 0.8 * _available_mib():
-                results.append(Result("memory", case, None, error=f"skipped: needs about {need / 1024:.0f} GiB",
-                                      shape=dict(tokens=tokens, config=config)))
-                continue
-            print(f"... {case}", file=sys.stderr, flush=True)
-            out = run_isolated(__file__, ["--worker", model, precision, args.device, str(tokens), config,
-                                          str(args.budget), str(args.repeats)], timeout=3600)
-            if out.get("error"):
-                results.append(Result("memory", case, None, error=out["error"], shape=dict(tokens=tokens, config=config)))
-            else:
+            full = None
+            for rank in ranks:
+                case = f"{config} T={tokens}" + (f" LoRA r={rank}" if rank else "")
+                need = (tokens if config == "none" else args.budget) * args.mib_per_token
+                if not args.device.startswith("cuda") and need > 0.8 * _available_mib():
+                    results.append(Result("memory", case, None, error=f"skipped: needs about {need / 1024:.0f} GiB",
+                                          shape=dict(tokens=tokens, config=config)))
+                    continue
+                print(f"... {case}", file=sys.stderr, flush=True)
+                out = run_isolated(__file__, ["--worker", model, precision, args.device, str(tokens), config,
+                                              str(args.budget), str(args.repeats), str(rank)], timeout=3600)
+                if out.get("error"):
+                    results.append(Result("memory", case, None, error=out["error"],
+                                          shape=dict(tokens=tokens, config=config)))
+                    continue
                 r = result_from_dict(out)
+                if rank == 0:
+                    full = r.extra["peak RSS MiB"]
+                if len(ranks) > 1:
+                    r.extra["RSS vs full"] = round(r.extra["peak RSS MiB"] / full, 3) if full else None
                 results.append(r)
     report(results, f"one training step, {args.shape or args.model} {precision}, budget {args.budget}", args.device,
-           columns=("micro-batches", "ms/token"), time_unit="s")
+           columns=("micro-batches", "ms/token") + (("peak RSS MiB", "trainable", "RSS vs full")
+                                                    if ranks != [0] else ()), time_unit="s")
 
 
 if __name__ == "__main__":

@@ -12,12 +12,19 @@ import torch
 TILE = 64
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, mark=None) -> torch.Tensor:
     """RMSNorm as the reference implementations compute it: normalise in fp32, cast back to x's dtype,
-    then multiply by the weight. Row-wise, so batch-invariant on CPU as it stands."""
+    then multiply by the weight. Row-wise, so batch-invariant on CPU as it stands. ``mark``:
+    fastrft.models.rebuild's, to rebuild the output and a low-precision x's fp32 copy in the backward."""
     h = x.float()
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * h.to(x.dtype)
+    if mark is not None:
+        xd, wd = x.detach(), weight.detach()
+        if h is not x:
+            mark(h, lambda: xd.float())
+    out = weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    if mark is not None:
+        mark(out, lambda: rms_norm(xd, wd, eps))
+    return out
 
 
 def linear_backward(ctx, g):

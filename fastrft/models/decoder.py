@@ -14,6 +14,7 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
+from fastrft.models import rebuild
 from fastrft.models.attention import Attention
 from fastrft.models.config import ArchConfig
 from fastrft.models.kv_cache import KVCache
@@ -120,13 +121,19 @@ class CausalLM(nn.Module):
         x = self.model.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(self.inv_freq, position_ids, x.dtype)
         recompute = self.activation_checkpointing and torch.is_grad_enabled()
+        # Checkpointed layers keep only their input; the backward reruns them (deterministic ops, so the
+        # gradients are the plain step's). The others rebuild a few cheap activations instead of keeping
+        # them (fastrft.models.rebuild; bit for bit too).
         for layer in self.model.layers:
             def run(h, layer=layer):
                 return layer(h, lambda y, a=layer.self_attn: a.forward_packed(y, cos, sin, cu_seqlens))
-            # Checkpointed layers keep only their input; the backward reruns them (deterministic ops, so
-            # the gradients are the plain step's).
-            x = torch.utils.checkpoint.checkpoint(run, x, use_reentrant=False) if recompute else run(x)
-        return self.model.norm(x)
+            if recompute:
+                x = torch.utils.checkpoint.checkpoint(run, x, use_reentrant=False)
+            else:
+                with rebuild.scope():
+                    x = run(x)
+        with rebuild.scope(not recompute):
+            return self.model.norm(x)
 
     def forward_cached(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache,
                        valid: torch.Tensor | None = None) -> torch.Tensor:

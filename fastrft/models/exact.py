@@ -129,8 +129,8 @@ class ExactTorchOps(Ops):
     def dense(self, x, weight, bias):
         return linear(x, weight, bias)
 
-    def add_adapter(self, layer, x, y):  # the adapter's GEMMs under this backend's batch-invariant rules
-        return lora.add_delta(layer, x, y, self.dense)
+    def adapted(self, layer, x, weight, bias):  # the adapter's GEMMs under this backend's batch-invariant rules
+        return lora.add_delta(layer, x, self.dense(x, weight, bias), self.dense)
 
     def packed_attention(self, q, k, v, cu_seqlens, scale):
         return packed_attention(q, k, v, cu_seqlens, scale)

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastrft.models import rebuild
 from fastrft.models.config import ArchConfig, RopeConfig
 from fastrft.models.ops import PLAIN
 
@@ -110,4 +111,10 @@ class MLP(nn.Module):
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(aligned(F.silu, self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        act = aligned(F.silu, gate)
+        g, u = gate.detach(), up.detach()
+        act_again = rebuild.mark(act, lambda: aligned(F.silu, g))  # the backward rebuilds both (fastrft.models.rebuild)
+        y = act * up
+        rebuild.mark(y, lambda: act_again() * u)
+        return self.down_proj(y)

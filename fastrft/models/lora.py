@@ -102,14 +102,48 @@ def add_delta(layer, x: torch.Tensor, y: torch.Tensor, dense) -> torch.Tensor:
     return y + dense(dense(_dropped(layer, x), layer.lora_A.weight, None), layer.lora_B.weight, None) * layer.lora_scaling
 
 
-def add_delta_fused(layer, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """The same sum with B's matmul, the scale and the add as one ``addmm_`` into ``y`` (the base GEMM's fresh
-    output, which its backward does not keep): one pass over the output instead of three, and no new
-    output-sized tensor. The plain backend's. It rounds the scaled product once less than :func:`add_delta`:
-    within fp32 (or bf16) rounding of PEFT's."""
-    h = nn.functional.linear(_dropped(layer, x), layer.lora_A.weight)
-    y.view(-1, y.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), layer.lora_B.weight.T, alpha=layer.lora_scaling)
+def fused_linear(layer, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x W^T + b`` plus ``layer``'s adapter term, the plain backend's way: B's matmul, the scale and the add
+    as one ``addmm_`` into the base GEMM's fresh output (which its backward does not keep), so one pass over
+    the output instead of three and no new output-sized tensor. It rounds the scaled product once less than
+    :func:`add_delta`: within fp32 (or bf16) rounding of PEFT's. A training forward on packed rows runs it as
+    one autograd function (:class:`_AdaptedLinear`), whose backward adds the adapter's input gradient into
+    the base's in place instead of summing two new tensors."""
+    xd = _dropped(layer, x)
+    a, b = layer.lora_A.weight, layer.lora_B.weight
+    if xd is x and x.dim() == 2 and torch.is_grad_enabled():
+        return _AdaptedLinear.apply(x, weight, bias, a, b, layer.lora_scaling)
+    y = nn.functional.linear(x, weight, bias)
+    h = nn.functional.linear(xd, a)
+    y.view(-1, y.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), b.T, alpha=layer.lora_scaling)
     return y
+
+
+class _AdaptedLinear(torch.autograd.Function):
+    """y = x W^T + b + (x A^T) B^T * s on 2-d x, the forward's ops those of :func:`fused_linear`. The backward
+    keeps x and h = x A^T, computes each gradient with one GEMM, and accumulates the adapter's part of dx
+    into the base's with ``addmm_``."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, a, b, scaling: float):
+        y = nn.functional.linear(x, weight, bias)
+        h = nn.functional.linear(x, a)
+        y.addmm_(h, b.T, alpha=scaling)
+        ctx.save_for_backward(x, weight, a, b, h)
+        ctx.scaling, ctx.has_bias = scaling, bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight, a, b, h = ctx.saved_tensors
+        need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
+        dh = torch.mm(g, b).mul_(ctx.scaling) if need_x or need_a else None
+        dx = torch.mm(g, weight).addmm_(dh, a) if need_x else None
+        dw = torch.mm(g.T, x) if need_w else None
+        db = g.sum(0) if need_bias and ctx.has_bias else None
+        da = torch.mm(dh.T, x) if need_a else None
+        dbb = torch.mm(g.T, h).mul_(ctx.scaling) if need_b else None
+        return dx, dw, db, da, dbb, None
 
 
 def trainable(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from fastrft import numerics
-from fastrft.models import lora
+from fastrft.models import lora, rebuild
 
 try:  # optional: only used on CUDA with fp16/bf16
     from flash_attn import flash_attn_varlen_func as _flash_varlen
@@ -70,23 +70,23 @@ class Ops:
     # ------------------------------------------------------------------------------------------ layers
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, layer=None) -> torch.Tensor:
         """x W^T + b, plus the LoRA term of ``layer`` (the fastrft.models.layers.Linear computing it) where it
-        carries an adapter (:meth:`add_adapter`)."""
-        y = self.dense(x, weight, bias)
+        carries an adapter (:meth:`adapted`)."""
         if layer is not None and layer.lora_A is not None:
-            y = self.add_adapter(layer, x, y)
-        return y
+            return self.adapted(layer, x, weight, bias)
+        return self.dense(x, weight, bias)
 
-    def add_adapter(self, layer, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """``y`` plus ``layer``'s LoRA term of ``x`` (fastrft.models.lora): here fused into one addmm; a
-        batch-invariant backend computes it with its own GEMM (:func:`fastrft.models.lora.add_delta`)."""
-        return lora.add_delta_fused(layer, x, y)
+    def adapted(self, layer, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """x W^T + b plus ``layer``'s LoRA term of ``x`` (fastrft.models.lora): here the base GEMM and the
+        adapter's fused (:func:`fastrft.models.lora.fused_linear`); a batch-invariant backend computes the
+        adapter with its own GEMM (:func:`fastrft.models.lora.add_delta`)."""
+        return lora.fused_linear(layer, x, weight, bias)
 
     def dense(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """One GEMM x W^T + b: what a backend overrides for its linear layers."""
         return F.linear(x, weight, bias)
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        return numerics.rms_norm(x, weight, eps)
+        return numerics.rms_norm(x, weight, eps, rebuild.mark)  # rebuilt in the backward: fastrft.models.rebuild
 
     def packed_attention(self, q, k, v, cu_seqlens: torch.Tensor, scale: float) -> torch.Tensor:
         """Causal attention within each packed sequence: q (T, Hq, D), k/v (T, Hkv, D); (T, Hq, D)."""

@@ -52,8 +52,8 @@ class ExactTritonOps(Ops):
     def dense(self, x, weight, bias):
         return _kernels().linear(x, weight, bias)
 
-    def add_adapter(self, layer, x, y):  # the adapter's GEMMs under this backend's batch-invariant rules
-        return lora.add_delta(layer, x, y, self.dense)
+    def adapted(self, layer, x, weight, bias):  # the adapter's GEMMs under this backend's batch-invariant rules
+        return lora.add_delta(layer, x, self.dense(x, weight, bias), self.dense)
 
     def rms_norm(self, x, weight, eps):
         return _kernels().rms_norm(x, weight, eps)

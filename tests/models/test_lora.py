@@ -177,6 +177,36 @@ def test_the_backend_computes_the_adapter_matmuls(tiny_llama):
     assert torch.allclose(o(x), unfused, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("bias,x_grad", [(False, True), (True, True), (True, False)])
+def test_the_plain_backends_adapted_linear_against_float64(bias, x_grad):
+    """fastrft.models.lora.fused_linear in a training forward (one autograd function whose backward adds the
+    adapter's dx into the base's in place): forward and every gradient against a float64 autograd reference
+    of PEFT's formula, at odd shapes. Tolerance: fp32 GEMMs over K <= 61 terms of O(1) values round within
+    a few 1e-6 (about K * 2^-24 * |terms|); 1e-4 relative leaves margin and fails on any wrong term."""
+    from types import SimpleNamespace
+
+    g = torch.Generator().manual_seed(0)
+    t, i, o, r, s = 37, 61, 29, 5, 0.7
+    x = torch.randn(t, i, generator=g).requires_grad_(x_grad)
+    w = torch.randn(o, i, generator=g) / i**0.5
+    b0 = torch.randn(o, generator=g) if bias else None
+    a, b = (torch.randn(r, i, generator=g) / i**0.5).requires_grad_(), torch.randn(o, r, generator=g).requires_grad_()
+    layer = SimpleNamespace(lora_A=SimpleNamespace(weight=a), lora_B=SimpleNamespace(weight=b), lora_scaling=s,
+                            lora_dropout=0.0, training=True)
+    y = lora.fused_linear(layer, x, w, b0)
+    assert type(y.grad_fn).__name__ == "_AdaptedLinearBackward"
+    x64, a64, b64 = (v.detach().double().requires_grad_(v.requires_grad) for v in (x, a, b))
+    ref = x64 @ w.double().T + (0 if b0 is None else b0.double()) + (x64 @ a64.T) @ b64.T * s
+    up = torch.randn(t, o, generator=g)
+    ours = torch.autograd.grad(y, [v for v in (x, a, b) if v.requires_grad], up)
+    theirs = torch.autograd.grad(ref, [v for v in (x64, a64, b64) if v.requires_grad], up.double())
+    assert torch.allclose(y.double(), ref, rtol=1e-4, atol=1e-5)
+    for mine, want in zip(ours, theirs):
+        assert torch.allclose(mine.double(), want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+    with torch.no_grad():  # the engine's path: the same forward ops, so the same bits
+        assert torch.equal(lora.fused_linear(layer, x, w, b0), y.detach())
+
+
 def test_activation_checkpointing_with_adapters_changes_nothing(tiny_llama, tmp_path):
     """The recomputed layers' adapters get their gradients (the checkpointed layers' inputs need none: the
     embeddings are frozen), and the run equals the one that keeps its activations."""
