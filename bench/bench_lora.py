@@ -4,9 +4,9 @@
     python bench/bench_lora.py step       # one G = 8 step's fwd + bwd + AdamW: LoRA r = 16 vs full fine-tuning
     python bench/bench_lora.py round      # one L0 round end to end, a Qwen2.5-1.5B shape with LoRA r = 16
 
-``decode`` and ``step`` run both cases in one process, interleaved (A B A B ...), on the embedded
-SmolLM2-135M-Instruct (``--model``) in fp32 (the CPU default; ``--precision``): the ratio is measured side by
-side. ``round`` runs in a fresh process and reports its peak RSS (the process's high-water mark, model
+``decode`` runs both cases in one process, interleaved (A B A B ...); ``step`` runs each case in its own
+process, the processes alternating (A B A B ...); both on the embedded SmolLM2-135M-Instruct (``--model``)
+in fp32 (the CPU default; ``--precision``), so the ratio is measured side by side. ``round`` runs in a fresh process and reports its peak RSS (the process's high-water mark, model
 included); its model has random weights with the real shapes (bench/harness.py). On CUDA (``--device cuda``)
 it reports the CUDA allocator's peak instead; ``bench/gpu_suite.sh`` runs its ``lora`` stage this way with a
 Qwen2.5-7B shape. The peak memory of one training step, full fine-tuning against LoRA, is
@@ -126,18 +126,33 @@ def _step_fn(precision, n: int, prompt: int, response: int, budget: int | None =
     return step
 
 
+def _step_worker(model: str, shape: str, precision: str, rank: int, device: str, group: int, prompt: int,
+                 response: int, repeats: int) -> dict:
+    fn = _step_fn(_policy(None if shape else model, shape or None, precision, rank, device), group, prompt, response)
+    fn()  # warm-up: allocates the gradients and AdamW's state
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return {"times": times}
+
+
 def step(args) -> list[Result]:
-    fns = {rank: _step_fn(_policy(args.model, args.shape, args.precision, rank, args.device), args.group,
-                          args.prompt, args.response) for rank in (0, args.rank)}
-    times = {rank: [] for rank in fns}
-    for i in range(args.repeats + 1):
-        for rank, fn in fns.items():
-            _sync(args.device)
-            t0 = time.perf_counter()
-            fn()
-            _sync(args.device)
-            if i:
-                times[rank].append(time.perf_counter() - t0)
+    """Each case in its own process, as a training run is (two models stepping in one process share its
+    heap, and the second is slowed by the first's freed memory: measured up to 1.6x), the processes one
+    after another and alternating, ``--rounds`` times each."""
+    times: dict[int, list[float]] = {0: [], args.rank: []}
+    for _ in range(args.rounds):
+        for rank in times:
+            got = run_isolated(__file__, ["--worker", "step", args.model, args.shape or "", args.precision, str(rank),
+                                          args.device, str(args.group), str(args.prompt), str(args.response),
+                                          str(args.repeats)], timeout=3600)
+            if "error" in got:
+                raise SystemExit(f"bench_lora step, rank {rank}: {got['error']}")
+            times[rank] += got["times"]
     results = []
     for rank, ts in times.items():
         case = "full fine-tuning" if rank == 0 else f"LoRA r={rank}, all 7 projections"
@@ -199,10 +214,16 @@ def main() -> None:
     ap.add_argument("--group", type=int, default=8)
     ap.add_argument("--prompt", type=int, default=64)
     ap.add_argument("--response", type=int, default=256)
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=5, help="decode: interleaved repeats; step: timed steps per process")
+    ap.add_argument("--rounds", type=int, default=2, help="step: processes per case, alternating")
     ap.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
+        if args.worker[0] == "step":
+            _, model, shape, precision, rank, device, group, prompt, response, repeats = args.worker
+            print(json.dumps(_step_worker(model, shape, precision, int(rank), device, int(group), int(prompt),
+                                          int(response), int(repeats))))
+            return
         _, shape, precision, rank, device, response, out = args.worker
         print(json.dumps(_round_worker(shape, precision, int(rank), device, int(response), out)))
         return
