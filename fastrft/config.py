@@ -395,6 +395,8 @@ class EvalConfig:
     eval_k: tuple[int, ...] = opt((1,), "k of the test set's pass@k and maj@k (maj@k: math rewards), e.g. 1,4,16; "
                                         "each test problem gets max(k) samples unless --eval-samples says more")
     eval_samples: int | None = opt(None, "temperature samples per test problem (none = the largest --eval-k)")
+    eval_split: str = opt("test", "the split the test evaluation draws its problems from: test, or train (its "
+                                  "problems outside the training pool)")
     eval_metrics: str | None = opt(None, "module:function called at every evaluation with the test completions, "
                                          "answers and dataset columns; its dict of floats is logged as eval_<name>")
 
@@ -409,6 +411,7 @@ class EvalConfig:
         _require(len(self.eval_k) >= 1 and all(k >= 1 for k in self.eval_k), "eval_k",
                  f"must be one or more k >= 1, e.g. 1,4,16 (got {','.join(map(str, self.eval_k)) or 'none'})")
         _require(self.eval_samples is None or self.eval_samples >= 1, "eval_samples", "must be >= 1 or none")
+        _require(self.eval_split in ("test", "train"), "eval_split", f"is {self.eval_split!r}; choose test or train")
         _require(self.eval_samples is None or max(self.eval_k) <= self.eval_samples, "eval_k",
                  f"has k = {max(self.eval_k, default=0)}, more than the {self.eval_samples} samples per test problem "
                  "of --eval-samples: pass@k and maj@k need n >= k samples (raise --eval-samples or drop that k)")

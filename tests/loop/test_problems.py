@@ -89,3 +89,52 @@ def test_a_bad_metrics_hook_stops_with_one_line(tiny_llama, tmp_path, bad, messa
     with pytest.raises(MetricsHookError, match="metrics hook python:") as e:
         Trainer(cfg, compute_metrics=bad).run()
     assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_fastrft_eval_reproduces_a_rounds_in_training_evaluation(tiny_llama, tmp_path, capsys):
+    """`fastrft eval RUN --round 2` on a run's checkpoint: the same metrics (the wall clock aside) and the same
+    problem records, bit for bit, as the evaluation the run made after round 2; bf16-mixed, with pass@k."""
+    from fastrft.cli import main
+
+    cfg = tiny_config(tiny_llama, tmp_path / "run", rounds=4, eval_every=2)
+    cfg = cfg.replace(eval=dataclasses.replace(cfg.eval, train_samples=4, eval_k=(1, 2), test_size=5),
+                      model=dataclasses.replace(cfg.model, precision="bf16-mixed"),
+                      run=dataclasses.replace(cfg.run, save_every=2, keep_checkpoints=3))
+    Trainer(cfg).run()
+    run = tmp_path / "run"
+    assert main(["eval", str(run), "--round", "2", "--out", str(tmp_path / "ev"), "--no-progress"]) == 0
+    summary = json.loads((tmp_path / "ev" / "summary.json").read_text())
+    trained = next(r for r in read_metrics(run / "metrics.jsonl") if r["kind"] == "eval" and r["round"] == 2)
+    untimed = lambda r: {k: v for k, v in r.items() if k != "time_eval"}  # noqa: E731
+    assert untimed(summary["metrics"]) == untimed(trained) and summary["round"] == 2
+    theirs = [line for line in (run / "problems.jsonl").read_text().splitlines() if json.loads(line)["round"] == 2]
+    assert (tmp_path / "ev" / "problems.jsonl").read_text().splitlines() == theirs
+    out = capsys.readouterr().out
+    assert "evaluated round 2 of" in out and "test_pass@2" in out and " ± " in out
+    assert not (run / "eval").exists()  # nothing written into the run with --out
+
+
+def test_fastrft_eval_bad_targets_are_one_line(tiny_llama, tmp_path, capsys):
+    from fastrft.cli import main
+
+    (tmp_path / "empty").mkdir()
+    assert main(["eval", str(tmp_path / "empty")]) == 2
+    assert "neither a model directory" in capsys.readouterr().err
+    cfg = tiny_config(tiny_llama, tmp_path / "run", rounds=2, eval_every=0)
+    Trainer(cfg.replace(run=dataclasses.replace(cfg.run, save_every=0))).run()
+    assert main(["eval", str(tmp_path / "run"), "--round", "1"]) == 2
+    assert "has no checkpoint of that round (it has 2" in capsys.readouterr().err
+    assert main(["eval", str(tiny_llama), "--round", "1"]) == 2
+    assert "is not a run directory" in capsys.readouterr().err
+
+
+def test_fastrft_eval_of_a_base_model_is_a_runs_round_0(tiny_llama, tmp_path):
+    from fastrft.cli import main
+
+    Trainer(tiny_config(tiny_llama, tmp_path / "run", rounds=1, eval_every=0)).run()
+    base = next(r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["kind"] == "eval")
+    assert main(["eval", str(tiny_llama), "--dataset", "arithmetic", "--level", "add1", "--train-samples", "64",
+                 "--test-size", "8", "--max-new-tokens", "2", "--out", str(tmp_path / "ev"), "--no-progress"]) == 0
+    summary = json.loads((tmp_path / "ev" / "summary.json").read_text())
+    assert {k: v for k, v in summary["metrics"].items() if k != "time_eval"} == \
+        {k: v for k, v in base.items() if k != "time_eval"}
