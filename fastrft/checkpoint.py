@@ -3,7 +3,7 @@
 A checkpoint is a directory ``<run>/checkpoints/round-NNNNNN/`` with
 
 - ``state.pt``: the model's and the optimizer's state dicts, the round, the trainer's counters and
-  histories, the selected examples, the byte lengths of ``metrics.jsonl`` and ``rollouts.jsonl`` at that
+  histories, the selected examples, the byte lengths of ``metrics.jsonl``, ``problems.jsonl`` and ``rollouts.jsonl`` at that
   round, and every RNG state (torch CPU and CUDA, Python, numpy); per-request sampling seeds are derived
   from (seed, round), so they need no state;
 - ``manifest.json``: the round and the SHA-256 of ``state.pt``.

@@ -66,6 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a LoRA run: write its adapters alone as a PEFT adapter directory (adapter_config.json, "
                              "adapter_model.safetensors; peft's PeftModel.from_pretrained loads it on the base model). "
                              "Without it a LoRA run's export merges the adapters into full weights")
+    ev = sub.add_parser("eval", help="evaluate a base model, a run's checkpoint or an exported model the way training "
+                                     "does; prints the table with 95%% intervals, writes problems.jsonl and summary.json")
+    ev.add_argument("target", metavar="TARGET", help="a run directory (its newest whole checkpoint, or --round N, "
+                                                      "with the run's config), or a model: a directory, an alias, a hub id")
+    ev.add_argument("--round", type=int, default=None, metavar="N", help="a run's checkpoint of round N")
+    add_config_flags(ev)  # any config field; --out is where the results go
     demo = sub.add_parser("demo", help="the minimalist layer on SmolLM2-135M-Instruct, sized for 2 CPU cores (under 2 "
                                       "min of compute on a 2-core Intel Xeon, 2026-12-07; about 3 min from a fresh "
                                       "clone, install included; slower machines take up to twice that)")
@@ -104,6 +110,14 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "ladder":
             return _ladder(args)
+        if args.command == "eval":
+            from fastrft.eval_run import evaluate_target, print_summary
+
+            overrides = flag_values(args)
+            out = overrides.get("run", {}).pop("out", None)
+            progress = overrides.get("run", {}).pop("progress", True)
+            print_summary(evaluate_target(args.target, overrides, round_=args.round, out=out, progress=progress))
+            return 0
         from fastrft.demo import demo_config, run_demo
 
         if args.command == "demo":

@@ -392,6 +392,13 @@ class EvalConfig:
     extra_rewards: tuple[str, ...] = opt((), "more reward functions to report beside the training one, e.g. gsm8k")
     train_eval_size: int = opt(16, "with --examples-per-round: pool examples (a seeded subset) that train "
                                    "Pass@1 is measured on")
+    eval_k: tuple[int, ...] = opt((1,), "k of the test set's pass@k and maj@k (maj@k: math rewards), e.g. 1,4,16; "
+                                        "each test problem gets max(k) samples unless --eval-samples says more")
+    eval_samples: int | None = opt(None, "temperature samples per test problem (none = the largest --eval-k)")
+    eval_split: str = opt("test", "the split the test evaluation draws its problems from: test, or train (its "
+                                  "problems outside the training pool)")
+    eval_metrics: str | None = opt(None, "module:function called at every evaluation with the test completions, "
+                                         "answers and dataset columns; its dict of floats is logged as eval_<name>")
 
     def __post_init__(self):
         _require(self.eval_every >= 0, "eval_every", "must be >= 0")
@@ -401,11 +408,23 @@ class EvalConfig:
         _require(self.eval_temperature > 0, "eval_temperature", "must be > 0 (greedy is reported separately)")
         _require(self.eval_max_new_tokens is None or self.eval_max_new_tokens >= 1, "eval_max_new_tokens",
                  "must be >= 1 or none")
+        _require(len(self.eval_k) >= 1 and all(k >= 1 for k in self.eval_k), "eval_k",
+                 f"must be one or more k >= 1, e.g. 1,4,16 (got {','.join(map(str, self.eval_k)) or 'none'})")
+        _require(self.eval_samples is None or self.eval_samples >= 1, "eval_samples", "must be >= 1 or none")
+        _require(self.eval_split in ("test", "train"), "eval_split", f"is {self.eval_split!r}; choose test or train")
+        _require(self.eval_samples is None or max(self.eval_k) <= self.eval_samples, "eval_k",
+                 f"has k = {max(self.eval_k, default=0)}, more than the {self.eval_samples} samples per test problem "
+                 "of --eval-samples: pass@k and maj@k need n >= k samples (raise --eval-samples or drop that k)")
         from fastrft import rewards
 
         for name in self.extra_rewards:
             _require(name in rewards.names(), "extra_rewards", f"has unknown reward {name!r}; choose from "
                      f"{', '.join(rewards.names())}")
+
+    @property
+    def samples(self) -> int:
+        """Temperature samples per test problem: --eval-samples, or the largest --eval-k."""
+        return self.eval_samples if self.eval_samples is not None else max(self.eval_k)
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,10 @@
 """The run directory: whether ``--out`` can be written, what it already holds, and how a run that
 cannot resume starts over without dropping what it recorded.
 
-A run directory holds config.json, metrics.jsonl, rollouts.jsonl, checkpoints/ and summary.json (see
-the README). Rerunning into it resumes the run; these functions decide how, before the trainer loads
-anything, and refuse with one line whenever the alternative would overwrite or drop records.
+A run directory holds config.json, the logs (metrics.jsonl, problems.jsonl, prompts.jsonl, rollouts.jsonl),
+checkpoints/ and summary.json (see the README). Rerunning into it resumes the run; these functions decide
+how, before the trainer loads anything, and refuse with one line whenever the alternative would overwrite
+or drop records.
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from fastrft.errors import ConfigError
+
+#: The logs a run appends to; a checkpoint records their sizes, and a resume cuts them back to those.
+LOGS = ("metrics.jsonl", "rollouts.jsonl", "problems.jsonl", "prompts.jsonl")
 
 #: Config fields that change nothing a run computes; a resume may differ in them freely. The token budget
 #: only changes memory (up to rounding: it cuts a step into micro-batches whose gradients add up), so a
@@ -164,7 +168,7 @@ def start_over(out_dir: Path, damaged: list[tuple], force: bool) -> None:
     (checkpoint directory, problem) of each damaged checkpoint."""
     from fastrft.report.records import plural
 
-    logs = [out_dir / name for name in ("metrics.jsonl", "rollouts.jsonl")]
+    logs = [out_dir / name for name in LOGS]
     records = sum(_count_lines(p) for p in logs)
     if records and not force:
         if damaged:
@@ -173,8 +177,8 @@ def start_over(out_dir: Path, damaged: list[tuple], force: bool) -> None:
                      f"all {len(damaged)} of its checkpoints are damaged ({each})")
         else:
             found = "no checkpoint (the run crashed or was killed before writing its first one)"
-        raise ConfigError(f"out (--out) {out_dir} holds {plural(records, 'recorded line')} (metrics.jsonl, "
-                          f"rollouts.jsonl) but {found}, so the run cannot continue from them; nothing was "
+        raise ConfigError(f"out (--out) {out_dir} holds {plural(records, 'recorded line')} ({', '.join(LOGS)}) "
+                          f"but {found}, so the run cannot continue from them; nothing was "
                           "changed. Pass --force to start it over (the old records are kept as "
                           "*.before-<time>.jsonl), or use a new --out")
     when = stamp()

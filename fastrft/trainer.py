@@ -55,7 +55,7 @@ __all__ = ["RunState", "Trainer"]
 class Trainer:
     def __init__(self, config: TrainConfig, *, force: bool = False, base_eval_cache: str | Path | None = None,
                  reward_funcs: list | None = None, reward_weights: list[float] | None = None,
-                 train_dataset=None, eval_dataset=None, sampler=None):
+                 train_dataset=None, eval_dataset=None, sampler=None, compute_metrics=None):
         """``base_eval_cache``: a JSON file of round-0 evaluations shared with other runs of the same base
         model (see :class:`fastrft.evaluate.BaseEvalCache`); ``fastrft ladder`` passes one per study.
         ``reward_funcs``, ``reward_weights``: TRL-style reward functions (callables or names) whose weighted
@@ -65,14 +65,16 @@ class Trainer:
         ``answer_column`` (fastrft.data.custom); the run's dataset is then "custom". ``sampler``: a function
         given the run's :class:`fastrft.loop.rollout.Sampler` that returns what the rounds sample through, a
         callable ``(round, prompt ids) -> Rollouts`` (the sampler itself, a wrapper that records or replays
-        rollouts, or your own).
+        rollouts, or your own). ``compute_metrics``: a function called at every evaluation with the test
+        completions, answers and dataset columns, whose dict of floats is logged as ``eval_<name>``
+        (fastrft.metrics_hook; it replaces ``config.eval.eval_metrics`` and is recorded there by name).
 
         The run directory is locked (fastrft.lock) from here until :meth:`run` returns, or :meth:`close`:
         a second process on it is refused with the name of this one, and writes nothing."""
         self._lock = None
         try:
             self._build(config, force, base_eval_cache, reward_funcs, reward_weights, train_dataset, eval_dataset,
-                        sampler)
+                        sampler, compute_metrics)
         except BaseException:
             self.close()
             raise
@@ -84,9 +86,10 @@ class Trainer:
             self._lock = None
 
     def _build(self, config, force, base_eval_cache, reward_funcs, reward_weights, train_dataset, eval_dataset,
-               sampler):
+               sampler, compute_metrics):
         # 0. What only Python can pass (functions, rows) is folded into the config, which records it.
         config, given = inputs.with_reward_funcs(config, reward_funcs, reward_weights)
+        config, hook = inputs.with_metrics_hook(config, compute_metrics)
         config, rows = inputs.with_rows(config, train_dataset, eval_dataset)
         # 1. Under torchrun each rank joins the job here and takes its device; a plain process is world size 1.
         self.world, self.device = init_world(_resolve_device(config.model.device), config.run.dist_timeout)
@@ -157,7 +160,7 @@ class Trainer:
         self.evaluator = Evaluator(config, self._gen, self.precision.rollout_model, self.data.train_set,
                                    self.data.test_set, world=self.world, device=self.device,
                                    reset_prefix_cache=self.learner.reset_prefix_cache, progress=self._progress,
-                                   base_eval_cache=base_eval_cache)
+                                   base_eval_cache=base_eval_cache, hook=hook)
         self.checkpoints = Checkpoints(config, self.out_dir, self.learner, self.data.train_example_ids, self.world)
         self.resumed_from: int | None = None
         if existing.has_run:

@@ -2,7 +2,7 @@
 
 A checkpoint (fastrft.checkpoint: atomic, checksummed) holds the end of a round: the master weights and
 AdamW state (one file at world size 1; DCP shards across ranks), the run state, the training example ids,
-the sizes of metrics.jsonl and rollouts.jsonl at that point, the config and the RNG state. A resume
+the sizes of metrics.jsonl, problems.jsonl and rollouts.jsonl at that point, the config and the RNG state. A resume
 restores, in this order: weights and optimizer; the compute copy's refresh; the run state; the logs,
 truncated to their checkpointed sizes (records of a round that did not finish are dropped); the RNG
 state, last, so that nothing after it draws from the restored streams before the next round does.
@@ -20,7 +20,7 @@ from fastrft.errors import ConfigError
 from fastrft.loop.types import RunState
 from fastrft.models import lora
 
-LOGS = ("metrics.jsonl", "rollouts.jsonl")
+LOGS = rundir.LOGS
 
 
 class Checkpoints:
@@ -95,8 +95,10 @@ class Checkpoints:
         self.learner.refresh()  # 2. the compute copy takes the restored masters
         state = RunState.from_dict(payload["state"])  # 3. the run state
         if main:  # 4. the logs, cut back to the checkpoint
-            for name in LOGS:
-                ckpt.truncate(self.out_dir / name, payload[f"{name.split('.')[0]}_bytes"])
+            for name in LOGS:  # (a checkpoint written before problems.jsonl existed has no size for it)
+                size = payload.get(f"{name.split('.')[0]}_bytes")
+                if size is not None:
+                    ckpt.truncate(self.out_dir / name, size)
         ckpt.set_rng_state(payload["rng"])  # 5. the RNG streams, last
         self.world.barrier()
         assert state.round == round_, (state.round, round_)

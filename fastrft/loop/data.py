@@ -86,11 +86,13 @@ class TrainingData:
         d = self.cfg.data
         if is_custom(d.dataset) or self._rows:
             train, test = self._split("train", d.train_file), self._split("test", d.test_file)
-            test = train if test is None else test  # the rows not trained on are the test set
+            # The rows not trained on are the test set (or, --eval-split train, those of the train split).
+            test = train if test is None or self.cfg.eval.eval_split == "train" else test
         else:
             train = load_dataset(d.dataset, "train", path=d.train_file, level=d.level, seed=d.data_seed,
                                  reward=d.reward)
-            test = load_dataset(d.dataset, "test", path=d.test_file, level=d.level, seed=d.data_seed, reward=d.reward)
+            test = train if self.cfg.eval.eval_split == "train" else \
+                load_dataset(d.dataset, "test", path=d.test_file, level=d.level, seed=d.data_seed, reward=d.reward)
         if d.difficulty is None and not d.examples_per_round:
             bad = [i for i in d.example_index if i >= len(train)]
             if bad:

@@ -26,9 +26,11 @@ from fastrft.loop import seeds
 
 @dataclass(frozen=True)
 class Evaluation:
-    """One evaluation's metrics record, and the run it was shared from (None: measured by this run)."""
+    """One evaluation's metrics record, its per-problem records (fastrft.evaluate.problem_record), and the run
+    it was shared from (None: measured by this run)."""
 
     record: dict[str, Any]
+    problems: list[dict[str, Any]]
     shared_from: str | None = None
 
     def line(self, name: str) -> str:
@@ -42,9 +44,11 @@ class Evaluation:
 class Evaluator:
     def __init__(self, cfg: TrainConfig, gen, model, train_set: EvalSet, test_set: EvalSet, *, world,
                  device: torch.device, reset_prefix_cache: Callable[[], None], progress: bool,
-                 base_eval_cache: str | Path | None = None):
+                 base_eval_cache: str | Path | None = None, hook=None):
         """``gen``: the engine wrapper that generates with ``model``; ``base_eval_cache``: a JSON file of
-        round-0 evaluations shared with other runs (:class:`fastrft.evaluate.BaseEvalCache`)."""
+        round-0 evaluations shared with other runs (:class:`fastrft.evaluate.BaseEvalCache`); ``hook``: the
+        metrics hook's (name, function) (fastrft.metrics_hook)."""
+        self.hook = hook
         self.cfg, self.gen, self.model, self.world, self.device = cfg, gen, model, world, device
         self.train_set, self.test_set = train_set, test_set
         self.reset_prefix_cache, self.progress = reset_prefix_cache, progress
@@ -60,23 +64,25 @@ class Evaluator:
             shared = self.base_evals.get(key) if self.world.main else None
             shared = self.world.broadcast(shared)  # all ranks must agree whether to generate (a collective)
         if shared is not None:
-            result = shared["result"]
+            result, problems = shared["result"], shared["problems"]
         else:
-            result = self._measure(r, stop)
-            if result is None:
+            measured = self._measure(r, stop)
+            if measured is None:
                 return None
+            result, problems = measured
             if key is not None and self.world.main:
-                self.base_evals.put(key, result, self.cfg.run.name)
+                self.base_evals.put(key, result, self.cfg.run.name, problems)
         record = {"kind": "eval", "round": r, **result, "time_eval": time.monotonic() - t0}
         if shared is not None:
             record["shared_from"] = shared["run"]
-        return Evaluation(record, shared["run"] if shared is not None else None)
+        return Evaluation(record, problems, shared["run"] if shared is not None else None)
 
-    def _measure(self, r: int, stop: StopRequest | None) -> dict[str, float] | None:
+    def _measure(self, r: int, stop: StopRequest | None) -> tuple[dict[str, float], list[dict]] | None:
         e = self.cfg.eval
         self.model.eval()
         self.reset_prefix_cache()
-        total = eval_sequences(self.train_set, self.test_set, train_samples=e.train_samples, greedy=e.greedy)
+        total = eval_sequences(self.train_set, self.test_set, train_samples=e.train_samples, greedy=e.greedy,
+                               test_samples=e.samples)
         with progress_bar(total=total, desc=f"eval round {r}", unit="seq", transient=True,
                           disable=not self.progress) as bar:
             def measure():
@@ -84,7 +90,8 @@ class Evaluator:
                                 temperature=e.eval_temperature,
                                 max_new_tokens=e.eval_max_new_tokens or self.cfg.rollout.max_new_tokens,
                                 greedy=e.greedy, seed=seeds.generation_seed(self.cfg.run.seed, r, seeds.EVALUATION),
-                                extra_rewards=e.extra_rewards, progress=bar.update)
+                                extra_rewards=e.extra_rewards, test_samples=e.samples, eval_k=e.eval_k,
+                                hook=self.hook, progress=bar.update)
 
             abandonable = stop is not None and not self.world.distributed
             return stop.run_abandonable(measure) if abandonable else measure()

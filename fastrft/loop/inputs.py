@@ -24,6 +24,17 @@ def with_rows(config: TrainConfig, train, test) -> tuple[TrainConfig, dict | Non
     return config.replace(data=data), rows
 
 
+def with_metrics_hook(config: TrainConfig, fn) -> tuple[TrainConfig, tuple | None]:
+    """``config`` recording the metrics hook (``compute_metrics``, else ``--eval-metrics``) by name, and the
+    hook's (name, function) (fastrft.metrics_hook)."""
+    from fastrft import metrics_hook
+
+    spec, target = metrics_hook.resolve(config.eval.eval_metrics, fn)
+    if target is None:
+        return config, None
+    return config.replace(eval=dataclasses.replace(config.eval, eval_metrics=spec)), (spec, target)
+
+
 def with_reward_funcs(config: TrainConfig, funcs: list | None,
                        weights: list[float] | None) -> tuple[TrainConfig, list | None]:
     """``config`` recording ``funcs`` (callables or names) in data.reward_funcs, and the callables."""

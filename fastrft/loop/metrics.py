@@ -22,6 +22,8 @@ def rollout_metrics(batch: RoundBatch, rollouts: Rollouts, scores: Scores) -> di
         "advantage_mean": _mean(adv), "advantage_std": _std(adv), "advantage_abs_mean": _mean([abs(a) for a in adv]),
         "response_len_mean": _mean([len(c.token_ids) for c in completions]),
         "stop_frac": _mean([c.finish_reason == "stop" for c in completions]),
+        "truncated_frac": _mean([c.finish_reason == "length" for c in completions]),
+        "zero_signal_frac": _mean([all(a == 0 for a in group) for group in scores.advantages]),
         "rollout_tokens": rollouts.tokens, "extra_rollout_tokens": rollouts.extra_tokens,
     }
     for name, values in scores.by_function.items():  # --reward-funcs: each function's mean where it applied
@@ -31,6 +33,19 @@ def rollout_metrics(batch: RoundBatch, rollouts: Rollouts, scores: Scores) -> di
         metrics.update(baseline_mean=_mean([_mean(b) for b in scores.baselines]),
                        baseline_std=_mean([_std(b) for b in scores.baselines]))
     return metrics
+
+
+def prompt_records(batch: RoundBatch, rollouts: Rollouts, scores: Scores) -> list[dict[str, Any]]:
+    """One record per training prompt of the round (prompts.jsonl): its samples ``n``, how many scored 1
+    (``correct``) and its ``pass_rate`` (the mean score), so a prompt's pass rate can be followed across
+    rounds."""
+    out, start = [], 0
+    for ex, group in zip(batch.examples, rollouts.groups):
+        got = scores.correct[start:start + len(group)]
+        start += len(group)
+        out.append({"round": batch.round, "id": ex.id, "n": len(group), "correct": sum(x == 1.0 for x in got),
+                     "pass_rate": _mean(got)})
+    return out
 
 
 def timings(metrics: dict[str, Any], rollout_s: float, reward_s: float, update_s: float) -> dict[str, float]:

@@ -1,4 +1,5 @@
-"""What a run records: metrics.jsonl, rollouts.jsonl, TensorBoard scalars, the progress bar.
+"""What a run records: metrics.jsonl, problems.jsonl (each evaluation's problems), prompts.jsonl (each round's
+training prompts), rollouts.jsonl, TensorBoard scalars, the progress bar.
 
 Rank 0 records through a :class:`Recorder`; the other ranks get a :class:`NullRecorder`, which has the
 same methods and does nothing, so every stage runs the same code on every rank.
@@ -25,6 +26,8 @@ class Recorder:
     def __init__(self, cfg: TrainConfig, out_dir: Path, *, done: int, progress: bool):
         self.cfg = cfg
         self.metrics = MetricsLog(out_dir / "metrics.jsonl")
+        self.problems = MetricsLog(out_dir / "problems.jsonl")
+        self.prompt_log = MetricsLog(out_dir / "prompts.jsonl")
         self.samples = MetricsLog(out_dir / "rollouts.jsonl") if cfg.run.log_samples else None
         sinks = report_sinks(cfg)
         self.tb = _tensorboard(out_dir) if "tensorboard" in sinks else None
@@ -42,10 +45,18 @@ class Recorder:
         self.bar.set_postfix(postfix, refresh=False)  # before the update, which draws the bar with it
         self.bar.update(1)
 
-    def evaluation(self, record: dict[str, Any], line: str) -> None:
+    def evaluation(self, record: dict[str, Any], line: str, problems: list[dict[str, Any]]) -> None:
+        """The evaluation's problem records (problems.jsonl, each with its round), then its metrics."""
+        for rec in problems:
+            self.problems.write({"round": record["round"], **rec})
         self.metrics.write(record)
         self.scalars(record, record["round"], prefix="eval/")
         self.note(line)
+
+    def prompts(self, records: list[dict[str, Any]]) -> None:
+        """The round's training prompts and their pass rates (fastrft.loop.metrics.prompt_records)."""
+        for rec in records:
+            self.prompt_log.write(rec)
 
     def rollouts(self, batch: RoundBatch, rollouts: Rollouts, scores: Scores, extra: dict | None = None) -> None:
         """The round's first --log-samples responses with their rewards, to rollouts.jsonl; ``extra``: the
@@ -76,6 +87,8 @@ class Recorder:
     def close(self) -> None:
         self.bar.close()
         self.metrics.close()
+        self.problems.close()
+        self.prompt_log.close()
         if self.samples is not None:
             self.samples.close()
         if self.tb is not None:
@@ -93,7 +106,10 @@ class NullRecorder:
     def round(self, metrics: dict[str, Any], postfix: dict[str, str]) -> None:
         pass
 
-    def evaluation(self, record: dict[str, Any], line: str) -> None:
+    def evaluation(self, record: dict[str, Any], line: str, problems: list[dict[str, Any]]) -> None:
+        pass
+
+    def prompts(self, records: list[dict[str, Any]]) -> None:
         pass
 
     def rollouts(self, batch: RoundBatch, rollouts: Rollouts, scores: Scores, extra: dict | None = None) -> None:

@@ -19,7 +19,7 @@ from typing import Any, Callable
 from fastrft.config import TrainConfig
 from fastrft.loop.data import TrainingData
 from fastrft.loop.learner import Learner
-from fastrft.loop.metrics import rollout_metrics, timings
+from fastrft.loop.metrics import prompt_records, rollout_metrics, timings
 from fastrft.loop.scoring import score
 from fastrft.loop.types import Rollouts, RunState, Scores, TrainBatch
 from fastrft.rewards.calling import Progress
@@ -48,6 +48,7 @@ def train_round(s: Stages, state: RunState, r: int, recorder) -> dict[str, Any]:
     scores = score(batch, rollouts, s.cfg.algo, state.history, s.reward_funcs, progress)
     t2 = time.monotonic()
     recorder.rollouts(batch, rollouts, scores, progress.extra)
+    recorder.prompts(prompt_records(batch, rollouts, scores))
     metrics = rollout_metrics(batch, rollouts, scores)
     if _carries_gradient(s.cfg, scores):
         update = s.learner.update(r, TrainBatch.of(batch, rollouts, scores), first_update=state.updates)

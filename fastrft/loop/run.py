@@ -132,7 +132,7 @@ class RunLoop:
         """Evaluate after round ``r`` and record it; False if a stop request abandoned it."""
         done = self.evaluator(r, base=r == 0 and self.state.updates == 0, stop=stop)
         if done is not None:
-            recorder.evaluation(done.record, done.line(self.cfg.run.name))
+            recorder.evaluation(done.record, done.line(self.cfg.run.name), done.problems)
         return done is not None
 
     def _stop(self, stop: StopRequest, save: bool = True) -> None:

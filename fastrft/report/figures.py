@@ -52,9 +52,14 @@ def curves_figure(records: list[dict[str, Any]], title: str = "") -> Any:
         pts = [(r["round"], r[key]) for r in evals if r.get(key) is not None]
         if pts:
             ax_pass.plot(*zip(*pts), style, marker="o", color=color, label=label)
+        band = [(r["round"], r[f"{key}_lo"], r[f"{key}_hi"]) for r in evals
+                if r.get(f"{key}_lo") is not None and r.get(f"{key}_hi") is not None]
+        if band:  # the 95% interval over problems (fastrft.report.stats)
+            ax_pass.fill_between(*zip(*band), color=color, alpha=0.15 if style == "-" else 0.07, lw=0)
     ax_pass.set_ylim(-0.02, 1.02)
     ax_pass.set_ylabel("accuracy")
-    _finish(ax_pass, "Pass@1 at each evaluation")
+    _finish(ax_pass, "Pass@1 at each evaluation (bands: 95% intervals over problems)"
+            if any("test_pass1_lo" in r for r in evals) else "Pass@1 at each evaluation")
     rounds = round_records(records)
     stepped = [r for r in rounds if not r.get("skipped")]
     series = [("reward_mean", "reward", "tab:green")]

@@ -12,25 +12,31 @@ from fastrft.report.records import eval_records, round_records
 
 
 def before_after_table(records: list[dict[str, Any]], keys: tuple[str, ...] | None = None) -> str:
-    """A Markdown table of every evaluation (round by round) for the metrics present."""
+    """A Markdown table of every evaluation (round by round) for the metrics present. A metric recorded with
+    its 95% interval (``<key>_lo``, ``<key>_hi``: fastrft.evaluate) shows as value ± the interval's
+    half-width (Wilson's interval is not symmetric; the bounds themselves are in metrics.jsonl)."""
     evals = eval_records(records)
     if not evals:
         return "(no evaluations recorded)"
     if keys is None:
-        preferred = ["train_pass1", "test_pass1", "test_greedy", "train_pass1_gsm8k", "test_pass1_gsm8k",
-                     "train_response_len"]
-        keys = tuple(k for k in preferred if any(k in r for r in evals))
+        preferred = ["train_pass1", "test_pass1", "test_greedy", "train_pass1_gsm8k", "test_pass1_gsm8k"]
+        at_k = sorted({k for r in evals for k in r if k.startswith(("test_pass@", "test_maj@"))
+                       and not k.endswith(("_lo", "_hi"))}, key=lambda k: (k.split("@")[0], int(k.split("@")[1])))
+        keys = tuple(k for k in [*preferred, *at_k, "train_response_len"] if any(k in r for r in evals))
     header = "| round | " + " | ".join(keys) + " |"
     rule = "|---:|" + "---:|" * len(keys)
-    rows = [f"| {r['round']} | " + " | ".join(_fmt(k, r.get(k)) for k in keys) + " |" for r in evals]
+    rows = [f"| {r['round']} | " + " | ".join(_fmt(k, r.get(k), r) for k in keys) + " |" for r in evals]
     return "\n".join([header, rule, *rows])
 
 
-def _fmt(key: str, x: Any) -> str:
+def _fmt(key: str, x: Any, record: dict[str, Any] | None = None) -> str:
     if x is None:
         return "–"
     if isinstance(x, float):
-        return f"{x:.1f}" if key.endswith("_len") else f"{x:.3f}"
+        if key.endswith("_len"):
+            return f"{x:.1f}"
+        lo, hi = (record or {}).get(f"{key}_lo"), (record or {}).get(f"{key}_hi")
+        return f"{x:.3f} ± {(hi - lo) / 2:.3f}" if lo is not None and hi is not None else f"{x:.3f}"
     return str(x)
 
 

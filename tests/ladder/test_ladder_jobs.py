@@ -111,7 +111,7 @@ WRITER = textwrap.dedent("""
     evals = BaseEvalCache(os.path.join(folder, "base-eval.json"))
     counts = DifficultyCache(os.path.join(folder, "difficulty.json"), {"model": "m"})
     for i in range(n):
-        evals.put(f"{me}-{i}", {"test_pass1": i / n}, run=me)
+        evals.put(f"{me}-{i}", {"test_pass1": i / n}, run=me, problems=[{"id": str(i)}])
         counts.update({f"{me}-{i}": i})
 """)
 

@@ -60,6 +60,7 @@ def _same_as(reference, out):
     assert [r["round"] for r in b if r["kind"] == "round"] == list(range(1, 11))
     assert untimed(a) == untimed(b)
     assert (reference / "rollouts.jsonl").read_text() == (out / "rollouts.jsonl").read_text()
+    assert (reference / "problems.jsonl").read_text() == (out / "problems.jsonl").read_text()
 
 
 def test_sigterm_checkpoints_and_the_rerun_continues(tiny_llama, tmp_path, reference):

@@ -29,8 +29,8 @@ def _cmd(model, out, precision="fp32", lora=False):
             "--save-every", "4", "--keep-checkpoints", "2", "--group-size", "4", "--advantage", "window",
             "--window", "8", "--kl-coef", "0.01", "--ppo-epochs", "2", "--mini-batches", "2", "--lr", "3e-3",
             "--warmup-rounds", "3", "--schedule", "cosine", "--max-new-tokens", "3", "--eval-every", "6",
-            "--test-size", "4", "--train-samples", "4", "--log-samples", "2", "--no-progress", "--seed", "3",
-            "--precision", precision, *adapters]
+            "--test-size", "4", "--train-samples", "4", "--eval-k", "1,2", "--log-samples", "2", "--no-progress",
+            "--seed", "3", "--precision", precision, *adapters]
 
 
 def _final_model(out):
@@ -79,6 +79,7 @@ def test_kill_9_then_resume_is_bit_identical(tiny_llama, tmp_path, precision, lo
     assert [r["round"] for r in b if r["kind"] == "round"] == list(range(1, 25))
     assert untimed(a) == untimed(b)
     assert (ref / "rollouts.jsonl").read_text() == (killed / "rollouts.jsonl").read_text()
+    assert (ref / "problems.jsonl").read_text() == (killed / "problems.jsonl").read_text()  # cut back, then redone
     (ra, wa), (rb, wb) = _final_model(ref), _final_model(killed)
     assert ra == rb == 24 and wa.keys() == wb.keys()
     assert all(v.dtype == torch.float32 for v in wa.values())  # the masters, in bf16-mixed too
