@@ -53,6 +53,14 @@ def build_parser() -> argparse.ArgumentParser:
                              "(on CUDA: the visible GPUs in turn), its output in <run dir>/job.log; the results "
                              "of --jobs 1, bit for bit with the same --threads (default: 1, one pair after "
                              "another in this process)")
+    ladder.add_argument("--until-decided", action="store_true",
+                        help="after the planned seeds, add seeds (--jobs at a time) to each comparison of a layer "
+                             "with the one it builds on until its 95%% interval decides it (docs/deciding.md)")
+    ladder.add_argument("--max-seeds", type=int, default=None, metavar="N",
+                        help="with --until-decided: the most seeds a comparison gets")
+    ladder.add_argument("--margin", type=float, default=None, metavar="M",
+                        help="equivalence margin of test Pass@1: 'no difference' when the interval lies within "
+                             "±M (default: 0.05)")
     add_config_flags(ladder, ladder=True)
     sub.add_parser("presets", help="list the layer presets and profiles")
     export = sub.add_parser("export", help="write a run's checkpoint (the newest whole one, or --round N) as an "
@@ -170,7 +178,7 @@ def _resolve_profile(profile: str, flags: dict[str, dict[str, Any]], base: Train
 
 
 def _ladder(args) -> int:
-    from fastrft import ladder
+    from fastrft import ladder, ladder_decide
 
     base = load_config_file(args.config) if args.config else TrainConfig()
     flags = flag_values(args)
@@ -178,10 +186,19 @@ def _ladder(args) -> int:
     out = flags.get("run", {}).pop("out", None) or f"runs/ladder-{profile}"
     layers = [x.strip() for x in args.layers.split(",") if x.strip()]
     pairs = ladder.plan(base.to_dict(), flags, layers, args.seeds, profile, Path(out))
+    margin = ladder_decide.DEFAULT_MARGIN if args.margin is None else args.margin
+    ladder_decide.check(args.seeds, args.until_decided, args.max_seeds, margin)
     settings = {"layers": [p.name for p in dict.fromkeys(x.preset for x in pairs)], "seeds": args.seeds,
                 "profile": profile, "flags": flags, "base": base.to_dict()}
-    result = ladder.run_ladder(pairs, Path(out), settings, force=args.force, keep_checkpoints=args.keep_models,
-                               jobs=args.jobs)
+    if args.margin is not None:
+        settings["margin"] = margin
+    kw = dict(force=args.force, keep_checkpoints=args.keep_models, jobs=args.jobs)
+    if args.until_decided:  # every pair up to --max-seeds is planned; the driver runs those it needs
+        settings.update(until_decided=True, max_seeds=args.max_seeds, jobs=args.jobs)
+        pairs = ladder.plan(base.to_dict(), flags, layers, args.max_seeds, profile, Path(out))
+        result = ladder_decide.run_until_decided(pairs, Path(out), settings, ladder.run_ladder, **kw)
+    else:
+        result = ladder.run_ladder(pairs, Path(out), settings, **kw)
     print(result["table"])
     print(f"\ntable: {Path(out) / 'ladder.md'}\nfigure: {result['figure']}")
     return 0

@@ -39,7 +39,7 @@ from typing import Any
 
 from fastrft.progress import bar as progress_bar
 
-from fastrft import lock, presets, rundir
+from fastrft import ladder_decide, lock, presets, rundir
 from fastrft.config import GROUPS, TrainConfig, build_group
 from fastrft.errors import ConfigError
 from fastrft.report import MIN_EFFECT, baseline, dynamics_table, ladder_table, plot_ladder, plural, read_metrics
@@ -290,6 +290,7 @@ def report(pairs: list[Pair], out: Path) -> dict[str, Any]:
                 "round's outcome flipped between all-correct and not; the median and largest gradient norm (before "
                 "clipping) of the rounds that stepped; the response length over the last 5 rounds; the rounds "
                 "skipped because no reward carried signal.\n\n" + dynamics_table(layers) + "\n")
-    (out / "ladder.md").write_text(header + table + "\n" + dynamics)
+    verdicts = ladder_decide.section(pairs, settings)
+    (out / "ladder.md").write_text(header + table + "\n" + (f"\n{verdicts}" if verdicts else "") + dynamics)
     figure = plot_ladder(layers, out / "curves.png")
     return {"table": table, "figure": str(figure)}

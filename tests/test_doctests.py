@@ -7,7 +7,8 @@ import importlib
 
 import pytest
 
-MODULES = ["fastrft.algo.advantage", "fastrft.evaluate", "fastrft.config", "fastrft.data.selection"]
+MODULES = ["fastrft.algo.advantage", "fastrft.report.stats", "fastrft.report.decide", "fastrft.rewards.answers",
+           "fastrft.config", "fastrft.data.selection"]
 
 
 @pytest.mark.parametrize("name", MODULES)

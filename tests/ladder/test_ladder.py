@@ -391,3 +391,32 @@ def test_settings_text_says_when_evaluations_happen(tmp_path):
         flags = {"eval": {"eval_every": every}, "run": {"rounds": rounds}}
         pairs = plan(base, flags, ["L0"], 1, "cpu-mini", tmp_path)
         assert f"{rounds} rounds, {words}," in settings_text(pairs)
+
+
+def test_until_decided_adds_seeds_to_undecided_comparisons_and_resumes(tiny_llama, tmp_path, capsys):
+    """--until-decided: the planned 2 seeds, then one more at a time (--jobs 1) while L3 against L0 is
+    undecided, up to --max-seeds 4; the verdicts table in ladder.md says where it stopped. A rerun after an
+    interruption (the last run not there yet) replays the verdicts, runs it, and gives the same table."""
+    import shutil
+
+    out = tmp_path / "study"
+    args = ["ladder", "--layers", "L0,L3", "--seeds", "2", "--until-decided", "--max-seeds", "4", "--profile",
+            "paper", "--model", str(tiny_llama), "--rounds", "2", "--max-new-tokens", "2", "--eval-every", "0",
+            "--test-size", "4", "--train-samples", "4", "--lr", "3e-3", "--out", str(out), "--no-progress"]
+    assert main(args) == 0
+    md = (out / "ladder.md").read_text()
+    row = next(line for line in md.split("## Verdicts")[1].splitlines() if line.startswith("| L3"))
+    verdict = row.rstrip(" |").split("|")[-1].strip()
+    seeds = int(row.split("|")[5])
+    ran = sorted(p.name for p in (out / "L3-negative-reward").iterdir())
+    assert ran == [f"seed-{s}" for s in range(seeds)] and 2 <= seeds <= 4
+    assert verdict == f"undecided at {seeds} seeds" if seeds == 4 else verdict.endswith(f"(at {seeds} seeds)")
+    if seeds > 2:
+        assert "undecided; seeds per layer now" in capsys.readouterr().err
+    shutil.rmtree(out / "L3-negative-reward" / f"seed-{seeds - 1}")
+    assert main(args) == 0
+    assert (out / "ladder.md").read_text() == md
+    assert main([*args[:6], "--max-seeds", "1", *args[8:]]) == 2
+    assert "below the 2 planned seeds" in capsys.readouterr().err
+    assert main([a for a in args if a != "--until-decided"]) == 2
+    assert "only applies with --until-decided" in capsys.readouterr().err
