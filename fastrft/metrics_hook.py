@@ -48,7 +48,10 @@ def resolve(spec: str | None, fn: Callable | None) -> tuple[str | None, Callable
         raise ConfigError(f"eval_metrics (--eval-metrics) {spec!r} was a function passed from Python "
                           "(Trainer(compute_metrics=...)); pass it again the same way, or name an importable "
                           "'module:function'")
-    target = custom._resolve(spec)
+    try:
+        target = custom._resolve(spec)
+    except ConfigError as e:
+        raise ConfigError(f"eval_metrics (--eval-metrics) {e}") from None
     if not callable(target):
         raise ConfigError(f"eval_metrics (--eval-metrics) {spec!r} is not callable (an object of type "
                           f"{type(target).__name__}); name {SIGNATURE}")

@@ -144,8 +144,8 @@ def test_stop_right_after_the_base_evaluation_checkpoints_round_0(tiny_llama, tm
     torch.set_num_threads(1)
     real = Recorder.evaluation
 
-    def log_then_stop(self, record, line):
-        real(self, record, line)
+    def log_then_stop(self, record, line, problems):
+        real(self, record, line, problems)
         if record["round"] == 0:  # the evaluation is logged: round 1 never starts
             os.kill(os.getpid(), signal.SIGTERM)
 
