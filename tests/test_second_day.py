@@ -330,7 +330,8 @@ def test_every_checkpoint_damaged_is_one_plain_sentence(tiny_llama, tmp_path, ca
     out = tmp_path / "run"
     assert main(_args(tiny_llama, out, "--keep-checkpoints", "1", rounds=1)) == 0
     (out / "summary.json").unlink()
-    (out / "rollouts.jsonl").unlink()
+    for name in ("rollouts.jsonl", "problems.jsonl", "prompts.jsonl"):
+        (out / name).unlink()
     metrics = out / "metrics.jsonl"
     metrics.write_text(metrics.read_text().splitlines()[0] + "\n")  # one recorded line
     for ckpt in (out / "checkpoints").iterdir():

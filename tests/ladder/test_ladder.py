@@ -180,7 +180,9 @@ def test_ladder_runs_writes_table_and_figure_and_resumes(tiny_llama, tmp_path, c
             "--rounds", "3", "--max-new-tokens", "2", "--eval-every", "1", "--test-size", "4", "--train-samples", "8",
             "--lr", "3e-3", "--out", str(out), "--no-progress"]
     assert main(args) == 0
-    table, dynamics = (out / "ladder.md").read_text().split("## Training dynamics")
+    md = (out / "ladder.md").read_text()
+    table, dynamics = md.split("## Verdicts")[0], md.split("## Training dynamics")[1]
+    assert "| L3-negative-reward | L0-minimal |" in md.split("## Verdicts")[1]  # against the layer before
     rows = [line for line in table.splitlines() if line.startswith("| L")]
     assert [row.split("|")[1].strip() for row in rows] == ["L0-minimal", "L3-negative-reward"]
     assert all(" ± " in row and "| 2 |" in row for row in rows)
@@ -237,7 +239,7 @@ def test_ladder_md_states_what_ran_not_the_profile(tiny_llama, tmp_path, capsys)
     assert "--max-new-tokens 2 (instead of 96 from profile cpu-mini)" in header and "progress" not in header
     for stale in ("60 rounds", "every 15", "2e-5", "1e-6", "1e-06", "96 tokens", "1 seeds", "1 presets"):
         assert stale not in header, stale
-    table = text.split("## Training dynamics")[0]
+    table = text.split("## Verdicts")[0]
     rows = {line.split("|")[1].strip(): line.split("|")[2].strip() for line in table.splitlines()
             if line.startswith("| L")}
     assert rows["L0-minimal"] == "1 example, G = 1, reward {0,1} as the signal, clip 0.2, KL 0.001 (k3)"
