@@ -5,26 +5,15 @@ from __future__ import annotations
 
 import math
 import random
+import sys
+from pathlib import Path
 
 import pytest
 
 from fastrft.report.decide import decide, effect, looks, t_quantile
 
-
-def _study(rng: random.Random, shift: float, seeds: int = 15, problems: int = 40, samples: int = 4):
-    """A (layer A, layer B) pair of simulated runs: per seed a training effect, per problem a difficulty, the
-    final evaluation's per-problem score the mean of ``samples`` draws; B's log-odds moved by ``shift``."""
-    difficulty = [rng.gauss(0.0, 1.5) for _ in range(problems)]
-
-    def runs(delta: float) -> dict[int, dict[str, float]]:
-        out = {}
-        for s in range(seeds):
-            u = rng.gauss(0.0, 0.6)  # what this seed's training did
-            out[s] = {f"p{j}": sum(rng.random() < 1 / (1 + math.exp(-(d + u + delta))) for _ in range(samples)) / samples
-                      for j, d in enumerate(difficulty)}
-        return out
-
-    return runs(0.0), runs(shift)
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+from sim_decide import study as _study  # noqa: E402  (the simulated study bench/sim_decide.py measures)
 
 
 def test_t_quantiles():
