@@ -40,7 +40,7 @@ class Attention(nn.Module):
 
     def _qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """x (..., T, hidden) -> q (..., T, Hq, D), k and v (..., T, Hkv, D), RoPE applied."""
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q, k, v = self.q_proj.ops.linears([self.q_proj, self.k_proj, self.v_proj], x)
         if self.qk_norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)
         q = q.unflatten(-1, (self.num_heads, self.head_dim))

@@ -111,7 +111,7 @@ class MLP(nn.Module):
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_proj(x), self.up_proj(x)
+        gate, up = self.gate_proj.ops.linears([self.gate_proj, self.up_proj], x)
         act = aligned(F.silu, gate)
         g, u = gate.detach(), up.detach()
         act_again = rebuild.mark(act, lambda: aligned(F.silu, g))  # the backward rebuilds both (fastrft.models.rebuild)

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from fastrft import numerics
-from fastrft.models import lora, rebuild
+from fastrft.models import lora, lora_group, rebuild
 
 try:  # optional: only used on CUDA with fp16/bf16
     from flash_attn import flash_attn_varlen_func as _flash_varlen
@@ -74,6 +74,14 @@ class Ops:
         if layer is not None and layer.lora_A is not None:
             return self.adapted(layer, x, weight, bias)
         return self.dense(x, weight, bias)
+
+    def linears(self, layers: list, x: torch.Tensor) -> list[torch.Tensor]:
+        """The projections ``layers`` of one input (q, k, v; gate, up). Where each carries an adapter, the plain
+        backend computes their A matrices with one GEMM (fastrft.models.lora_group); a batch-invariant one, and
+        projections without adapters, compute each alone (:meth:`linear`)."""
+        if not self.exact and all(layer.lora_A is not None for layer in layers):
+            return lora_group.fused(layers, x)
+        return [self.linear(x, layer.weight, layer.bias, layer=layer) for layer in layers]
 
     def adapted(self, layer, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """x W^T + b plus ``layer``'s LoRA term of ``x`` (fastrft.models.lora): here the base GEMM and the

@@ -207,6 +207,46 @@ def test_the_plain_backends_adapted_linear_against_float64(bias, x_grad):
         assert torch.equal(lora.fused_linear(layer, x, w, b0), y.detach())
 
 
+def test_projections_of_one_input_share_the_a_gemm_against_float64():
+    """fastrft.models.lora_group (q, k, v; gate, up on the plain backend): one GEMM for the stacked A
+    matrices, dx accumulated in place. Outputs and every gradient against float64 PEFT, odd shapes, mixed
+    biases and ranks; the no-grad path (decode, 3-d x) within fp32 rounding of the training path. Tolerance
+    as in the single-projection test: fp32 GEMMs over K <= 61 O(1) terms round within a few 1e-6."""
+    from types import SimpleNamespace
+
+    from fastrft.models import lora_group
+
+    g = torch.Generator().manual_seed(3)
+    t, i, s = 29, 61, 0.7
+    specs = [(23, 4, True), (11, 4, False), (37, 2, True)]  # (out, rank, bias)
+    layers = []
+    for o, r, bias in specs:
+        layers.append(SimpleNamespace(
+            weight=torch.randn(o, i, generator=g) / i**0.5, bias=torch.randn(o, generator=g) if bias else None,
+            lora_A=SimpleNamespace(weight=(torch.randn(r, i, generator=g) / i**0.5).requires_grad_()),
+            lora_B=SimpleNamespace(weight=torch.randn(o, r, generator=g).requires_grad_()),
+            lora_scaling=s, lora_dropout=0.0, training=True))
+    x = torch.randn(t, i, generator=g).requires_grad_()
+    ys = lora_group.fused(layers, x)
+    ups = [torch.randn(t, o, generator=g) for o, _, _ in specs]
+    params = [x] + [p for L in layers for p in (L.lora_A.weight, L.lora_B.weight)]
+    ours = torch.autograd.grad(ys, params, ups)
+    x64 = x.detach().double().requires_grad_()
+    p64 = [x64] + [p.detach().double().requires_grad_() for p in params[1:]]
+    refs = []
+    for j, L in enumerate(layers):
+        a64, b64 = p64[1 + 2 * j], p64[2 + 2 * j]
+        refs.append(x64 @ L.weight.double().T + (0 if L.bias is None else L.bias.double()) + (x64 @ a64.T) @ b64.T * s)
+    theirs = torch.autograd.grad(refs, p64, [u.double() for u in ups])
+    for y, ref in zip(ys, refs):
+        assert torch.allclose(y.double(), ref, rtol=1e-4, atol=1e-5)
+    for mine, want in zip(ours, theirs):
+        assert torch.allclose(mine.double(), want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+    with torch.no_grad():  # decode: a 3-d x, no autograd function
+        for y, z in zip(ys, lora_group.fused(layers, x.detach().view(1, t, i))):
+            assert torch.allclose(z.view(t, -1), y.detach(), rtol=0, atol=1e-5)
+
+
 def test_activation_checkpointing_with_adapters_changes_nothing(tiny_llama, tmp_path):
     """The recomputed layers' adapters get their gradients (the checkpointed layers' inputs need none: the
     embeddings are frozen), and the run equals the one that keeps its activations."""
